@@ -1,0 +1,233 @@
+//! Extractors: [`Ruma`] parses a request into its ruma type with Matrix errors for every kind of bad
+//! input; [`AuthedUser`] and [`GuestOrUser`] prove who is calling; [`ClientIp`] is the peer address.
+
+use std::{net::IpAddr, sync::Arc};
+
+use axum::{
+    body::Body,
+    extract::{ConnectInfo, FromRef, FromRequest, FromRequestParts, RawPathParams, Request},
+    http::{HeaderMap, header, request::Parts},
+};
+use ruma::api::{
+    IncomingRequest, IncomingRequestExt,
+    error::{DeserializationError, FromHttpRequestError},
+};
+
+use crate::{
+    api::ServerInfo,
+    error::Error,
+    service::users::{Authed, Users},
+};
+
+/// A request body and path parsed into the ruma request type `T`.
+pub struct Ruma<T>(pub T);
+
+impl<T, S> FromRequest<S> for Ruma<T>
+where
+    T: IncomingRequest + Send,
+    S: Send + Sync,
+    Arc<ServerInfo>: FromRef<S>,
+{
+    type Rejection = Error;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Error> {
+        let limit = Arc::<ServerInfo>::from_ref(state).max_request_body_bytes;
+        let (mut parts, body) = request.into_parts();
+        let declared_len = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<usize>().ok());
+        if declared_len.is_some_and(|len| len > limit) {
+            return Err(too_large(limit));
+        }
+        let path_params = match RawPathParams::from_request_parts(&mut parts, state).await {
+            Ok(params) => params.iter().map(|(_, value)| value.to_owned()).collect(),
+            Err(axum::extract::rejection::RawPathParamsRejection::MissingPathParams(_)) => Vec::new(),
+            Err(rejection) => return Err(Error::InvalidParam(rejection.body_text())),
+        };
+        let bytes = axum::body::to_bytes(Body::new(body), limit).await.map_err(|err| {
+            if std::error::Error::source(&err).is_some_and(|source| source.is::<http_body_util::LengthLimitError>()) {
+                too_large(limit)
+            } else {
+                Error::BadJson(format!("could not read the request body: {err}"))
+            }
+        })?;
+        let mut http_request = axum::http::Request::builder()
+            .method(parts.method)
+            .uri(parts.uri)
+            .body(bytes.as_ref())
+            .map_err(|err| Error::BadJson(err.to_string()))?;
+        *http_request.headers_mut() = parts.headers;
+        let args: Vec<&str> = path_params.iter().map(String::as_str).collect();
+        // ruma's hand-written deserialisers index into JSON objects in places (e.g. a login body
+        // without `type`), which panics; a malformed body must be a 400, never a dropped request.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| T::try_from_http_request(http_request, &args))) {
+            Ok(parsed) => parsed.map(Ruma).map_err(request_error),
+            Err(_) => Err(Error::BadJson("Malformed request body".to_owned())),
+        }
+    }
+}
+
+fn too_large(limit: usize) -> Error {
+    Error::TooLarge(format!("Request body is larger than {limit} bytes").into())
+}
+
+/// Maps ruma's parse failures to the errcodes Synapse uses for the same mistakes.
+fn request_error(err: FromHttpRequestError) -> Error {
+    match err {
+        FromHttpRequestError::Deserialization(err) => match err {
+            DeserializationError::Json(err) => {
+                use serde_json::error::Category;
+                let message = err.to_string();
+                match err.classify() {
+                    Category::Syntax | Category::Eof | Category::Io => Error::NotJson(message),
+                    Category::Data if message.starts_with("missing field") => Error::MissingParam(message),
+                    Category::Data => Error::BadJson(message),
+                }
+            }
+            DeserializationError::Query(err) => {
+                let message = err.to_string();
+                if message.contains("missing field") {
+                    Error::MissingParam(message)
+                } else {
+                    Error::InvalidParam(message)
+                }
+            }
+            DeserializationError::Ident(err) => Error::InvalidParam(err.to_string()),
+            DeserializationError::Utf8(err) => Error::NotJson(err.to_string()),
+            other => Error::BadJson(other.to_string()),
+        },
+        FromHttpRequestError::MethodMismatch { .. } => Error::MethodNotAllowed,
+        other => Error::BadJson(other.to_string()),
+    }
+}
+
+/// The caller's access token: `Authorization: Bearer …`, or the deprecated `access_token` query
+/// parameter.
+pub fn access_token(headers: &HeaderMap, query: Option<&str>) -> Result<String, Error> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value.to_str().map_err(|_| Error::MissingToken)?;
+        let (scheme, token) = value.split_once(' ').ok_or(Error::MissingToken)?;
+        if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+            return Err(Error::MissingToken);
+        }
+        return Ok(token.trim().to_owned());
+    }
+    query
+        .into_iter()
+        .flat_map(|query| query.split('&'))
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == "access_token")
+        .map(|(_, value)| percent_decode(value))
+        .filter(|token| !token.is_empty())
+        .ok_or(Error::MissingToken)
+}
+
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    out.push((hi * 16 + lo) as u8);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The peer's IP address, for rate limits and device last-seen records.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(parts.extensions.get::<ConnectInfo<std::net::SocketAddr>>().map(|info| info.0.ip())))
+    }
+}
+
+async fn authenticate<S>(parts: &mut Parts, state: &S) -> Result<Authed, Error>
+where
+    S: Send + Sync,
+    Arc<Users>: FromRef<S>,
+{
+    let token = access_token(&parts.headers, parts.uri.query())?;
+    let ClientIp(ip) = ClientIp::from_request_parts(parts, state).await.unwrap_or(ClientIp(None));
+    Arc::<Users>::from_ref(state).authenticate(&token, ip).await
+}
+
+/// A caller with a valid access token for a full (non-guest) account.
+#[derive(Debug, Clone)]
+pub struct AuthedUser(pub Authed);
+
+impl<S> FromRequestParts<S> for AuthedUser
+where
+    S: Send + Sync,
+    Arc<Users>: FromRef<S>,
+{
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        let authed = authenticate(parts, state).await?;
+        if authed.is_guest {
+            return Err(Error::GuestAccessForbidden);
+        }
+        Ok(AuthedUser(authed))
+    }
+}
+
+/// A caller with a valid access token, guest accounts included (for the few endpoints the spec
+/// opens to guests).
+#[derive(Debug, Clone)]
+pub struct GuestOrUser(pub Authed);
+
+impl<S> FromRequestParts<S> for GuestOrUser
+where
+    S: Send + Sync,
+    Arc<Users>: FromRef<S>,
+{
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        authenticate(parts, state).await.map(GuestOrUser)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn bearer_header_wins_and_query_is_decoded() {
+        let mut headers = HeaderMap::new();
+        assert!(matches!(access_token(&headers, None), Err(Error::MissingToken)));
+        assert_eq!(access_token(&headers, Some("a=1&access_token=abc%2Bd")).unwrap(), "abc+d");
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer tok"));
+        assert_eq!(access_token(&headers, Some("access_token=other")).unwrap(), "tok");
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwYXNz"));
+        assert!(matches!(access_token(&headers, None), Err(Error::MissingToken)));
+    }
+
+    #[test]
+    fn percent_decoding_handles_truncated_escapes() {
+        assert_eq!(percent_decode("a%"), "a%");
+        assert_eq!(percent_decode("a%4"), "a%4");
+        assert_eq!(percent_decode("a%41"), "aA");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+}

@@ -1,0 +1,78 @@
+//! Cross-cutting HTTP behaviour: CORS and `OPTIONS`, request logging without secrets, and the
+//! per-address rate limits on registration and login.
+
+use std::{sync::Arc, time::Instant};
+
+use axum::{
+    extract::{Request, State},
+    http::{HeaderValue, Method, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+
+use crate::api::{RateLimits, extract::ClientIp};
+
+/// Every response carries the CORS headers the spec requires, and any `OPTIONS` request (a CORS
+/// preflight) is answered directly, so browser clients work against every endpoint.
+pub async fn cors(request: Request, next: Next) -> Response {
+    let mut response = if request.method() == Method::OPTIONS {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(request).await
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, PUT, DELETE, OPTIONS"));
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("X-Requested-With, Content-Type, Authorization"),
+    );
+    response
+}
+
+/// Logs each request's method, path, status and duration. The query string is left out: it may
+/// carry an access token.
+pub async fn log_requests(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if response.status().is_server_error() {
+        tracing::warn!(%method, %path, status, elapsed_ms, "request failed");
+    } else {
+        tracing::debug!(%method, %path, status, elapsed_ms, "request");
+    }
+    response
+}
+
+fn address_key(ip: ClientIp) -> String {
+    ip.0.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string())
+}
+
+/// Rate limit on `POST /register`, per client address.
+pub async fn limit_register(
+    State(limits): State<Arc<RateLimits>>,
+    ip: ClientIp,
+    request: Request,
+    next: Next,
+) -> Response {
+    match limits.register.check(&address_key(ip)) {
+        Ok(()) => next.run(request).await,
+        Err(err) => err.into_response(),
+    }
+}
+
+/// Rate limit on `POST /login`, per client address.
+pub async fn limit_login(
+    State(limits): State<Arc<RateLimits>>,
+    ip: ClientIp,
+    request: Request,
+    next: Next,
+) -> Response {
+    match limits.login.check(&address_key(ip)) {
+        Ok(()) => next.run(request).await,
+        Err(err) => err.into_response(),
+    }
+}

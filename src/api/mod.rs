@@ -1,0 +1,53 @@
+//! HTTP API: routing, request extraction and response shaping for the Client-Server API and the
+//! server-key endpoint of the Server-Server API.
+//!
+//! Handlers are thin: parse the ruma request type, check the caller, call one service method,
+//! shape the ruma response. No SQL and no business rules live here.
+
+pub mod client;
+pub mod extract;
+pub mod federation;
+pub mod middleware;
+pub mod respond;
+pub mod router;
+
+use std::sync::Arc;
+
+use axum::extract::FromRef;
+
+use crate::service::{rate_limit::KeyedLimit, server_keys::ServerKeys, users::Users};
+
+/// Facts about this server that handlers need to answer requests.
+pub struct ServerInfo {
+    pub server_name: ruma::OwnedServerName,
+    /// Base URL advertised to clients, ending in `/`.
+    pub public_baseurl: String,
+    pub max_request_body_bytes: usize,
+}
+
+/// Per-address limits on expensive unauthenticated actions.
+pub struct RateLimits {
+    pub register: KeyedLimit,
+    pub login: KeyedLimit,
+}
+
+/// Everything the router hands to handlers; each handler extracts only the parts it uses.
+#[derive(Clone)]
+pub struct AppState {
+    pub info: Arc<ServerInfo>,
+    pub users: Arc<Users>,
+    pub server_keys: Arc<ServerKeys>,
+    pub rate_limits: Arc<RateLimits>,
+}
+
+macro_rules! substate {
+    ($($field:ident: $ty:ty),* $(,)?) => {
+        $(impl FromRef<AppState> for Arc<$ty> {
+            fn from_ref(state: &AppState) -> Self {
+                state.$field.clone()
+            }
+        })*
+    };
+}
+
+substate!(info: ServerInfo, users: Users, server_keys: ServerKeys, rate_limits: RateLimits);

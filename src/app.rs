@@ -1,0 +1,190 @@
+//! Wiring: the only module that sees every layer. Opens storage, builds the services and the
+//! router, binds the listeners and runs until SIGINT/SIGTERM, then shuts down in order (stop
+//! accepting, let in-flight requests finish, close the database).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    api::{AppState, RateLimits, ServerInfo, router},
+    config::Config,
+    service::{rate_limit::KeyedLimit, server_keys::ServerKeys, users::Users},
+    storage::{Db, DbOptions},
+};
+
+/// How long in-flight requests get to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How often periodic upkeep runs.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(600);
+
+/// A start-up or run-time failure, already phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AppError(pub String);
+
+/// Opens (and migrates) the configured database.
+pub async fn open_database(config: &Config) -> Result<Db, AppError> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|err| AppError(format!("cannot create data directory {}: {err}", config.data_dir.display())))?;
+    let url = config.database_url();
+    let options = DbOptions {
+        url: url.clone(),
+        max_connections: config.database.max_connections,
+        connect_timeout: Duration::from_secs(config.database.connect_timeout_secs),
+    };
+    Db::open(&options).await.map_err(|err| AppError(format!("cannot open database {}: {err}", redact_url(&url))))
+}
+
+/// Hides a password in a database URL before it is shown.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Runs the homeserver until a shutdown signal.
+pub async fn run(config: Config) -> Result<(), AppError> {
+    let started = std::time::Instant::now();
+    let db = open_database(&config).await?;
+    let result = serve(&config, db.clone(), started).await;
+    db.close().await;
+    tracing::info!("database closed; goodbye");
+    result
+}
+
+async fn serve(config: &Config, db: Db, started: std::time::Instant) -> Result<(), AppError> {
+    let server_keys = ServerKeys::load_or_create(&config.data_dir, config.server_name.clone()).map_err(AppError)?;
+    let users = Arc::new(Users::new(db.clone(), config));
+
+    let mut listeners = Vec::new();
+    for addr in &config.listen {
+        let listener =
+            TcpListener::bind(addr).await.map_err(|err| AppError(format!("cannot listen on {addr}: {err}")))?;
+        listeners.push(listener);
+    }
+    let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let public_baseurl = config.public_baseurl(bound[0]);
+
+    let limits = &config.rate_limits;
+    let enabled = |limit| limits.enabled.then_some(limit);
+    let state = AppState {
+        info: Arc::new(ServerInfo {
+            server_name: config.server_name.clone(),
+            public_baseurl: public_baseurl.clone(),
+            max_request_body_bytes: config.limits.max_request_body_bytes,
+        }),
+        users: users.clone(),
+        server_keys: Arc::new(server_keys),
+        rate_limits: Arc::new(RateLimits {
+            register: KeyedLimit::new(enabled(limits.register)),
+            login: KeyedLimit::new(enabled(limits.login)),
+        }),
+    };
+    let app = router::build(state.clone());
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let app = app.clone();
+        let mut shutdown = shutdown_rx.clone();
+        servers.spawn(async move {
+            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move {
+                    let _ = shutdown.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+    }
+    let housekeeping = tokio::spawn(housekeeping(state));
+
+    tracing::info!(
+        url = %public_baseurl.trim_end_matches('/'),
+        local_address = %bound[0],
+        listen = ?bound,
+        server_name = %config.server_name,
+        registration = ?config.registration_mode(),
+        database = db.backend_name(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "Hearth {} is ready: point a Matrix client at {}",
+        env!("CARGO_PKG_VERSION"),
+        public_baseurl.trim_end_matches('/'),
+    );
+
+    let outcome = tokio::select! {
+        signal = shutdown_signal() => {
+            tracing::info!(signal, "shutting down: finishing in-flight requests");
+            Ok(())
+        }
+        Some(result) = servers.join_next() => {
+            match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(err)) => Err(AppError(format!("listener failed: {err}"))),
+                Err(err) => Err(AppError(format!("listener task failed: {err}"))),
+            }
+        }
+    };
+    let _ = shutdown_tx.send(true);
+    housekeeping.abort();
+    if tokio::time::timeout(SHUTDOWN_GRACE, async { while servers.join_next().await.is_some() {} }).await.is_err() {
+        tracing::warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}; closing anyway");
+        servers.abort_all();
+    }
+    outcome
+}
+
+async fn housekeeping(state: AppState) {
+    let mut interval = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        if let Err(err) = state.users.housekeeping().await {
+            tracing::warn!(%err, "housekeeping failed");
+        }
+        state.rate_limits.register.forget_idle_keys();
+        state.rate_limits.login.forget_idle_keys();
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM, naming the signal.
+async fn shutdown_signal() -> &'static str {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+        "SIGTERM"
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<&'static str>();
+    tokio::select! {
+        name = ctrl_c => name,
+        name = terminate => name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn database_passwords_are_never_shown() {
+        assert_eq!(redact_url("postgres://hearth:secret@db/hearth"), "postgres://hearth:***@db/hearth");
+        assert_eq!(redact_url("postgres://hearth@db/hearth"), "postgres://hearth@db/hearth");
+        assert_eq!(redact_url("sqlite://./hearth-data/hearth.db"), "sqlite://./hearth-data/hearth.db");
+    }
+}

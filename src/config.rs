@@ -1,0 +1,395 @@
+//! Configuration: a TOML file (optional), overridden by `HEARTH_…` environment variables, checked
+//! completely before anything starts.
+//!
+//! Every key has a default, so Hearth runs with no file at all. Environment variables name a key by
+//! its path with `__` between levels: `HEARTH_SERVER_NAME`, `HEARTH_DATABASE__URL`,
+//! `HEARTH_RATE_LIMITS__LOGIN__BURST`. Their values are read as TOML values when they parse as one
+//! (`true`, `8`, `["0.0.0.0:8008"]`) and as plain strings otherwise. Unknown keys and bad values are
+//! errors that name the key.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use ruma::OwnedServerName;
+use serde::Deserialize;
+
+/// The commented example written by `hearth generate-config`. It must parse to the defaults
+/// (tested below), so it doubles as the reference of every key.
+pub const EXAMPLE: &str = include_str!("config_example.toml");
+
+/// Environment variable prefix for overrides.
+const ENV_PREFIX: &str = "HEARTH_";
+/// Variables with the prefix that are not config keys.
+const ENV_NOT_KEYS: &[&str] = &["HEARTH_CONFIG"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The domain in user IDs (`@alice:server_name`). Cannot change once users exist.
+    pub server_name: OwnedServerName,
+    /// The URL clients use to reach this server; default derived from the first listener.
+    pub public_baseurl: Option<String>,
+    /// Addresses for the client API (HTTP).
+    pub listen: Vec<SocketAddr>,
+    /// Where the SQLite database and the signing key live.
+    pub data_dir: PathBuf,
+    pub database: DatabaseConfig,
+    pub registration: RegistrationConfig,
+    pub auth: AuthConfig,
+    pub rate_limits: RateLimitsConfig,
+    pub limits: LimitsConfig,
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` or `postgres://USER@HOST/DB`; default: SQLite in `data_dir`.
+    pub url: Option<String>,
+    pub max_connections: u32,
+    pub connect_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegistrationMode {
+    /// Anyone may register (UIA stage `m.login.dummy`).
+    Open,
+    /// A registration token is required (UIA stage `m.login.registration_token`).
+    Token,
+    /// Only operators create accounts (`hearth user create`).
+    Disabled,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrationConfig {
+    /// Default: open when every listener is on loopback (a developer machine), token otherwise.
+    pub mode: Option<RegistrationMode>,
+    pub guest_access: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Lifetime of access tokens given to clients that asked for a refresh token.
+    pub refreshable_access_token_lifetime_secs: u64,
+    /// Lifetime of refresh tokens; none means they last until used or logged out.
+    pub refresh_token_lifetime_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained rate, in actions per second per client address.
+    pub per_second: f64,
+    /// Actions allowed at once before the rate applies.
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitsConfig {
+    pub enabled: bool,
+    pub register: RateLimit,
+    pub login: RateLimit,
+    /// Failed password attempts per account, whatever the address.
+    pub failed_login_per_account: RateLimit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body accepted on the JSON APIs; larger ones get 413 `M_TOO_LARGE`.
+    pub max_request_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info` or `hearth=debug,sqlx=warn`.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server_name: "localhost".try_into().expect("valid server name"),
+            public_baseurl: None,
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 8008))],
+            data_dir: PathBuf::from("./hearth-data"),
+            database: DatabaseConfig::default(),
+            registration: RegistrationConfig::default(),
+            auth: AuthConfig::default(),
+            rate_limits: RateLimitsConfig::default(),
+            limits: LimitsConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig { url: None, max_connections: 16, connect_timeout_secs: 10 }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { refreshable_access_token_lifetime_secs: 300, refresh_token_lifetime_secs: None }
+    }
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        // Synapse's defaults: a burst of a few attempts, then one every ~6 seconds.
+        let slow = RateLimit { per_second: 0.17, burst: 3 };
+        RateLimitsConfig { enabled: true, register: slow, login: slow, failed_login_per_account: slow }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig { max_request_body_bytes: 1024 * 1024 }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig { format: LogFormat::Human, level: "info".to_owned() }
+    }
+}
+
+/// A configuration problem, with the key or file it concerns.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Loads the file (if any), applies `HEARTH_…` overrides from `env`, and validates.
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|err| ConfigError(format!("cannot read config file {}: {err}", path.display())))?;
+                text.parse::<toml::Table>()
+                    .map_err(|err| ConfigError(format!("config file {}: {err}", path.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        let mut from_env = Vec::new();
+        for (name, raw) in env {
+            if !name.starts_with(ENV_PREFIX) || ENV_NOT_KEYS.contains(&name.as_str()) {
+                continue;
+            }
+            let key_path: Vec<String> =
+                name[ENV_PREFIX.len()..].split("__").map(|part| part.to_ascii_lowercase()).collect();
+            set_path(&mut table, &key_path, env_value(&raw))
+                .map_err(|why| ConfigError(format!("environment variable {name}: {why}")))?;
+            from_env.push((key_path.join("."), name));
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| {
+            let key = err.path().to_string();
+            let origin = from_env
+                .iter()
+                .find(|(path, _)| key == *path || key.starts_with(&format!("{path}.")))
+                .map(|(_, var)| format!(" (set by {var})"))
+                .unwrap_or_default();
+            ConfigError(format!("config key `{key}`{origin}: {}", err.inner()))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("config key `{key}`: {why}")));
+        if self.listen.is_empty() {
+            return bad("listen", "at least one address is needed");
+        }
+        if let Some(url) = &self.public_baseurl
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return bad("public_baseurl", "must start with http:// or https://");
+        }
+        if let Some(url) = &self.database.url
+            && !["sqlite:", "postgres://", "postgresql://"].iter().any(|scheme| url.starts_with(scheme))
+        {
+            return bad("database.url", "must start with sqlite://, postgres:// or postgresql://");
+        }
+        if self.database.max_connections == 0 {
+            return bad("database.max_connections", "must be at least 1");
+        }
+        for (name, limit) in [
+            ("register", &self.rate_limits.register),
+            ("login", &self.rate_limits.login),
+            ("failed_login_per_account", &self.rate_limits.failed_login_per_account),
+        ] {
+            if !(limit.per_second.is_finite() && limit.per_second > 0.0) {
+                return bad(&format!("rate_limits.{name}.per_second"), "must be a positive number");
+            }
+            if limit.burst == 0 {
+                return bad(&format!("rate_limits.{name}.burst"), "must be at least 1");
+            }
+        }
+        if self.limits.max_request_body_bytes < 1024 {
+            return bad("limits.max_request_body_bytes", "must be at least 1024");
+        }
+        if self.auth.refreshable_access_token_lifetime_secs == 0 {
+            return bad("auth.refreshable_access_token_lifetime_secs", "must be at least 1");
+        }
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
+            return bad("logging.level", &err.to_string());
+        }
+        Ok(())
+    }
+
+    /// Registration mode in force: the configured one, or open on loopback-only servers.
+    pub fn registration_mode(&self) -> RegistrationMode {
+        self.registration.mode.unwrap_or_else(|| {
+            if self.listen.iter().all(|addr| addr.ip().is_loopback()) {
+                RegistrationMode::Open
+            } else {
+                RegistrationMode::Token
+            }
+        })
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database.url.clone().unwrap_or_else(|| crate::storage::Db::sqlite_url(&self.data_dir))
+    }
+
+    /// The base URL clients should use, ending in `/`.
+    pub fn public_baseurl(&self, bound: SocketAddr) -> String {
+        match &self.public_baseurl {
+            Some(url) if url.ends_with('/') => url.clone(),
+            Some(url) => format!("{url}/"),
+            None => {
+                let host = if bound.ip().is_unspecified() { "localhost".to_owned() } else { bound.ip().to_string() };
+                let host = if bound.is_ipv6() && !bound.ip().is_unspecified() { format!("[{host}]") } else { host };
+                format!("http://{host}:{}/", bound.port())
+            }
+        }
+    }
+}
+
+/// Reads an environment value as TOML when it is one, else as a string.
+fn env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut table| table.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    if path.iter().any(String::is_empty) {
+        return Err("empty key segment".to_owned());
+    }
+    let mut current = table;
+    for part in parents {
+        let entry = current.entry(part.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry.as_table_mut().ok_or_else(|| format!("`{part}` is not a section"))?;
+    }
+    current.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml_text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hearth.toml");
+        std::fs::write(&path, toml_text).unwrap();
+        Config::load(Some(&path), env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn example_config_parses_to_the_defaults() {
+        let example = load(EXAMPLE, &[]).unwrap();
+        let default = Config::default();
+        assert_eq!(format!("{example:?}"), format!("{default:?}"));
+    }
+
+    #[test]
+    fn no_file_means_defaults_and_open_registration_on_loopback() {
+        let config = Config::load(None, Vec::new()).unwrap();
+        assert_eq!(config.server_name.as_str(), "localhost");
+        assert_eq!(config.listen, vec!["127.0.0.1:8008".parse().unwrap()]);
+        assert_eq!(config.registration_mode(), RegistrationMode::Open);
+        assert!(config.database_url().ends_with("hearth-data/hearth.db"));
+    }
+
+    #[test]
+    fn public_listener_defaults_to_token_registration() {
+        let config = load(r#"listen = ["0.0.0.0:8008"]"#, &[]).unwrap();
+        assert_eq!(config.registration_mode(), RegistrationMode::Token);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load("[database]\nurll = \"x\"\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("database") && err.contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let err = load("[rate_limits.login]\nper_second = \"fast\"\nburst = 1\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("rate_limits.login.per_second"), "{err}");
+        let err = load("[rate_limits.login]\nper_second = -1.0\nburst = 1\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("rate_limits.login.per_second"), "{err}");
+        let err = load("server_name = \"not a name\"\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("server_name"), "{err}");
+        let err = load("[database]\nurl = \"mysql://x\"\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("database.url"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_file_and_is_typed() {
+        let config = load(
+            "server_name = \"file.example\"\n",
+            &[
+                ("HEARTH_SERVER_NAME", "env.example"),
+                ("HEARTH_RATE_LIMITS__LOGIN__BURST", "7"),
+                ("HEARTH_RATE_LIMITS__LOGIN__PER_SECOND", "2.5"),
+                ("HEARTH_LISTEN", r#"["127.0.0.1:9000"]"#),
+                ("HEARTH_DATABASE__URL", "postgres://postgres@127.0.0.1/hearth"),
+                ("HEARTH_CONFIG", "ignored.toml"),
+                ("OTHER_THING", "ignored"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.server_name.as_str(), "env.example");
+        assert_eq!(config.rate_limits.login.burst, 7);
+        assert_eq!(config.rate_limits.login.per_second, 2.5);
+        assert_eq!(config.listen, vec!["127.0.0.1:9000".parse().unwrap()]);
+        assert_eq!(config.database_url(), "postgres://postgres@127.0.0.1/hearth");
+    }
+
+    #[test]
+    fn bad_environment_override_names_the_variable() {
+        let err = load("", &[("HEARTH_LIMITS__MAX_BODY", "3")]).unwrap_err().to_string();
+        assert!(err.contains("HEARTH_LIMITS__MAX_BODY") && err.contains("max_body"), "{err}");
+        let err = load("", &[("HEARTH_REGISTRATION__MODE", "sometimes")]).unwrap_err().to_string();
+        assert!(err.contains("HEARTH_REGISTRATION__MODE"), "{err}");
+    }
+
+    #[test]
+    fn public_baseurl_follows_the_listener() {
+        let config = Config::default();
+        assert_eq!(config.public_baseurl("127.0.0.1:8008".parse().unwrap()), "http://127.0.0.1:8008/");
+        assert_eq!(config.public_baseurl("[::1]:8008".parse().unwrap()), "http://[::1]:8008/");
+    }
+}

@@ -1,0 +1,167 @@
+//! The service-level error type and its one mapping to Matrix error responses.
+//!
+//! Variants say what went wrong; [`Error::status_and_errcode`] is the only place that decides the
+//! HTTP status and `errcode`. Internal causes are logged, never shown to clients.
+
+use std::borrow::Cow;
+
+use axum::{
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Map, Value, json};
+
+use crate::storage::StorageError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A user-interactive-auth challenge: the 401 body telling the client which stages remain.
+#[derive(Debug, Clone)]
+pub struct UiaChallenge {
+    pub flows: Vec<Vec<String>>,
+    pub completed: Vec<String>,
+    pub session: String,
+    pub params: Value,
+    /// Set when the client's last attempt at a stage failed.
+    pub failure: Option<(&'static str, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("request body is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("{0}")]
+    BadJson(String),
+    #[error("{0}")]
+    MissingParam(String),
+    #[error("{0}")]
+    InvalidParam(String),
+    #[error("{0}")]
+    Forbidden(Cow<'static, str>),
+    #[error("missing access token")]
+    MissingToken,
+    #[error("unknown access token")]
+    UnknownToken { soft_logout: bool },
+    #[error("{0}")]
+    NotFound(Cow<'static, str>),
+    #[error("unrecognized request")]
+    Unrecognized,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// A request the server understood but cannot act on (400 `M_UNKNOWN`).
+    #[error("{0}")]
+    Unknown(String),
+    #[error("{0}")]
+    WeakPassword(Cow<'static, str>),
+    #[error("user ID already taken")]
+    UserInUse,
+    #[error("{0}")]
+    InvalidUsername(Cow<'static, str>),
+    #[error("this account has been deactivated")]
+    UserDeactivated,
+    #[error("guest access is not allowed")]
+    GuestAccessForbidden,
+    #[error("too many requests")]
+    LimitExceeded { retry_after_ms: u64 },
+    #[error("{0}")]
+    TooLarge(Cow<'static, str>),
+    #[error("additional authentication required")]
+    Uia(Box<UiaChallenge>),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {
+        Error::Forbidden(message.into())
+    }
+
+    pub fn not_found(message: impl Into<Cow<'static, str>>) -> Self {
+        Error::NotFound(message.into())
+    }
+
+    /// The HTTP status and Matrix `errcode` for this error, per the Client-Server spec.
+    pub fn status_and_errcode(&self) -> (StatusCode, &'static str) {
+        match self {
+            Error::NotJson(_) => (StatusCode::BAD_REQUEST, "M_NOT_JSON"),
+            Error::BadJson(_) => (StatusCode::BAD_REQUEST, "M_BAD_JSON"),
+            Error::MissingParam(_) => (StatusCode::BAD_REQUEST, "M_MISSING_PARAM"),
+            Error::InvalidParam(_) => (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"),
+            Error::Forbidden(_) => (StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+            Error::MissingToken => (StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN"),
+            Error::UnknownToken { .. } => (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN"),
+            Error::NotFound(_) => (StatusCode::NOT_FOUND, "M_NOT_FOUND"),
+            Error::Unrecognized => (StatusCode::NOT_FOUND, "M_UNRECOGNIZED"),
+            Error::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED"),
+            Error::Unknown(_) => (StatusCode::BAD_REQUEST, "M_UNKNOWN"),
+            Error::WeakPassword(_) => (StatusCode::BAD_REQUEST, "M_WEAK_PASSWORD"),
+            Error::UserInUse => (StatusCode::BAD_REQUEST, "M_USER_IN_USE"),
+            Error::InvalidUsername(_) => (StatusCode::BAD_REQUEST, "M_INVALID_USERNAME"),
+            Error::UserDeactivated => (StatusCode::FORBIDDEN, "M_USER_DEACTIVATED"),
+            Error::GuestAccessForbidden => (StatusCode::FORBIDDEN, "M_GUEST_ACCESS_FORBIDDEN"),
+            Error::LimitExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED"),
+            Error::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE"),
+            Error::Uia(challenge) => {
+                (StatusCode::UNAUTHORIZED, challenge.failure.as_ref().map_or("", |(code, _)| code))
+            }
+            Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN"),
+        }
+    }
+
+    fn body(&self) -> Value {
+        let (_, errcode) = self.status_and_errcode();
+        match self {
+            Error::Uia(challenge) => {
+                let mut body = Map::new();
+                let flows: Vec<Value> = challenge.flows.iter().map(|stages| json!({ "stages": stages })).collect();
+                body.insert("flows".into(), flows.into());
+                body.insert("params".into(), challenge.params.clone());
+                body.insert("session".into(), challenge.session.clone().into());
+                if !challenge.completed.is_empty() {
+                    body.insert("completed".into(), challenge.completed.clone().into());
+                }
+                if let Some((code, message)) = &challenge.failure {
+                    body.insert("errcode".into(), (*code).into());
+                    body.insert("error".into(), message.clone().into());
+                }
+                Value::Object(body)
+            }
+            Error::Internal(_) => json!({ "errcode": errcode, "error": "Internal server error" }),
+            Error::UnknownToken { soft_logout } => {
+                json!({ "errcode": errcode, "error": self.to_string(), "soft_logout": soft_logout })
+            }
+            Error::LimitExceeded { retry_after_ms } => {
+                json!({ "errcode": errcode, "error": self.to_string(), "retry_after_ms": retry_after_ms })
+            }
+            _ => json!({ "errcode": errcode, "error": self.to_string() }),
+        }
+    }
+}
+
+impl From<StorageError> for Error {
+    fn from(err: StorageError) -> Self {
+        Error::Internal(err.to_string())
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, _) = self.status_and_errcode();
+        if let Error::Internal(cause) = &self {
+            tracing::error!(%cause, "request failed");
+        }
+        let mut response = (status, axum::Json(self.body())).into_response();
+        if let Error::TooLarge(_) = self {
+            // The unread body is still on the wire; closing tells the client not to reuse the
+            // connection (hyper closes it after this response either way).
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Error::LimitExceeded { retry_after_ms } = self {
+            let seconds = retry_after_ms.div_ceil(1000).max(1);
+            if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
+    }
+}

@@ -1,0 +1,264 @@
+//! `hearth`: the homeserver and its operator commands.
+//!
+//! With no command it runs the server. `generate-config` prints the commented example
+//! configuration; `user …` and `registration-token …` act on the database directly (safe while the
+//! server runs).
+
+use std::{io::BufRead, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use hearth::{
+    app::{self, AppError},
+    config::{self, Config, LogFormat},
+    service::users::Users,
+};
+
+#[derive(Parser)]
+#[command(name = "hearth", version, about = "A Matrix homeserver: complete, correct, fast and light.")]
+struct Cli {
+    /// Configuration file (TOML). Without one, defaults and HEARTH_* environment variables apply.
+    #[arg(long, short, global = true, env = "HEARTH_CONFIG")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the homeserver (the default).
+    Run,
+    /// Write a commented example configuration with every key and its default.
+    GenerateConfig {
+        /// Write to this file instead of standard output (refuses to overwrite).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Manage user accounts.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage registration tokens (for `registration.mode = "token"`).
+    #[command(subcommand)]
+    RegistrationToken(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create an account (whatever the registration mode).
+    Create {
+        /// The local part of the user ID, e.g. `alice` for @alice:server_name.
+        localpart: String,
+        /// The password; read from standard input when absent.
+        #[arg(long)]
+        password: Option<String>,
+        /// Make the account a server administrator.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List every account.
+    List,
+    /// Deactivate an account for good: it is logged out everywhere and can never log in again.
+    Deactivate { user: String },
+    /// Set a new password and log the account out everywhere.
+    ResetPassword {
+        user: String,
+        /// The new password; read from standard input when absent.
+        #[arg(long)]
+        password: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a registration token and print it.
+    Create {
+        /// The token text (default: 16 random characters).
+        #[arg(long)]
+        token: Option<String>,
+        /// How many registrations it allows (default: unlimited).
+        #[arg(long)]
+        uses: Option<i64>,
+        /// Days until it expires (default: never).
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    /// List registration tokens and their use.
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::GenerateConfig { output }) = &cli.command {
+        return report(generate_config(output.as_deref()));
+    }
+    let config = match Config::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let is_server = matches!(cli.command, None | Some(Command::Run));
+    init_logging(&config, is_server);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            None | Some(Command::Run) => app::run(config).await,
+            Some(Command::User(command)) => user_command(&config, command).await,
+            Some(Command::RegistrationToken(command)) => token_command(&config, command).await,
+            Some(Command::GenerateConfig { .. }) => unreachable!("handled above"),
+        }
+    });
+    report(result)
+}
+
+fn report(result: Result<(), AppError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err}");
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config, is_server: bool) {
+    // Operator commands print their own results; only warnings from the layers below are wanted.
+    let default_level = if is_server { config.logging.level.as_str() } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match config.logging.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+fn generate_config(output: Option<&std::path::Path>) -> Result<(), AppError> {
+    match output {
+        None => {
+            print!("{}", config::EXAMPLE);
+            Ok(())
+        }
+        Some(path) => {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(|err| AppError(format!("cannot create {}: {err}", path.display())))?;
+            std::io::Write::write_all(&mut file, config::EXAMPLE.as_bytes())
+                .map_err(|err| AppError(format!("cannot write {}: {err}", path.display())))?;
+            eprintln!("wrote {}", path.display());
+            Ok(())
+        }
+    }
+}
+
+async fn with_users<T>(
+    config: &Config,
+    action: impl AsyncFnOnce(&Users) -> Result<T, AppError>,
+) -> Result<T, AppError> {
+    let db = app::open_database(config).await?;
+    let users = Users::new(db.clone(), config);
+    let result = action(&users).await;
+    db.close().await;
+    result
+}
+
+fn password_or_stdin(password: Option<String>) -> Result<String, AppError> {
+    if let Some(password) = password {
+        return Ok(password);
+    }
+    eprint!("password: ");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).map_err(|err| AppError(format!("cannot read password: {err}")))?;
+    let password = line.trim_end_matches(['\n', '\r']).to_owned();
+    if password.is_empty() {
+        return Err(AppError("no password given".to_owned()));
+    }
+    Ok(password)
+}
+
+fn local_user(config: &Config, user: &str) -> Result<ruma::OwnedUserId, AppError> {
+    hearth::matrix::identifiers::user_id_for_login(user, &config.server_name)
+        .ok_or_else(|| AppError(format!("{user} is not a user of {}", config.server_name)))
+}
+
+fn fail(err: hearth::error::Error) -> AppError {
+    AppError(err.to_string())
+}
+
+async fn user_command(config: &Config, command: UserCommand) -> Result<(), AppError> {
+    match command {
+        UserCommand::Create { localpart, password, admin } => {
+            let password = password_or_stdin(password)?;
+            let user_id = with_users(config, async |users| {
+                users.operator_create_user(&localpart, &password, admin).await.map_err(fail)
+            })
+            .await?;
+            println!("created {user_id}");
+        }
+        UserCommand::List => {
+            let rows = with_users(config, async |users| users.operator_list_users().await.map_err(fail)).await?;
+            println!("{:<40} {:<6} {:<6} STATE", "USER", "ADMIN", "GUEST");
+            for row in rows {
+                let state = if row.deactivated { "deactivated" } else { "active" };
+                println!("{:<40} {:<6} {:<6} {state}", row.user_id, row.is_admin, row.is_guest);
+            }
+        }
+        UserCommand::Deactivate { user } => {
+            let user_id = local_user(config, &user)?;
+            with_users(config, async |users| users.operator_deactivate(&user_id).await.map_err(fail)).await?;
+            println!("deactivated {user_id}");
+        }
+        UserCommand::ResetPassword { user, password } => {
+            let user_id = local_user(config, &user)?;
+            let password = password_or_stdin(password)?;
+            with_users(config, async |users| users.operator_reset_password(&user_id, &password).await.map_err(fail))
+                .await?;
+            println!("reset the password of {user_id} and logged it out everywhere");
+        }
+    }
+    Ok(())
+}
+
+async fn token_command(config: &Config, command: TokenCommand) -> Result<(), AppError> {
+    match command {
+        TokenCommand::Create { token, uses, expires_in_days } => {
+            let expiry = expires_in_days.map(|days| hearth::service::now_ms() + i64::from(days) * 86_400_000);
+            let row = with_users(config, async |users| {
+                users.operator_create_registration_token(token, uses, expiry).await.map_err(fail)
+            })
+            .await?;
+            println!("{}", row.token);
+        }
+        TokenCommand::List => {
+            let rows =
+                with_users(config, async |users| users.operator_list_registration_tokens().await.map_err(fail)).await?;
+            println!("{:<24} {:<8} {:<8} {:<10} VALID", "TOKEN", "ALLOWED", "PENDING", "COMPLETED");
+            let now = hearth::service::now_ms();
+            for row in rows {
+                let allowed = row.uses_allowed.map_or_else(|| "any".to_owned(), |n| n.to_string());
+                println!(
+                    "{:<24} {:<8} {:<8} {:<10} {}",
+                    row.token,
+                    allowed,
+                    row.pending,
+                    row.completed,
+                    row.is_valid(now)
+                );
+            }
+        }
+    }
+    Ok(())
+}

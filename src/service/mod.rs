@@ -1,0 +1,16 @@
+//! Services: what Hearth does, independent of how it is asked (HTTP today, WebSocket and the CLI
+//! too). Each service owns one area and reaches storage only through `storage::Db`'s typed methods.
+//! Services never see HTTP types; they return `crate::error::Error`.
+
+pub mod rate_limit;
+pub mod server_keys;
+pub mod uia;
+pub mod users;
+
+/// Milliseconds since the Unix epoch, the unit of every Matrix timestamp.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0)
+}

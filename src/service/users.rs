@@ -1,0 +1,646 @@
+//! Accounts: registration, login and tokens, devices, passwords, deactivation and profiles, for
+//! clients (through the API) and operators (through the CLI).
+//!
+//! Passwords are hashed with argon2id on the blocking pool. Access and refresh tokens are random,
+//! handed to the client once, and stored only as SHA-256 hashes.
+
+use std::{collections::HashMap, net::IpAddr, time::Duration};
+
+use argon2::{
+    Argon2,
+    password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
+};
+use parking_lot::Mutex;
+use rand::Rng;
+use ruma::{
+    DeviceId, OwnedDeviceId, OwnedServerName, OwnedUserId, UserId,
+    api::client::uiaa::{AuthData, UserIdentifier},
+};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    config::{Config, RegistrationMode},
+    error::{Error, Result},
+    matrix::identifiers::{user_id_for_login, user_id_for_registration},
+    service::{
+        now_ms,
+        rate_limit::KeyedLimit,
+        uia::{self, Uia},
+    },
+    storage::{
+        Db, StorageError,
+        accounts::{AccessTokenRow, DeviceRow, NewSession, NewUser, RegistrationTokenRow, UserRow},
+    },
+};
+
+/// Longest password accepted; argon2 would hash more, but nothing legitimate needs it.
+const MAX_PASSWORD_LEN: usize = 512;
+/// Device last-seen times are written at most this often per device.
+const LAST_SEEN_WRITE_INTERVAL_MS: i64 = 60_000;
+
+/// Who a valid access token belongs to.
+#[derive(Debug, Clone)]
+pub struct Authed {
+    pub user_id: OwnedUserId,
+    pub device_id: OwnedDeviceId,
+    pub is_guest: bool,
+    pub token_id: i64,
+}
+
+/// A new logged-in session, as returned by register, login and refresh.
+#[derive(Debug)]
+pub struct Session {
+    pub user_id: OwnedUserId,
+    pub device_id: OwnedDeviceId,
+    pub access_token: String,
+    pub refresh_token: Option<String>,
+    pub expires_in: Option<Duration>,
+}
+
+/// What a registration request asks for.
+pub struct Registration {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub device_id: Option<OwnedDeviceId>,
+    pub initial_device_display_name: Option<String>,
+    pub inhibit_login: bool,
+    pub refresh_token: bool,
+    pub is_guest: bool,
+    pub auth: Option<AuthData>,
+}
+
+pub enum Registered {
+    /// `inhibit_login` was set: an account but no session.
+    AccountOnly(OwnedUserId),
+    LoggedIn(Session),
+}
+
+pub struct Users {
+    db: Db,
+    uia: Uia,
+    server_name: OwnedServerName,
+    registration: RegistrationMode,
+    guest_access: bool,
+    access_token_lifetime: Duration,
+    refresh_token_lifetime: Option<Duration>,
+    failed_logins: KeyedLimit,
+    last_seen_written: Mutex<HashMap<i64, i64>>,
+}
+
+impl Users {
+    pub fn new(db: Db, config: &Config) -> Self {
+        let limits = &config.rate_limits;
+        Users {
+            uia: Uia::new(db.clone()),
+            db,
+            server_name: config.server_name.clone(),
+            registration: config.registration_mode(),
+            guest_access: config.registration.guest_access,
+            access_token_lifetime: Duration::from_secs(config.auth.refreshable_access_token_lifetime_secs),
+            refresh_token_lifetime: config.auth.refresh_token_lifetime_secs.map(Duration::from_secs),
+            failed_logins: KeyedLimit::new(limits.enabled.then_some(limits.failed_login_per_account)),
+            last_seen_written: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn server_name(&self) -> &OwnedServerName {
+        &self.server_name
+    }
+
+    pub fn registration_mode(&self) -> RegistrationMode {
+        self.registration
+    }
+
+    /// Resolves an access token. Expired tokens are a soft logout: the client should refresh.
+    pub async fn authenticate(&self, token: &str, ip: Option<IpAddr>) -> Result<Authed> {
+        let row = self.db.access_token(&hash_token(token)).await?.ok_or(Error::UnknownToken { soft_logout: false })?;
+        let now = now_ms();
+        if row.expires_ts.is_some_and(|expiry| expiry <= now) {
+            return Err(Error::UnknownToken { soft_logout: true });
+        }
+        if !row.used && row.refresh_token_id.is_some() {
+            self.db.mark_access_token_used(row.id, row.refresh_token_id).await?;
+        }
+        self.note_seen(&row, now, ip).await;
+        Ok(Authed { user_id: row.user_id, device_id: row.device_id, is_guest: row.is_guest, token_id: row.id })
+    }
+
+    async fn note_seen(&self, row: &AccessTokenRow, now: i64, ip: Option<IpAddr>) {
+        {
+            let mut written = self.last_seen_written.lock();
+            match written.get(&row.id) {
+                Some(&at) if now - at < LAST_SEEN_WRITE_INTERVAL_MS => return,
+                _ => {
+                    if written.len() > 100_000 {
+                        written.retain(|_, at| now - *at < LAST_SEEN_WRITE_INTERVAL_MS);
+                    }
+                    written.insert(row.id, now);
+                }
+            }
+        }
+        let ip = ip.map(|ip| ip.to_string());
+        if let Err(err) = self.db.touch_device(&row.user_id, &row.device_id, now, ip.as_deref()).await {
+            tracing::warn!(%err, "could not record device last-seen time");
+        }
+    }
+
+    /// `GET /register/available`: Ok if `localpart` could be registered now.
+    pub async fn check_username_available(&self, localpart: &str) -> Result<()> {
+        if self.registration == RegistrationMode::Disabled {
+            return Err(Error::forbidden("Registration has been disabled"));
+        }
+        let user_id = self.valid_new_user_id(localpart)?;
+        if self.db.localpart_exists(user_id.localpart()).await? {
+            return Err(Error::UserInUse);
+        }
+        Ok(())
+    }
+
+    fn valid_new_user_id(&self, localpart: &str) -> Result<OwnedUserId> {
+        user_id_for_registration(localpart, &self.server_name)
+            .map_err(|why| Error::InvalidUsername(why.to_string().into()))
+    }
+
+    /// `POST /register`, including its user-interactive auth.
+    pub async fn register(&self, request: Registration, ip: Option<IpAddr>) -> Result<Registered> {
+        if request.is_guest {
+            return self.register_guest(request, ip).await;
+        }
+        let flows: &[&[&'static str]] = match self.registration {
+            RegistrationMode::Disabled => return Err(Error::forbidden("Registration has been disabled")),
+            RegistrationMode::Open => &[&[uia::DUMMY]],
+            RegistrationMode::Token => &[&[uia::REGISTRATION_TOKEN]],
+        };
+        // Check the name and password before any auth stage, so the client learns early.
+        let user_id = match &request.username {
+            Some(name) => {
+                let user_id = self.valid_new_user_id(name)?;
+                if self.db.localpart_exists(user_id.localpart()).await? {
+                    return Err(Error::UserInUse);
+                }
+                Some(user_id)
+            }
+            None => None,
+        };
+        if let Some(password) = &request.password {
+            check_password_rules(password)?;
+        }
+        let completed = self
+            .uia
+            .authorize("register", flows, request.auth.as_ref(), async |_: &UserIdentifier, _: &str| Ok(false))
+            .await?;
+
+        let password_hash = match request.password.clone() {
+            Some(password) => Some(hash_password(password).await?),
+            None => None,
+        };
+        let user_id = match user_id {
+            Some(user_id) => user_id,
+            None => self.unused_user_id(|| format!("u{}", random_lowercase(10))).await?,
+        };
+        let registered = self.create_account(&user_id, password_hash.as_deref(), false, false, &request, ip).await?;
+        self.uia.finish(completed).await?;
+        tracing::info!(user_id = %user_id, "registered a new account");
+        Ok(registered)
+    }
+
+    async fn register_guest(&self, request: Registration, ip: Option<IpAddr>) -> Result<Registered> {
+        if !self.guest_access {
+            return Err(Error::GuestAccessForbidden);
+        }
+        let user_id =
+            self.unused_user_id(|| rand::thread_rng().gen_range(100_000_000u64..10_000_000_000).to_string()).await?;
+        self.create_account(&user_id, None, false, true, &request, ip).await
+    }
+
+    async fn unused_user_id(&self, mut candidate: impl FnMut() -> String) -> Result<OwnedUserId> {
+        for _ in 0..10 {
+            let localpart = candidate();
+            if !self.db.localpart_exists(&localpart).await? {
+                return UserId::parse(format!("@{localpart}:{}", self.server_name))
+                    .map_err(|err| Error::Internal(err.to_string()));
+            }
+        }
+        Err(Error::Internal("could not find a free user ID".to_owned()))
+    }
+
+    async fn create_account(
+        &self,
+        user_id: &UserId,
+        password_hash: Option<&str>,
+        is_admin: bool,
+        is_guest: bool,
+        request: &Registration,
+        ip: Option<IpAddr>,
+    ) -> Result<Registered> {
+        let now = now_ms();
+        let user = NewUser { user_id, password_hash, is_admin, is_guest, displayname: Some(user_id.localpart()), now };
+        let result = if request.inhibit_login {
+            self.db.create_account(&user, None).await.map(|()| Registered::AccountOnly(user_id.to_owned()))
+        } else {
+            let device_id = request.device_id.clone().unwrap_or_else(new_device_id);
+            let issued = IssuedTokens::new(request.refresh_token, self, now);
+            let ip = ip.map(|ip| ip.to_string());
+            let session =
+                issued.new_session(&device_id, request.initial_device_display_name.as_deref(), ip.as_deref(), now);
+            self.db.create_account(&user, Some(&session)).await.map(|()| {
+                Registered::LoggedIn(issued.into_session(user_id.to_owned(), device_id, self.access_token_lifetime))
+            })
+        };
+        result.map_err(|err| match err {
+            StorageError::Conflict(_) => Error::UserInUse,
+            other => other.into(),
+        })
+    }
+
+    /// `POST /login` with `m.login.password`.
+    pub async fn login_with_password(
+        &self,
+        identifier: &str,
+        password: &str,
+        device_id: Option<OwnedDeviceId>,
+        initial_device_display_name: Option<&str>,
+        wants_refresh_token: bool,
+        ip: Option<IpAddr>,
+    ) -> Result<Session> {
+        let invalid = || Error::forbidden("Invalid username or password");
+        let user_id = user_id_for_login(identifier, &self.server_name).ok_or_else(invalid)?;
+        let user = self.db.user(&user_id).await?;
+        let Some(user) = user else {
+            self.failed_logins.check(user_id.as_str())?;
+            return Err(invalid());
+        };
+        if user.deactivated {
+            return Err(Error::UserDeactivated);
+        }
+        if !self.password_matches(&user, password).await? {
+            self.failed_logins.check(user_id.as_str())?;
+            return Err(invalid());
+        }
+        let now = now_ms();
+        let device_id = device_id.unwrap_or_else(new_device_id);
+        let issued = IssuedTokens::new(wants_refresh_token, self, now);
+        let ip = ip.map(|ip| ip.to_string());
+        let session = issued.new_session(&device_id, initial_device_display_name, ip.as_deref(), now);
+        self.db.create_session(&user.user_id, &session).await?;
+        tracing::info!(user_id = %user.user_id, device_id = %device_id, "logged in");
+        Ok(issued.into_session(user.user_id, device_id, self.access_token_lifetime))
+    }
+
+    async fn password_matches(&self, user: &UserRow, password: &str) -> Result<bool> {
+        let Some(hash) = user.password_hash.clone() else { return Ok(false) };
+        let password = password.to_owned();
+        tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&hash)
+                .is_ok_and(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+        })
+        .await
+        .map_err(|err| Error::Internal(err.to_string()))
+    }
+
+    /// `POST /refresh`: a new access/refresh pair for a valid refresh token.
+    pub async fn refresh(&self, refresh_token: &str) -> Result<Session> {
+        let unknown = Error::UnknownToken { soft_logout: false };
+        let row = self.db.refresh_token(&hash_token(refresh_token)).await?.ok_or(unknown)?;
+        let now = now_ms();
+        if row.expires_ts.is_some_and(|expiry| expiry <= now) {
+            return Err(Error::UnknownToken { soft_logout: false });
+        }
+        // Using this token proves the client received it, so the one it replaced is spent.
+        self.db.spend_replaced_refresh_tokens(row.id).await?;
+        let issued = IssuedTokens::new(true, self, now);
+        self.db
+            .exchange_refresh_token(
+                &row,
+                issued.refresh_hash.as_deref().expect("asked for a refresh token"),
+                issued.refresh_expires_ts,
+                &issued.access_hash,
+                issued.access_expires_ts,
+                now,
+            )
+            .await?;
+        Ok(issued.into_session(row.user_id, row.device_id, self.access_token_lifetime))
+    }
+
+    /// `POST /logout`: ends this device's session and deletes the device.
+    pub async fn logout(&self, authed: &Authed) -> Result<()> {
+        self.db.delete_devices(&authed.user_id, std::slice::from_ref(&authed.device_id)).await?;
+        Ok(())
+    }
+
+    /// `POST /logout/all`.
+    pub async fn logout_all(&self, user_id: &UserId) -> Result<()> {
+        self.db.delete_devices_except(user_id, None).await?;
+        Ok(())
+    }
+
+    /// Runs a password UIA for an operation on `authed`'s own account.
+    async fn authorize_with_password(
+        &self,
+        authed: &Authed,
+        operation: &str,
+        auth: Option<&AuthData>,
+    ) -> Result<uia::Completed> {
+        let purpose = format!("{operation}:{}", authed.user_id);
+        let flows: &[&[&'static str]] = &[&[uia::PASSWORD]];
+        self.uia
+            .authorize(&purpose, flows, auth, async |identifier: &UserIdentifier, password: &str| {
+                let UserIdentifier::Matrix(id) = identifier else { return Ok(false) };
+                if user_id_for_login(&id.user, &self.server_name).as_ref() != Some(&authed.user_id) {
+                    return Ok(false);
+                }
+                match self.db.user(&authed.user_id).await? {
+                    Some(user) if !user.deactivated => self.password_matches(&user, password).await,
+                    _ => Ok(false),
+                }
+            })
+            .await
+    }
+
+    /// `POST /account/password`.
+    pub async fn change_password(
+        &self,
+        authed: &Authed,
+        auth: Option<&AuthData>,
+        new_password: String,
+        logout_devices: bool,
+    ) -> Result<()> {
+        check_password_rules(&new_password)?;
+        let completed = self.authorize_with_password(authed, "password", auth).await?;
+        let hash = hash_password(new_password).await?;
+        self.db.set_password_hash(&authed.user_id, &hash).await?;
+        if logout_devices {
+            self.db.delete_devices_except(&authed.user_id, Some(&authed.device_id)).await?;
+        }
+        self.uia.finish(completed).await
+    }
+
+    /// `POST /account/deactivate`.
+    pub async fn deactivate(&self, authed: &Authed, auth: Option<&AuthData>) -> Result<()> {
+        let completed = self.authorize_with_password(authed, "deactivate", auth).await?;
+        self.db.deactivate_user(&authed.user_id).await?;
+        tracing::info!(user_id = %authed.user_id, "account deactivated by its owner");
+        self.uia.finish(completed).await
+    }
+
+    pub async fn devices(&self, user_id: &UserId) -> Result<Vec<DeviceRow>> {
+        Ok(self.db.devices(user_id).await?)
+    }
+
+    pub async fn device(&self, user_id: &UserId, device_id: &DeviceId) -> Result<DeviceRow> {
+        self.db.device(user_id, device_id).await?.ok_or_else(|| Error::not_found("Device not found"))
+    }
+
+    pub async fn rename_device(&self, user_id: &UserId, device_id: &DeviceId, name: Option<&str>) -> Result<()> {
+        if self.db.set_device_display_name(user_id, device_id, name).await? {
+            Ok(())
+        } else {
+            Err(Error::not_found("Device not found"))
+        }
+    }
+
+    /// `DELETE /devices/{id}` and `POST /delete_devices`. Unknown device IDs are ignored by the bulk
+    /// form (as in Synapse) and a 404 for the single form.
+    pub async fn delete_devices(
+        &self,
+        authed: &Authed,
+        device_ids: &[OwnedDeviceId],
+        auth: Option<&AuthData>,
+        require_exist: bool,
+    ) -> Result<()> {
+        if require_exist {
+            for device_id in device_ids {
+                self.device(&authed.user_id, device_id).await?;
+            }
+        }
+        let completed = self.authorize_with_password(authed, "delete_devices", auth).await?;
+        self.db.delete_devices(&authed.user_id, device_ids).await?;
+        self.uia.finish(completed).await
+    }
+
+    /// A local user's profile; `NotFound` for unknown or deactivated users.
+    pub async fn profile(&self, user_id: &UserId) -> Result<UserRow> {
+        match self.db.user(user_id).await? {
+            Some(user) if !user.deactivated => Ok(user),
+            _ => Err(Error::not_found("Profile not found")),
+        }
+    }
+
+    pub async fn set_displayname(&self, authed: &Authed, target: &UserId, displayname: Option<&str>) -> Result<()> {
+        self.check_profile_owner(authed, target)?;
+        let displayname = displayname.filter(|name| !name.is_empty());
+        if displayname.is_some_and(|name| name.len() > 256) {
+            return Err(Error::InvalidParam("displayname is longer than 256 bytes".to_owned()));
+        }
+        Ok(self.db.set_displayname(target, displayname).await?)
+    }
+
+    pub async fn set_avatar_url(&self, authed: &Authed, target: &UserId, avatar_url: Option<&str>) -> Result<()> {
+        self.check_profile_owner(authed, target)?;
+        let avatar_url = avatar_url.filter(|url| !url.is_empty());
+        if avatar_url.is_some_and(|url| !url.starts_with("mxc://") || url.len() > 1000) {
+            return Err(Error::InvalidParam("avatar_url must be an mxc:// URI".to_owned()));
+        }
+        Ok(self.db.set_avatar_url(target, avatar_url).await?)
+    }
+
+    fn check_profile_owner(&self, authed: &Authed, target: &UserId) -> Result<()> {
+        if authed.user_id != target {
+            return Err(Error::forbidden("You cannot change another user's profile"));
+        }
+        Ok(())
+    }
+
+    /// `GET /register/m.login.registration_token/validity`.
+    pub async fn registration_token_is_valid(&self, token: &str) -> Result<bool> {
+        Ok(self.db.registration_token(token).await?.is_some_and(|row| row.is_valid(now_ms())))
+    }
+
+    // ---- Operator actions (the `hearth` CLI). ----
+
+    /// Creates an account directly, bypassing registration mode and UIA.
+    pub async fn operator_create_user(&self, localpart: &str, password: &str, is_admin: bool) -> Result<OwnedUserId> {
+        let user_id = self.valid_new_user_id(localpart)?;
+        check_password_rules(password)?;
+        let hash = hash_password(password.to_owned()).await?;
+        let request = Registration {
+            username: None,
+            password: None,
+            device_id: None,
+            initial_device_display_name: None,
+            inhibit_login: true,
+            refresh_token: false,
+            is_guest: false,
+            auth: None,
+        };
+        if self.db.localpart_exists(user_id.localpart()).await? {
+            return Err(Error::UserInUse);
+        }
+        self.create_account(&user_id, Some(&hash), is_admin, false, &request, None).await?;
+        Ok(user_id)
+    }
+
+    pub async fn operator_list_users(&self) -> Result<Vec<UserRow>> {
+        Ok(self.db.list_users().await?)
+    }
+
+    pub async fn operator_deactivate(&self, user_id: &UserId) -> Result<()> {
+        if self.db.deactivate_user(user_id).await? {
+            Ok(())
+        } else {
+            Err(Error::not_found("No active account with that ID"))
+        }
+    }
+
+    /// Sets a new password and logs the user out everywhere.
+    pub async fn operator_reset_password(&self, user_id: &UserId, password: &str) -> Result<()> {
+        check_password_rules(password)?;
+        let hash = hash_password(password.to_owned()).await?;
+        if !self.db.set_password_hash(user_id, &hash).await? {
+            return Err(Error::not_found("No active account with that ID"));
+        }
+        self.db.delete_devices_except(user_id, None).await?;
+        Ok(())
+    }
+
+    pub async fn operator_create_registration_token(
+        &self,
+        token: Option<String>,
+        uses_allowed: Option<i64>,
+        expiry_ts: Option<i64>,
+    ) -> Result<RegistrationTokenRow> {
+        let token = token.unwrap_or_else(|| random_string(16));
+        if token.is_empty()
+            || token.len() > 64
+            || !token.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'-'))
+        {
+            return Err(Error::InvalidParam("a token is 1-64 characters of A-Z a-z 0-9 . _ ~ -".to_owned()));
+        }
+        if uses_allowed.is_some_and(|uses| uses < 0) {
+            return Err(Error::InvalidParam("uses must not be negative".to_owned()));
+        }
+        let row = RegistrationTokenRow { token, uses_allowed, pending: 0, completed: 0, expiry_ts };
+        self.db.create_registration_token(&row, now_ms()).await.map_err(|err| match err {
+            StorageError::Conflict(_) => Error::InvalidParam("that token already exists".to_owned()),
+            other => other.into(),
+        })?;
+        Ok(row)
+    }
+
+    pub async fn operator_list_registration_tokens(&self) -> Result<Vec<RegistrationTokenRow>> {
+        Ok(self.db.registration_tokens().await?)
+    }
+
+    /// Periodic upkeep: forgets abandoned UIA sessions and idle rate-limit keys.
+    pub async fn housekeeping(&self) -> Result<()> {
+        self.db.expire_uia_sessions(now_ms() - uia::SESSION_LIFETIME_MS).await?;
+        self.failed_logins.forget_idle_keys();
+        Ok(())
+    }
+}
+
+/// Freshly generated tokens for one session, with the hashes that get stored.
+struct IssuedTokens {
+    access_token: String,
+    access_hash: String,
+    access_expires_ts: Option<i64>,
+    refresh_token: Option<String>,
+    refresh_hash: Option<String>,
+    refresh_expires_ts: Option<i64>,
+}
+
+impl IssuedTokens {
+    fn new(with_refresh: bool, users: &Users, now: i64) -> Self {
+        let access_token = format!("hat_{}", random_string(40));
+        let refresh_token = with_refresh.then(|| format!("hrt_{}", random_string(40)));
+        IssuedTokens {
+            access_hash: hash_token(&access_token),
+            access_token,
+            access_expires_ts: with_refresh.then(|| now + users.access_token_lifetime.as_millis() as i64),
+            refresh_hash: refresh_token.as_deref().map(hash_token),
+            refresh_token,
+            refresh_expires_ts: users
+                .refresh_token_lifetime
+                .filter(|_| with_refresh)
+                .map(|lifetime| now + lifetime.as_millis() as i64),
+        }
+    }
+
+    fn new_session<'a>(
+        &'a self,
+        device_id: &'a DeviceId,
+        display_name: Option<&'a str>,
+        ip: Option<&'a str>,
+        now: i64,
+    ) -> NewSession<'a> {
+        NewSession {
+            device_id,
+            device_display_name: display_name,
+            access_token_hash: &self.access_hash,
+            access_expires_ts: self.access_expires_ts,
+            refresh_token_hash: self.refresh_hash.as_deref(),
+            refresh_expires_ts: self.refresh_expires_ts,
+            ip,
+            now,
+        }
+    }
+
+    fn into_session(self, user_id: OwnedUserId, device_id: OwnedDeviceId, lifetime: Duration) -> Session {
+        Session {
+            user_id,
+            device_id,
+            expires_in: self.refresh_token.as_ref().map(|_| lifetime),
+            access_token: self.access_token,
+            refresh_token: self.refresh_token,
+        }
+    }
+}
+
+fn check_password_rules(password: &str) -> Result<()> {
+    if password.is_empty() {
+        return Err(Error::WeakPassword("Password must not be empty".into()));
+    }
+    if password.len() > MAX_PASSWORD_LEN {
+        return Err(Error::InvalidParam(format!("Password is longer than {MAX_PASSWORD_LEN} bytes")));
+    }
+    Ok(())
+}
+
+async fn hash_password(password: String) -> Result<String> {
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+        Argon2::default().hash_password(password.as_bytes(), &salt).map(|hash| hash.to_string())
+    })
+    .await
+    .map_err(|err| Error::Internal(err.to_string()))?
+    .map_err(|err| Error::Internal(format!("password hashing failed: {err}")))
+}
+
+/// SHA-256 of a token, hex-encoded: what the database stores.
+pub fn hash_token(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    let mut hex = String::with_capacity(64);
+    for byte in digest.iter() {
+        use std::fmt::Write;
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
+}
+
+/// Random `[A-Za-z0-9]` string from the OS-seeded thread RNG.
+pub fn random_string(len: usize) -> String {
+    rand::thread_rng().sample_iter(rand::distributions::Alphanumeric).take(len).map(char::from).collect()
+}
+
+fn random_lowercase(len: usize) -> String {
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    (0..len).map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char).collect()
+}
+
+/// Device IDs like Synapse's: ten upper-case letters.
+fn new_device_id() -> OwnedDeviceId {
+    let mut rng = rand::thread_rng();
+    let id: String = (0..10).map(|_| rng.gen_range(b'A'..=b'Z') as char).collect();
+    id.into()
+}

@@ -1,0 +1,15 @@
+//! API tests: the real `hearth` binary over real HTTP on loopback, once on SQLite and once on
+//! PostgreSQL for every test written with `backend_tests!`.
+
+mod harness;
+
+mod account;
+mod bad_input;
+mod cli;
+mod devices;
+mod foundation;
+mod login;
+mod profile;
+mod registration;
+mod sdk;
+mod startup;
