@@ -117,7 +117,8 @@ impl Db {
                 .journal_mode(SqliteJournalMode::Wal)
                 // NORMAL in WAL mode loses nothing when the process is killed: a committed
                 // transaction is in the WAL file; only an OS crash or power loss can drop the last
-                // few commits, which is the trade every WAL deployment (and Synapse on SQLite) makes.
+                // few commits (SQLite's own recommendation for WAL). Deployments that must survive
+                // power loss use PostgreSQL.
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(30))
                 .foreign_keys(false)
