@@ -61,6 +61,19 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_hearth")
 }
 
+/// A command for the `hearth` binary without the test run's own `HEARTH_*` variables (such as
+/// `HEARTH_TEST_POSTGRES`), which the server would read as configuration keys.
+pub fn hearth_command() -> Command {
+    let mut command = Command::new(binary());
+    for (name, _) in std::env::vars() {
+        if name.starts_with("HEARTH_") {
+            command.env_remove(name);
+        }
+    }
+    command.env_remove("RUST_LOG");
+    command
+}
+
 fn postgres_admin_url() -> String {
     std::env::var("HEARTH_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
@@ -218,7 +231,7 @@ impl TestServer {
 
     /// Runs `hearth <args>` against this server's configuration (operator commands).
     pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
-        let mut child = Command::new(binary())
+        let mut child = hearth_command()
             .arg("--config")
             .arg(self.config_path())
             .args(args)
@@ -237,10 +250,9 @@ impl TestServer {
 
     fn launch(&mut self) {
         std::fs::write(self.config_path(), &self.config_text).unwrap();
-        let mut child = Command::new(binary())
+        let mut child = hearth_command()
             .arg("--config")
             .arg(self.config_path())
-            .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -259,14 +271,17 @@ impl TestServer {
                     let _ = tx.send(format!("http://{address}"));
                     ready_tx = None;
                 }
-                log.lock().unwrap().push(line);
+                log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(line);
             }
         });
         match ready_rx.recv_timeout(Duration::from_secs(60)) {
             Ok(url) => self.base_url = url,
             Err(_) => {
                 let _ = child.kill();
-                panic!("hearth did not start:\n{}", self.log.lock().unwrap().join("\n"));
+                panic!(
+                    "hearth did not start:\n{}",
+                    self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).join("\n")
+                );
             }
         }
         self.child = Some(child);
@@ -291,12 +306,12 @@ impl TestServer {
         if self.child.is_some() {
             self.stop();
         }
-        self.log.lock().unwrap().clear();
+        self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
         self.launch();
     }
 
     pub fn log_lines(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
+        self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -412,7 +427,10 @@ impl Drop for TestServer {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            eprintln!("---- hearth log ----\n{}", self.log.lock().unwrap().join("\n"));
+            eprintln!(
+                "---- hearth log ----\n{}",
+                self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).join("\n")
+            );
         }
         // The database (if any) is dropped after the process is gone.
         let _ = self.database.take();

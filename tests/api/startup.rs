@@ -3,17 +3,17 @@
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    process::Stdio,
     time::Duration,
 };
 
 use serde_json::json;
 
-use crate::harness::{Backend, TestServer, binary};
+use crate::harness::{Backend, TestServer, hearth_command};
 
 /// Runs `hearth` with `args` in `dir` and returns (exit success, stderr).
 fn run_to_exit(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let mut command = Command::new(binary());
+    let mut command = hearth_command();
     command.current_dir(dir).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     for (key, value) in env {
         command.env(key, value);
@@ -81,7 +81,7 @@ fn generated_config_is_complete_and_refuses_to_overwrite() {
     }
     let (ok, _) = run_to_exit(dir.path(), &["generate-config", "--output", "hearth.toml"], &[]);
     assert!(!ok, "an existing file is never overwritten");
-    let output = Command::new(binary()).arg("generate-config").output().unwrap();
+    let output = hearth_command().arg("generate-config").output().unwrap();
     assert_eq!(String::from_utf8(output.stdout).unwrap(), text);
 }
 
@@ -90,7 +90,7 @@ fn generated_config_is_complete_and_refuses_to_overwrite() {
 #[tokio::test]
 async fn zero_config_start_creates_data_dir_and_serves() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(binary())
+    let mut child = hearth_command()
         .current_dir(dir.path())
         .env("HEARTH_LISTEN", "[\"127.0.0.1:0\"]")
         .env_remove("RUST_LOG")
@@ -131,7 +131,7 @@ async fn zero_config_start_creates_data_dir_and_serves() {
 async fn environment_overrides_the_config_file() {
     // The harness config sets server_name = "localhost"; the environment wins.
     let server = TestServer::start(Backend::Sqlite).await;
-    let output = Command::new(binary())
+    let output = hearth_command()
         .arg("--config")
         .arg(server.config_path())
         .env("HEARTH_SERVER_NAME", "env.example")
