@@ -9,7 +9,18 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     api::{AppState, RateLimits, ServerInfo, router},
     config::Config,
-    service::{rate_limit::KeyedLimit, server_keys::ServerKeys, users::Users},
+    service::{
+        account_data::AccountData,
+        ephemeral::{Presence, Typing},
+        notifications::Notifications,
+        rate_limit::KeyedLimit,
+        receipts::Receipts,
+        rooms::Rooms,
+        server_keys::ServerKeys,
+        stream::Streams,
+        sync::Sync,
+        users::Users,
+    },
     storage::{Db, DbOptions},
 };
 
@@ -61,8 +72,28 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 }
 
 async fn serve(config: &Config, db: Db, started: std::time::Instant) -> Result<(), AppError> {
-    let server_keys = ServerKeys::load_or_create(&config.data_dir, config.server_name.clone()).map_err(AppError)?;
-    let users = Arc::new(Users::new(db.clone(), config));
+    let server_keys =
+        Arc::new(ServerKeys::load_or_create(&config.data_dir, config.server_name.clone()).map_err(AppError)?);
+    let fail = |what: &str, err: crate::error::Error| AppError(format!("cannot start {what}: {err}"));
+    let streams = Streams::start(db.clone(), &config.server_name).await.map_err(|e| fail("the stream writer", e))?;
+    let users = Arc::new(Users::new(db.clone(), config).with_streams(streams.clone()));
+    let rooms = Arc::new(
+        Rooms::new(db.clone(), config.server_name.clone(), server_keys.clone(), streams.clone())
+            .await
+            .map_err(|e| fail("rooms", e))?,
+    );
+    let typing = Typing::new(streams.clone());
+    let presence_config = &config.presence;
+    let presence = Presence::new(
+        streams.clone(),
+        presence_config.enabled,
+        Duration::from_secs(presence_config.idle_after_secs),
+        Duration::from_secs(presence_config.offline_after_secs),
+    );
+    let notifications = Arc::new(Notifications::new(rooms.clone()));
+    let sync = Arc::new(Sync::new(rooms.clone(), typing.clone(), presence.clone(), notifications));
+    let receipts = Arc::new(Receipts::new(rooms.clone(), streams.clone()));
+    let account_data = Arc::new(AccountData::new(db.clone(), streams.clone()));
 
     let mut listeners = Vec::new();
     for addr in &config.listen {
@@ -82,11 +113,17 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant) -> Result<(
             max_request_body_bytes: config.limits.max_request_body_bytes,
         }),
         users: users.clone(),
-        server_keys: Arc::new(server_keys),
+        server_keys,
         rate_limits: Arc::new(RateLimits {
             register: KeyedLimit::new(enabled(limits.register)),
             login: KeyedLimit::new(enabled(limits.login)),
         }),
+        rooms,
+        sync,
+        typing,
+        presence,
+        receipts,
+        account_data,
     };
     let app = router::build(state.clone());
 
@@ -103,7 +140,11 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant) -> Result<(
                 .await
         });
     }
-    let housekeeping = tokio::spawn(housekeeping(state));
+    let housekeeping = tokio::spawn(housekeeping(state.clone()));
+    let presence_sweeper = tokio::spawn(sweep_presence(state.clone()));
+    // Operators may deactivate users with the CLI while the server is down or running; their
+    // room memberships are cleaned up here.
+    tokio::spawn(remove_deactivated_members(state.clone()));
 
     tracing::info!(
         url = %public_baseurl.trim_end_matches('/'),
@@ -132,7 +173,10 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant) -> Result<(
         }
     };
     let _ = shutdown_tx.send(true);
+    // Long-polls return now rather than at their timeout.
+    state.rooms.streams.notifier.wake_all();
     housekeeping.abort();
+    presence_sweeper.abort();
     if tokio::time::timeout(SHUTDOWN_GRACE, async { while servers.join_next().await.is_some() {} }).await.is_err() {
         tracing::warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}; closing anyway");
         servers.abort_all();
@@ -150,6 +194,31 @@ async fn housekeeping(state: AppState) {
         }
         state.rate_limits.register.forget_idle_keys();
         state.rate_limits.login.forget_idle_keys();
+        state.rooms.streams.notifier.prune();
+        remove_deactivated_members(state.clone()).await;
+    }
+}
+
+async fn sweep_presence(state: AppState) {
+    let mut interval = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        interval.tick().await;
+        state.presence.sweep();
+    }
+}
+
+async fn remove_deactivated_members(state: AppState) {
+    let users = match state.users.deactivated_users().await {
+        Ok(users) => users,
+        Err(err) => {
+            tracing::warn!(%err, "could not list deactivated users");
+            return;
+        }
+    };
+    for user in users {
+        if let Err(err) = state.rooms.leave_all(&user).await {
+            tracing::warn!(%user, %err, "could not remove a deactivated user from their rooms");
+        }
     }
 }
 

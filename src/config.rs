@@ -40,6 +40,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub rate_limits: RateLimitsConfig,
     pub limits: LimitsConfig,
+    pub presence: PresenceConfig,
     pub logging: LoggingConfig,
 }
 
@@ -106,6 +107,22 @@ pub struct LimitsConfig {
     pub max_request_body_bytes: usize,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    pub enabled: bool,
+    /// An online user with no activity for this long becomes "unavailable".
+    pub idle_after_secs: u64,
+    /// A user whose clients all stopped syncing this long ago becomes "offline".
+    pub offline_after_secs: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig { enabled: true, idle_after_secs: 300, offline_after_secs: 30 }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
@@ -133,6 +150,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rate_limits: RateLimitsConfig::default(),
             limits: LimitsConfig::default(),
+            presence: PresenceConfig::default(),
             logging: LoggingConfig::default(),
         }
     }

@@ -67,6 +67,16 @@ pub enum Error {
     TooLarge(Cow<'static, str>),
     #[error("additional authentication required")]
     Uia(Box<UiaChallenge>),
+    #[error("this room version is not supported by this server")]
+    UnsupportedRoomVersion,
+    #[error("{0}")]
+    RoomInUse(Cow<'static, str>),
+    #[error("{0}")]
+    InvalidRoomState(String),
+    #[error("{0}")]
+    BadAlias(String),
+    #[error("you have already sent this reaction")]
+    DuplicateAnnotation,
     #[error("{0}")]
     Internal(String),
 }
@@ -104,6 +114,11 @@ impl Error {
             Error::Uia(challenge) => {
                 (StatusCode::UNAUTHORIZED, challenge.failure.as_ref().map_or("", |(code, _)| code))
             }
+            Error::UnsupportedRoomVersion => (StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION"),
+            Error::RoomInUse(_) => (StatusCode::BAD_REQUEST, "M_ROOM_IN_USE"),
+            Error::InvalidRoomState(_) => (StatusCode::BAD_REQUEST, "M_INVALID_ROOM_STATE"),
+            Error::BadAlias(_) => (StatusCode::BAD_REQUEST, "M_BAD_ALIAS"),
+            Error::DuplicateAnnotation => (StatusCode::BAD_REQUEST, "M_DUPLICATE_ANNOTATION"),
             Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN"),
         }
     }

@@ -15,7 +15,16 @@ use std::sync::Arc;
 
 use axum::extract::FromRef;
 
-use crate::service::{rate_limit::KeyedLimit, server_keys::ServerKeys, users::Users};
+use crate::service::{
+    account_data::AccountData,
+    ephemeral::{Presence, Typing},
+    rate_limit::KeyedLimit,
+    receipts::Receipts,
+    rooms::Rooms,
+    server_keys::ServerKeys,
+    sync::Sync,
+    users::Users,
+};
 
 /// Facts about this server that handlers need to answer requests.
 pub struct ServerInfo {
@@ -38,6 +47,12 @@ pub struct AppState {
     pub users: Arc<Users>,
     pub server_keys: Arc<ServerKeys>,
     pub rate_limits: Arc<RateLimits>,
+    pub rooms: Arc<Rooms>,
+    pub sync: Arc<Sync>,
+    pub typing: Arc<Typing>,
+    pub presence: Arc<Presence>,
+    pub receipts: Arc<Receipts>,
+    pub account_data: Arc<AccountData>,
 }
 
 macro_rules! substate {
@@ -50,4 +65,15 @@ macro_rules! substate {
     };
 }
 
-substate!(info: ServerInfo, users: Users, server_keys: ServerKeys, rate_limits: RateLimits);
+substate!(
+    info: ServerInfo,
+    users: Users,
+    server_keys: ServerKeys,
+    rate_limits: RateLimits,
+    rooms: Rooms,
+    sync: Sync,
+    typing: Typing,
+    presence: Presence,
+    receipts: Receipts,
+    account_data: AccountData,
+);

@@ -89,6 +89,7 @@ pub fn build(state: AppState) -> Router {
     router = endpoint::<profile::get_avatar_url::v3::Request, _, _>(router, client::profile::get_avatar_url);
     router = endpoint::<profile::set_avatar_url::v3::Request, _, _>(router, client::profile::set_avatar_url);
 
+    router = room_routes(router);
     router = router.route("/_matrix/key/v2/server", get(federation::keys::server_keys)).route("/health", get(health));
 
     router
@@ -98,6 +99,83 @@ pub fn build(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_| Error::Internal("handler panicked".to_owned()).into_response()))
         .layer(from_fn(middleware::cors))
         .layer(from_fn(middleware::log_requests))
+}
+
+/// Rooms, messaging and delivery.
+fn room_routes(mut router: Router<AppState>) -> Router<AppState> {
+    use client::{
+        account_data as ad, directory as dir, membership as mem, message as msg, presence as pres, receipts as rcpt,
+        relations as rel, room as rm, state as st, sync as sy,
+    };
+    use ruma::api::client::{
+        alias, config, context, directory, filter, knock, membership, message, presence, read_marker, receipt, redact,
+        relations, room, state, sync::sync_events, tag, threads, to_device, typing, user_directory,
+    };
+
+    router = endpoint::<room::create_room::v3::Request, _, _>(router, rm::create);
+    router = endpoint::<room::upgrade_room::v3::Request, _, _>(router, rm::upgrade);
+    router = endpoint::<room::get_room_event::v3::Request, _, _>(router, rm::event);
+    router = endpoint::<room::get_event_by_timestamp::v1::Request, _, _>(router, rm::timestamp_to_event);
+    router = endpoint::<context::get_context::v3::Request, _, _>(router, rm::context);
+
+    router = endpoint::<membership::invite_user::v3::Request, _, _>(router, mem::invite);
+    router = endpoint::<membership::join_room_by_id::v3::Request, _, _>(router, mem::join_by_id);
+    router = endpoint::<membership::join_room_by_id_or_alias::v3::Request, _, _>(router, mem::join_by_id_or_alias);
+    router = endpoint::<knock::knock_room::v3::Request, _, _>(router, mem::knock);
+    router = endpoint::<membership::leave_room::v3::Request, _, _>(router, mem::leave);
+    router = endpoint::<membership::kick_user::v3::Request, _, _>(router, mem::kick);
+    router = endpoint::<membership::ban_user::v3::Request, _, _>(router, mem::ban);
+    router = endpoint::<membership::unban_user::v3::Request, _, _>(router, mem::unban);
+    router = endpoint::<membership::forget_room::v3::Request, _, _>(router, mem::forget);
+    router = endpoint::<membership::joined_rooms::v3::Request, _, _>(router, mem::joined);
+    router = endpoint::<membership::get_member_events::v3::Request, _, _>(router, mem::members);
+    router = endpoint::<membership::joined_members::v3::Request, _, _>(router, mem::joined_members);
+
+    router = endpoint::<message::send_message_event::v3::Request, _, _>(router, msg::send);
+    router = endpoint::<message::get_message_events::v3::Request, _, _>(router, msg::messages);
+    router = endpoint::<redact::redact_event::v3::Request, _, _>(router, msg::redact);
+    router = endpoint::<state::send_state_event::v3::Request, _, _>(router, st::send);
+    router = endpoint::<state::get_state_event_for_key::v3::Request, _, _>(router, st::get_one);
+    router = endpoint::<state::get_state_events::v3::Request, _, _>(router, st::get_all);
+
+    router = endpoint::<relations::get_relating_events::v1::Request, _, _>(router, rel::all);
+    router = endpoint::<relations::get_relating_events_with_rel_type::v1::Request, _, _>(router, rel::by_type);
+    router = endpoint::<relations::get_relating_events_with_rel_type_and_event_type::v1::Request, _, _>(
+        router,
+        rel::by_type_and_event_type,
+    );
+    router = endpoint::<threads::get_threads::v1::Request, _, _>(router, rel::threads);
+
+    router = endpoint::<sync_events::v3::Request, _, _>(router, sy::sync);
+    router = endpoint::<filter::create_filter::v3::Request, _, _>(router, sy::create_filter);
+    router = endpoint::<filter::get_filter::v3::Request, _, _>(router, sy::get_filter);
+
+    router = endpoint::<typing::create_typing_event::v3::Request, _, _>(router, client::typing::typing);
+    router = endpoint::<receipt::create_receipt::v3::Request, _, _>(router, rcpt::receipt);
+    router = endpoint::<read_marker::set_read_marker::v3::Request, _, _>(router, rcpt::read_markers);
+    router = endpoint::<presence::set_presence::v3::Request, _, _>(router, pres::set);
+    router = endpoint::<presence::get_presence::v3::Request, _, _>(router, pres::get);
+
+    router = endpoint::<config::set_global_account_data::v3::Request, _, _>(router, ad::set_global);
+    router = endpoint::<config::get_global_account_data::v3::Request, _, _>(router, ad::get_global);
+    router = endpoint::<config::set_room_account_data::v3::Request, _, _>(router, ad::set_room);
+    router = endpoint::<config::get_room_account_data::v3::Request, _, _>(router, ad::get_room);
+    router = endpoint::<tag::get_tags::v3::Request, _, _>(router, ad::tags);
+    router = endpoint::<tag::create_tag::v3::Request, _, _>(router, ad::set_tag);
+    router = endpoint::<tag::delete_tag::v3::Request, _, _>(router, ad::delete_tag);
+
+    router = endpoint::<alias::create_alias::v3::Request, _, _>(router, dir::create);
+    router = endpoint::<alias::get_alias::v3::Request, _, _>(router, dir::get);
+    router = endpoint::<alias::delete_alias::v3::Request, _, _>(router, dir::delete);
+    router = endpoint::<room::aliases::v3::Request, _, _>(router, dir::room_aliases);
+    router = endpoint::<directory::get_room_visibility::v3::Request, _, _>(router, dir::visibility);
+    router = endpoint::<directory::set_room_visibility::v3::Request, _, _>(router, dir::set_visibility);
+    router = endpoint::<directory::get_public_rooms::v3::Request, _, _>(router, dir::public_rooms);
+    router = endpoint::<directory::get_public_rooms_filtered::v3::Request, _, _>(router, dir::public_rooms_filtered);
+    router = endpoint::<user_directory::search_users::v3::Request, _, _>(router, dir::search_users);
+
+    router = endpoint::<to_device::send_event_to_device::v3::Request, _, _>(router, client::to_device::send);
+    router
 }
 
 /// `GET /health`: the process is up and serving.

@@ -4,5 +4,9 @@
 //! Nothing here does IO, awaits, or reads a clock — callers pass `now` in — so every rule can be
 //! unit-tested and fuzzed on its own. Higher layers depend on this module, never the reverse.
 
+pub mod auth;
+pub mod client_event;
 pub mod identifiers;
 pub mod keys;
+pub mod pdu;
+pub mod room_version;

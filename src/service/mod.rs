@@ -2,8 +2,16 @@
 //! too). Each service owns one area and reaches storage only through `storage::Db`'s typed methods.
 //! Services never see HTTP types; they return `crate::error::Error`.
 
+pub mod account_data;
+pub mod ephemeral;
+pub mod filter;
+pub mod notifications;
 pub mod rate_limit;
+pub mod receipts;
+pub mod rooms;
 pub mod server_keys;
+pub mod stream;
+pub mod sync;
 pub mod uia;
 pub mod users;
 

@@ -4,7 +4,7 @@
 //! Passwords are hashed with argon2id on the blocking pool. Access and refresh tokens are random,
 //! handed to the client once, and stored only as SHA-256 hashes.
 
-use std::{collections::HashMap, net::IpAddr, time::Duration};
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use argon2::{
     Argon2,
@@ -25,11 +25,13 @@ use crate::{
     service::{
         now_ms,
         rate_limit::KeyedLimit,
+        stream::Streams,
         uia::{self, Uia},
     },
     storage::{
         Db, StorageError,
         accounts::{AccessTokenRow, DeviceRow, NewSession, NewUser, RegistrationTokenRow, UserRow},
+        stream::StreamWrite,
     },
 };
 
@@ -85,6 +87,9 @@ pub struct Users {
     refresh_token_lifetime: Option<Duration>,
     failed_logins: KeyedLimit,
     last_seen_written: Mutex<HashMap<i64, i64>>,
+    /// Where device-list changes are announced (absent for operator commands, which must not
+    /// write to the streams of a running server).
+    streams: Option<Arc<Streams>>,
 }
 
 impl Users {
@@ -100,7 +105,28 @@ impl Users {
             refresh_token_lifetime: config.auth.refresh_token_lifetime_secs.map(Duration::from_secs),
             failed_logins: KeyedLimit::new(limits.enabled.then_some(limits.failed_login_per_account)),
             last_seen_written: Mutex::new(HashMap::new()),
+            streams: None,
         }
+    }
+
+    /// Announces device-list changes through `streams`.
+    pub fn with_streams(mut self, streams: Arc<Streams>) -> Self {
+        self.streams = Some(streams);
+        self
+    }
+
+    /// Tells the user's contacts (through sync's `device_lists`) that their devices changed.
+    async fn device_list_changed(&self, user_id: &UserId) {
+        if let Some(streams) = &self.streams
+            && let Err(err) = streams.persist(vec![StreamWrite::DeviceListChange { user_id: user_id.to_owned() }]).await
+        {
+            tracing::warn!(%user_id, %err, "could not record a device-list change");
+        }
+    }
+
+    /// Deactivated local accounts (their room memberships are cleaned up by the server).
+    pub async fn deactivated_users(&self) -> Result<Vec<OwnedUserId>> {
+        Ok(self.db.list_users().await?.into_iter().filter(|u| u.deactivated).map(|u| u.user_id).collect())
     }
 
     pub fn server_name(&self) -> &OwnedServerName {
@@ -200,6 +226,7 @@ impl Users {
         };
         let registered = self.create_account(&user_id, password_hash.as_deref(), false, false, &request, ip).await?;
         self.uia.finish(completed).await?;
+        self.device_list_changed(&user_id).await;
         tracing::info!(user_id = %user_id, "registered a new account");
         Ok(registered)
     }
@@ -283,6 +310,7 @@ impl Users {
         let ip = ip.map(|ip| ip.to_string());
         let session = issued.new_session(&device_id, initial_device_display_name, ip.as_deref(), now);
         self.db.create_session(&user.user_id, &session).await?;
+        self.device_list_changed(&user.user_id).await;
         tracing::info!(user_id = %user.user_id, device_id = %device_id, "logged in");
         Ok(issued.into_session(user.user_id, device_id, self.access_token_lifetime))
     }
@@ -325,12 +353,14 @@ impl Users {
     /// `POST /logout`: ends this device's session and deletes the device.
     pub async fn logout(&self, authed: &Authed) -> Result<()> {
         self.db.delete_devices(&authed.user_id, std::slice::from_ref(&authed.device_id)).await?;
+        self.device_list_changed(&authed.user_id).await;
         Ok(())
     }
 
     /// `POST /logout/all`.
     pub async fn logout_all(&self, user_id: &UserId) -> Result<()> {
         self.db.delete_devices_except(user_id, None).await?;
+        self.device_list_changed(user_id).await;
         Ok(())
     }
 
@@ -393,6 +423,7 @@ impl Users {
 
     pub async fn rename_device(&self, user_id: &UserId, device_id: &DeviceId, name: Option<&str>) -> Result<()> {
         if self.db.set_device_display_name(user_id, device_id, name).await? {
+            self.device_list_changed(user_id).await;
             Ok(())
         } else {
             Err(Error::not_found("Device not found"))
@@ -415,6 +446,7 @@ impl Users {
         }
         let completed = self.authorize_with_password(authed, "delete_devices", auth).await?;
         self.db.delete_devices(&authed.user_id, device_ids).await?;
+        self.device_list_changed(&authed.user_id).await;
         self.uia.finish(completed).await
     }
 

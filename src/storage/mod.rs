@@ -12,6 +12,8 @@
 //! network, and takes the current time as a parameter instead of reading a clock.
 
 pub mod accounts;
+pub mod rooms;
+pub mod stream;
 
 use std::{borrow::Cow, path::Path, str::FromStr, time::Duration};
 
@@ -48,10 +50,14 @@ pub(crate) use {on_reader, on_writer};
 
 /// Embedded migrations, in order. `storage::tests::every_migration_file_is_embedded` keeps this list
 /// in step with the folders.
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "accounts", include_str!("../../migrations/sqlite/0001_accounts.sql"))];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "accounts", include_str!("../../migrations/postgres/0001_accounts.sql"))];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "accounts", include_str!("../../migrations/sqlite/0001_accounts.sql")),
+    (2, "rooms", include_str!("../../migrations/sqlite/0002_rooms.sql")),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "accounts", include_str!("../../migrations/postgres/0001_accounts.sql")),
+    (2, "rooms", include_str!("../../migrations/postgres/0002_rooms.sql")),
+];
 
 /// A storage failure, in terms the service layer can act on.
 #[derive(Debug, thiserror::Error)]

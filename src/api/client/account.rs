@@ -10,7 +10,7 @@ use crate::{
         extract::{AuthedUser, GuestOrUser, Ruma},
         respond::ApiResult,
     },
-    service::users::Users,
+    service::{rooms::Rooms, users::Users},
 };
 
 /// `GET /_matrix/client/v3/account/whoami`
@@ -36,10 +36,12 @@ pub async fn change_password(
 /// `POST /_matrix/client/v3/account/deactivate`
 pub async fn deactivate(
     State(users): State<Arc<Users>>,
+    State(rooms): State<Arc<Rooms>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<deactivate::v3::Request>,
 ) -> ApiResult<deactivate::v3::Response> {
     users.deactivate(&authed, req.auth.as_ref()).await?;
+    rooms.leave_all(&authed.user_id).await?;
     // Hearth keeps no third-party identifiers, so there is nothing to unbind anywhere.
     Ok(deactivate::v3::Response::new(ThirdPartyIdRemovalStatus::NoSupport).into())
 }

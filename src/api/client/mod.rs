@@ -1,9 +1,21 @@
 //! Client-Server API endpoints, one file per spec section.
 
 pub mod account;
+pub mod account_data;
 pub mod capabilities;
 pub mod devices;
+pub mod directory;
 pub mod discovery;
+pub mod membership;
+pub mod message;
+pub mod presence;
 pub mod profile;
+pub mod receipts;
 pub mod registration;
+pub mod relations;
+pub mod room;
 pub mod session;
+pub mod state;
+pub mod sync;
+pub mod to_device;
+pub mod typing;

@@ -14,7 +14,7 @@ use crate::{
         respond::ApiResult,
     },
     error::Error,
-    service::users::Users,
+    service::{rooms::Rooms, users::Users},
 };
 
 /// `GET /_matrix/client/v3/profile/{userId}`
@@ -45,12 +45,14 @@ pub async fn get_displayname(
 /// `PUT /_matrix/client/v3/profile/{userId}/displayname`
 pub async fn set_displayname(
     State(users): State<Arc<Users>>,
+    State(rooms): State<Arc<Rooms>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<set_display_name::v3::Request>,
 ) -> ApiResult<set_display_name::v3::Response> {
     // The key is required; an empty string clears the name (as in Synapse).
     let displayname = req.displayname.ok_or_else(|| Error::MissingParam("displayname is required".to_owned()))?;
     users.set_displayname(&authed, &req.user_id, Some(&displayname)).await?;
+    rooms.propagate_profile(&authed.user_id).await?;
     Ok(set_display_name::v3::Response::new().into())
 }
 
@@ -66,9 +68,11 @@ pub async fn get_avatar_url(
 /// `PUT /_matrix/client/v3/profile/{userId}/avatar_url`
 pub async fn set_avatar_url(
     State(users): State<Arc<Users>>,
+    State(rooms): State<Arc<Rooms>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<set_avatar_url::v3::Request>,
 ) -> ApiResult<set_avatar_url::v3::Response> {
     users.set_avatar_url(&authed, &req.user_id, req.avatar_url.as_ref().map(|url| url.as_str())).await?;
+    rooms.propagate_profile(&authed.user_id).await?;
     Ok(set_avatar_url::v3::Response::new().into())
 }

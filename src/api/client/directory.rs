@@ -1,0 +1,189 @@
+//! Room aliases, the public room directory and the user directory.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use ruma::{
+    UInt,
+    api::client::{
+        alias::{create_alias, delete_alias, get_alias},
+        directory::{get_public_rooms, get_public_rooms_filtered, get_room_visibility, set_room_visibility},
+        room::{Visibility, aliases},
+        user_directory::search_users,
+    },
+    directory::{PublicRoomsChunk, PublicRoomsChunkInit},
+};
+
+use crate::{
+    api::{
+        extract::{AuthedUser, Ruma},
+        respond::ApiResult,
+    },
+    error::{Error, Result},
+    service::rooms::{Rooms, directory::PublicRoom},
+};
+
+/// `PUT /_matrix/client/v3/directory/room/{roomAlias}`
+pub async fn create(
+    State(rooms): State<Arc<Rooms>>,
+    AuthedUser(authed): AuthedUser,
+    Ruma(req): Ruma<create_alias::v3::Request>,
+) -> ApiResult<create_alias::v3::Response> {
+    rooms.create_alias(&authed.user_id, &req.room_alias, &req.room_id).await?;
+    Ok(create_alias::v3::Response::new().into())
+}
+
+/// `GET /_matrix/client/v3/directory/room/{roomAlias}`
+pub async fn get(
+    State(rooms): State<Arc<Rooms>>,
+    Ruma(req): Ruma<get_alias::v3::Request>,
+) -> ApiResult<get_alias::v3::Response> {
+    let (room_id, servers) = rooms.resolve_alias(&req.room_alias).await?;
+    let servers = servers.into_iter().filter_map(|s| s.try_into().ok()).collect();
+    Ok(get_alias::v3::Response::new(room_id, servers).into())
+}
+
+/// `DELETE /_matrix/client/v3/directory/room/{roomAlias}`
+pub async fn delete(
+    State(rooms): State<Arc<Rooms>>,
+    AuthedUser(authed): AuthedUser,
+    Ruma(req): Ruma<delete_alias::v3::Request>,
+) -> ApiResult<delete_alias::v3::Response> {
+    rooms.delete_alias(&authed.user_id, &req.room_alias).await?;
+    Ok(delete_alias::v3::Response::new().into())
+}
+
+/// `GET /_matrix/client/v3/rooms/{roomId}/aliases`
+pub async fn room_aliases(
+    State(rooms): State<Arc<Rooms>>,
+    AuthedUser(authed): AuthedUser,
+    Ruma(req): Ruma<aliases::v3::Request>,
+) -> ApiResult<aliases::v3::Response> {
+    let list = rooms.local_aliases(&authed.user_id, &req.room_id).await?;
+    Ok(aliases::v3::Response::new(list.into_iter().filter_map(|a| a.try_into().ok()).collect()).into())
+}
+
+/// `GET /_matrix/client/v3/directory/list/room/{roomId}`
+pub async fn visibility(
+    State(rooms): State<Arc<Rooms>>,
+    Ruma(req): Ruma<get_room_visibility::v3::Request>,
+) -> ApiResult<get_room_visibility::v3::Response> {
+    let public = rooms.is_listed(&req.room_id).await?;
+    Ok(get_room_visibility::v3::Response::new(if public { Visibility::Public } else { Visibility::Private }).into())
+}
+
+/// `PUT /_matrix/client/v3/directory/list/room/{roomId}`
+pub async fn set_visibility(
+    State(rooms): State<Arc<Rooms>>,
+    AuthedUser(authed): AuthedUser,
+    Ruma(req): Ruma<set_room_visibility::v3::Request>,
+) -> ApiResult<set_room_visibility::v3::Response> {
+    let public = match req.visibility {
+        Visibility::Public => true,
+        Visibility::Private => false,
+        _ => return Err(Error::InvalidParam("visibility must be public or private".to_owned())),
+    };
+    rooms.set_listed(&authed.user_id, &req.room_id, public).await?;
+    Ok(set_room_visibility::v3::Response::new().into())
+}
+
+fn chunk(room: PublicRoom) -> PublicRoomsChunk {
+    let mut chunk: PublicRoomsChunk = PublicRoomsChunkInit {
+        num_joined_members: UInt::try_from(room.num_joined_members).unwrap_or_default(),
+        room_id: room.room_id,
+        world_readable: room.world_readable,
+        guest_can_join: room.guest_can_join,
+    }
+    .into();
+    chunk.name = room.name;
+    chunk.topic = room.topic;
+    chunk.canonical_alias = room.canonical_alias.and_then(|a| a.try_into().ok());
+    chunk.avatar_url = room.avatar_url.map(Into::into);
+    chunk.join_rule = room.join_rule.as_str().into();
+    chunk.room_type = room.room_type.map(|t| t.as_str().into());
+    chunk
+}
+
+/// A page of the directory: entries, next and previous tokens, total count.
+type DirectoryPage = (Vec<PublicRoomsChunk>, Option<String>, Option<String>, usize);
+
+/// Pages through the public rooms: `since` is the offset of the page.
+fn paginate(all: Vec<PublicRoom>, limit: Option<UInt>, since: Option<&str>) -> Result<DirectoryPage> {
+    let total = all.len();
+    let offset = match since {
+        Some(token) => token
+            .strip_prefix('o')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| Error::InvalidParam("invalid since token".to_owned()))?,
+        None => 0,
+    };
+    let limit = limit.map_or(total.max(1), |l| u64::from(l) as usize).max(1);
+    let page: Vec<_> = all.into_iter().skip(offset).take(limit).map(chunk).collect();
+    let next = (offset + limit < total).then(|| format!("o{}", offset + limit));
+    let prev = (offset > 0).then(|| format!("o{}", offset.saturating_sub(limit)));
+    Ok((page, next, prev, total))
+}
+
+fn check_server(rooms: &Rooms, server: Option<&ruma::ServerName>) -> Result<()> {
+    match server {
+        Some(server) if server != rooms.server_name() => {
+            Err(Error::not_found("Other servers' directories need federation, which is not available yet"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `GET /_matrix/client/v3/publicRooms`
+pub async fn public_rooms(
+    State(rooms): State<Arc<Rooms>>,
+    Ruma(req): Ruma<get_public_rooms::v3::Request>,
+) -> ApiResult<get_public_rooms::v3::Response> {
+    check_server(&rooms, req.server.as_deref())?;
+    let all = rooms.public_rooms(None, None).await?;
+    let (page, next, prev, total) = paginate(all, req.limit, req.since.as_deref())?;
+    let mut response = get_public_rooms::v3::Response::new(page);
+    response.next_batch = next;
+    response.prev_batch = prev;
+    response.total_room_count_estimate = UInt::try_from(total as u64).ok();
+    Ok(response.into())
+}
+
+/// `POST /_matrix/client/v3/publicRooms`
+pub async fn public_rooms_filtered(
+    State(rooms): State<Arc<Rooms>>,
+    AuthedUser(_authed): AuthedUser,
+    Ruma(req): Ruma<get_public_rooms_filtered::v3::Request>,
+) -> ApiResult<get_public_rooms_filtered::v3::Response> {
+    check_server(&rooms, req.server.as_deref())?;
+    let types: Vec<Option<String>> = req.filter.room_types.iter().map(|t| t.as_str().map(str::to_owned)).collect();
+    let all = rooms
+        .public_rooms(req.filter.generic_search_term.as_deref(), (!types.is_empty()).then_some(&types[..]))
+        .await?;
+    let (page, next, prev, total) = paginate(all, req.limit, req.since.as_deref())?;
+    let mut response = get_public_rooms_filtered::v3::Response::new();
+    response.chunk = page;
+    response.next_batch = next;
+    response.prev_batch = prev;
+    response.total_room_count_estimate = UInt::try_from(total as u64).ok();
+    Ok(response.into())
+}
+
+/// `POST /_matrix/client/v3/user_directory/search`
+pub async fn search_users(
+    State(rooms): State<Arc<Rooms>>,
+    AuthedUser(authed): AuthedUser,
+    Ruma(req): Ruma<search_users::v3::Request>,
+) -> ApiResult<search_users::v3::Response> {
+    let limit = (u64::from(req.limit) as usize).clamp(1, 100);
+    let (users, limited) = rooms.search_users(&authed.user_id, &req.search_term, limit).await?;
+    let results = users
+        .into_iter()
+        .map(|(user_id, name, avatar)| {
+            let mut user = search_users::v3::User::new(user_id);
+            user.display_name = name;
+            user.avatar_url = avatar.map(Into::into);
+            user
+        })
+        .collect();
+    Ok(search_users::v3::Response::new(results, limited).into())
+}

@@ -1,0 +1,359 @@
+//! Typing notifications and presence: in-memory state with positions on the ephemeral counter of
+//! [`Streams`], so sync can ask "what changed since serial E".
+//!
+//! Typing expires after the client's timeout. Presence follows the user: online while a client
+//! syncs (or holds a socket), unavailable after an idle period without activity, offline once no
+//! client has synced for a while.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use parking_lot::Mutex;
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde_json::{Value, json};
+
+use crate::{
+    error::{Error, Result},
+    service::{now_ms, stream::Streams},
+};
+
+/// Longest typing timeout honoured.
+const MAX_TYPING_MS: u64 = 120_000;
+/// A user counts as "currently active" this long after their last action.
+const CURRENTLY_ACTIVE_MS: i64 = 60_000;
+
+#[derive(Default)]
+struct RoomTyping {
+    serial: i64,
+    users: HashMap<OwnedUserId, Instant>,
+}
+
+pub struct Typing {
+    streams: Arc<Streams>,
+    rooms: Mutex<HashMap<OwnedRoomId, RoomTyping>>,
+}
+
+impl Typing {
+    pub fn new(streams: Arc<Streams>) -> Arc<Typing> {
+        Arc::new(Typing { streams, rooms: Mutex::new(HashMap::new()) })
+    }
+
+    /// `PUT /rooms/{roomId}/typing/{userId}`.
+    pub fn set(self: &Arc<Self>, user: &UserId, room_id: &RoomId, typing: bool, timeout_ms: Option<u64>) -> Result<()> {
+        if self.streams.membership(user, room_id).as_deref() != Some("join") {
+            return Err(Error::forbidden("You are not in this room"));
+        }
+        let expiry = Instant::now() + Duration::from_millis(timeout_ms.unwrap_or(30_000).min(MAX_TYPING_MS));
+        let changed = {
+            let mut rooms = self.rooms.lock();
+            let room = rooms.entry(room_id.to_owned()).or_default();
+            let changed = if typing {
+                room.users.insert(user.to_owned(), expiry).is_none()
+            } else {
+                room.users.remove(user).is_some()
+            };
+            if changed {
+                room.serial = self.streams.next_ephemeral();
+            }
+            changed
+        };
+        if changed {
+            self.wake_room(room_id);
+        }
+        if typing {
+            let this = self.clone();
+            let (user, room_id) = (user.to_owned(), room_id.to_owned());
+            tokio::spawn(async move {
+                tokio::time::sleep_until(expiry.into()).await;
+                this.expire(&room_id, &user, expiry);
+            });
+        }
+        Ok(())
+    }
+
+    fn expire(&self, room_id: &RoomId, user: &UserId, expiry: Instant) {
+        let expired = {
+            let mut rooms = self.rooms.lock();
+            let Some(room) = rooms.get_mut(room_id) else { return };
+            if room.users.get(user).is_some_and(|at| *at <= expiry) {
+                room.users.remove(user);
+                room.serial = self.streams.next_ephemeral();
+                true
+            } else {
+                false
+            }
+        };
+        if expired {
+            self.wake_room(room_id);
+        }
+    }
+
+    fn wake_room(&self, room_id: &RoomId) {
+        let members = self.streams.members(room_id, "join");
+        self.streams.notifier.wake(members.iter().map(|u| u.as_ref()));
+    }
+
+    /// Who is typing in a room, if that changed after `since` (always, when `since` is 0).
+    pub fn typing_since(&self, room_id: &RoomId, since: i64) -> Option<Vec<OwnedUserId>> {
+        let rooms = self.rooms.lock();
+        let room = rooms.get(room_id)?;
+        if room.serial <= since && since != 0 {
+            return None;
+        }
+        if since == 0 && room.users.is_empty() {
+            return None;
+        }
+        let mut users: Vec<_> = room.users.keys().cloned().collect();
+        users.sort();
+        Some(users)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct PresenceEntry {
+    state: String,
+    status_msg: Option<String>,
+    last_active_ts: i64,
+    /// Clients currently syncing (or holding a socket) for this user.
+    syncing: u32,
+    last_sync_ts: i64,
+    serial: i64,
+    /// Set explicitly through the presence API (not by syncing).
+    explicit: bool,
+}
+
+/// A user's presence as served to clients.
+#[derive(Debug, Clone)]
+pub struct PresenceView {
+    pub user_id: OwnedUserId,
+    pub presence: String,
+    pub status_msg: Option<String>,
+    pub last_active_ago: Option<i64>,
+    pub currently_active: bool,
+}
+
+impl PresenceView {
+    pub fn to_event(&self) -> Value {
+        let mut content = json!({"presence": self.presence, "currently_active": self.currently_active});
+        if let Some(ago) = self.last_active_ago {
+            content["last_active_ago"] = json!(ago);
+        }
+        if let Some(msg) = &self.status_msg {
+            content["status_msg"] = json!(msg);
+        }
+        json!({"type": "m.presence", "sender": self.user_id.as_str(), "content": content})
+    }
+}
+
+pub struct Presence {
+    streams: Arc<Streams>,
+    users: Mutex<HashMap<OwnedUserId, PresenceEntry>>,
+    enabled: bool,
+    idle_after_ms: i64,
+    offline_after_ms: i64,
+}
+
+impl Presence {
+    pub fn new(streams: Arc<Streams>, enabled: bool, idle_after: Duration, offline_after: Duration) -> Arc<Presence> {
+        Arc::new(Presence {
+            streams,
+            users: Mutex::new(HashMap::new()),
+            enabled,
+            idle_after_ms: idle_after.as_millis() as i64,
+            offline_after_ms: offline_after.as_millis() as i64,
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn changed(&self, user: &UserId) {
+        let users = self.streams.users_sharing_rooms(user);
+        self.streams.notifier.wake(users.iter().map(|u| u.as_ref()));
+    }
+
+    fn update(&self, user: &UserId, change: impl FnOnce(&mut PresenceEntry) -> bool) {
+        if !self.enabled {
+            return;
+        }
+        let changed = {
+            let mut users = self.users.lock();
+            let entry = users.entry(user.to_owned()).or_insert_with(|| PresenceEntry {
+                state: "offline".to_owned(),
+                status_msg: None,
+                last_active_ts: 0,
+                syncing: 0,
+                last_sync_ts: 0,
+                serial: 0,
+                explicit: false,
+            });
+            let changed = change(entry);
+            if changed {
+                entry.serial = self.streams.next_ephemeral();
+            }
+            changed
+        };
+        if changed {
+            self.changed(user);
+        }
+    }
+
+    /// `PUT /presence/{userId}/status`.
+    pub fn set(&self, user: &UserId, state: &str, status_msg: Option<String>) {
+        let now = now_ms();
+        self.update(user, |entry| {
+            let changed = entry.state != state || entry.status_msg != status_msg;
+            entry.state = state.to_owned();
+            entry.status_msg = status_msg;
+            entry.explicit = state != "online";
+            if state == "online" {
+                entry.last_active_ts = now;
+            }
+            changed
+        });
+    }
+
+    /// A client of `user` started a sync (or socket) with `set_presence`; returns a guard that
+    /// records its end.
+    pub fn sync_started(self: &Arc<Self>, user: &UserId, set_presence: &str) -> SyncGuard {
+        let now = now_ms();
+        self.update(user, |entry| {
+            entry.syncing += 1;
+            entry.last_sync_ts = now;
+            match set_presence {
+                "online" if entry.state == "offline" || (entry.state == "unavailable" && !entry.explicit) => {
+                    entry.state = "online".to_owned();
+                    entry.explicit = false;
+                    entry.last_active_ts = entry.last_active_ts.max(now);
+                    true
+                }
+                "unavailable" if entry.state != "unavailable" => {
+                    entry.state = "unavailable".to_owned();
+                    entry.explicit = true;
+                    true
+                }
+                _ => false,
+            }
+        });
+        SyncGuard { presence: self.clone(), user: user.to_owned() }
+    }
+
+    /// The user did something (sent an event, read a message): they are active.
+    pub fn active(&self, user: &UserId) {
+        let now = now_ms();
+        self.update(user, |entry| {
+            let was_recent = now - entry.last_active_ts < CURRENTLY_ACTIVE_MS;
+            entry.last_active_ts = now;
+            if entry.state != "online" && !entry.explicit {
+                entry.state = "online".to_owned();
+                return true;
+            }
+            !was_recent
+        });
+    }
+
+    /// Moves idle users to unavailable and users no client syncs for to offline.
+    pub fn sweep(&self) {
+        let now = now_ms();
+        let mut changed = Vec::new();
+        {
+            let mut users = self.users.lock();
+            for (user, entry) in users.iter_mut() {
+                let new_state = if entry.syncing == 0
+                    && entry.state != "offline"
+                    && now - entry.last_sync_ts > self.offline_after_ms
+                {
+                    Some("offline")
+                } else if entry.state == "online" && !entry.explicit && now - entry.last_active_ts > self.idle_after_ms
+                {
+                    Some("unavailable")
+                } else {
+                    None
+                };
+                if let Some(state) = new_state {
+                    entry.state = state.to_owned();
+                    entry.explicit = false;
+                    entry.serial = self.streams.next_ephemeral();
+                    changed.push(user.clone());
+                }
+            }
+        }
+        for user in changed {
+            self.changed(&user);
+        }
+    }
+
+    fn view(user: &UserId, entry: &PresenceEntry, now: i64) -> PresenceView {
+        PresenceView {
+            user_id: user.to_owned(),
+            presence: entry.state.clone(),
+            status_msg: entry.status_msg.clone(),
+            last_active_ago: (entry.last_active_ts > 0).then(|| (now - entry.last_active_ts).max(0)),
+            currently_active: entry.state == "online" && now - entry.last_active_ts < CURRENTLY_ACTIVE_MS,
+        }
+    }
+
+    /// `GET /presence/{userId}/status`: the user themself or someone sharing a room.
+    pub fn get(&self, viewer: &UserId, user: &UserId) -> Result<PresenceView> {
+        if viewer != user && !self.streams.share_a_room(viewer, user) {
+            return Err(Error::forbidden("You cannot see this user's presence"));
+        }
+        let users = self.users.lock();
+        Ok(match users.get(user) {
+            Some(entry) => Self::view(user, entry, now_ms()),
+            None => PresenceView {
+                user_id: user.to_owned(),
+                presence: "offline".to_owned(),
+                status_msg: None,
+                last_active_ago: None,
+                currently_active: false,
+            },
+        })
+    }
+
+    /// Presence of the users `viewer` shares rooms with, changed after serial `since` (all known
+    /// ones when `since` is 0).
+    pub fn changes_for(&self, viewer: &UserId, since: i64) -> Vec<PresenceView> {
+        if !self.enabled {
+            return Vec::new();
+        }
+        let now = now_ms();
+        let candidates: Vec<(OwnedUserId, PresenceEntry)> = {
+            let users = self.users.lock();
+            users
+                .iter()
+                .filter(|(_, entry)| entry.serial > since && (since > 0 || entry.state != "offline"))
+                .map(|(u, e)| (u.clone(), e.clone()))
+                .collect()
+        };
+        if candidates.is_empty() {
+            return Vec::new();
+        }
+        let sharing = self.streams.users_sharing_rooms(viewer);
+        let mut views: Vec<_> =
+            candidates.into_iter().filter(|(u, _)| sharing.contains(u)).map(|(u, e)| Self::view(&u, &e, now)).collect();
+        views.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+        views
+    }
+}
+
+/// Marks the end of a sync for presence when dropped.
+pub struct SyncGuard {
+    presence: Arc<Presence>,
+    user: OwnedUserId,
+}
+
+impl Drop for SyncGuard {
+    fn drop(&mut self) {
+        let now = now_ms();
+        let mut users = self.presence.users.lock();
+        if let Some(entry) = users.get_mut(&self.user) {
+            entry.syncing = entry.syncing.saturating_sub(1);
+            entry.last_sync_ts = now;
+        }
+    }
+}

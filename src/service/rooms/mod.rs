@@ -1,0 +1,693 @@
+//! Rooms: the event pipeline and everything built on it.
+//!
+//! Every new event goes through [`Rooms::append`]: under the room's writer lock (one writer per
+//! room, so the DAG tip and the state never race) it is built on the forward extremities, signed,
+//! checked against the auth rules (ruma's), given its state group, and persisted through the
+//! stream writer together with its state, membership and relation bookkeeping. Reads never take
+//! the writer lock: they read committed rows and cached state groups.
+//!
+//! Submodules: `create` (createRoom, upgrade), `membership`, `send` (messages, state,
+//! redactions), `history` (messages, context, relations, threads, visibility), `directory`
+//! (aliases, public rooms, user directory).
+
+pub mod create;
+pub mod directory;
+pub mod history;
+pub mod membership;
+pub mod send;
+
+use std::{
+    collections::HashMap,
+    num::NonZeroUsize,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+};
+
+use lru::LruCache;
+use parking_lot::Mutex;
+use ruma::{
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId,
+    RoomVersionId, UInt, UserId,
+    events::{StateEventType, TimelineEventType},
+    room_version_rules::RoomVersionRules,
+};
+use serde_json::Value;
+
+use crate::{
+    error::{Error, Result},
+    matrix::{
+        auth::{self, AuthState, StateKey},
+        pdu::{BuildError, EventTemplate, Pdu, Placement},
+        room_version,
+    },
+    service::{now_ms, server_keys::ServerKeys, stream::Streams},
+    storage::{
+        Db,
+        rooms::EventRow,
+        stream::{EventWrite, MembershipChange, NewRoom, NewStateGroup, StreamWrite},
+    },
+};
+
+/// A full snapshot is stored after this many deltas in a state-group chain.
+const SNAPSHOT_INTERVAL: i64 = 50;
+const EVENT_CACHE_SIZE: usize = 50_000;
+const GROUP_CACHE_SIZE: usize = 20_000;
+const FULL_STATE_CACHE_SIZE: usize = 64;
+
+/// Room state as a map from (event type, state key) to event ID.
+pub type StateMap = HashMap<(String, String), OwnedEventId>;
+
+/// An event with its storage bookkeeping.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub pdu: Pdu,
+    pub stream_pos: i64,
+    pub redacted_by: Option<OwnedEventId>,
+    pub soft_failed: bool,
+    pub state_before: i64,
+    pub state_after: i64,
+    pub replaces_state: Option<OwnedEventId>,
+}
+
+impl StoredEvent {
+    fn from_row(row: EventRow) -> Result<StoredEvent> {
+        let pdu = Pdu::from_json(row.json, row.room_id, row.event_id).map_err(Error::Internal)?;
+        Ok(StoredEvent {
+            pdu,
+            stream_pos: row.stream_pos,
+            redacted_by: row.redacted_by,
+            soft_failed: row.soft_failed,
+            state_before: row.state_before,
+            state_after: row.state_after,
+            replaces_state: row.replaces_state,
+        })
+    }
+}
+
+struct GroupData {
+    prev_group: Option<i64>,
+    entries: StateMap,
+}
+
+/// What a room's writer knows about the tip of its DAG.
+struct WriterState {
+    extremities: Vec<OwnedEventId>,
+    depth: u64,
+    state_group: i64,
+    chain_len: i64,
+    current: StateMap,
+}
+
+pub struct RoomHandle {
+    pub room_id: OwnedRoomId,
+    pub version: RoomVersionId,
+    pub rules: RoomVersionRules,
+    writer: tokio::sync::Mutex<WriterState>,
+}
+
+/// An event to append.
+pub struct NewEvent {
+    pub template: EventTemplate,
+    pub sender: OwnedUserId,
+    /// (device ID, transaction ID) of the client request.
+    pub txn: Option<(String, String)>,
+}
+
+impl NewEvent {
+    pub fn new(sender: &UserId, event_type: &str, state_key: Option<&str>, content: Value) -> Result<NewEvent> {
+        Ok(NewEvent {
+            template: EventTemplate {
+                event_type: event_type.to_owned(),
+                state_key: state_key.map(str::to_owned),
+                content: crate::matrix::pdu::canonical_content(content).map_err(Error::BadJson)?,
+                redacts: None,
+            },
+            sender: sender.to_owned(),
+            txn: None,
+        })
+    }
+}
+
+pub struct Rooms {
+    pub(crate) db: Db,
+    pub(crate) server_name: OwnedServerName,
+    keys: Arc<ServerKeys>,
+    pub streams: Arc<Streams>,
+    handles: Mutex<HashMap<OwnedRoomId, Arc<RoomHandle>>>,
+    events: Mutex<LruCache<OwnedEventId, Arc<StoredEvent>>>,
+    groups: Mutex<LruCache<i64, Arc<GroupData>>>,
+    full_states: Mutex<LruCache<i64, Arc<StateMap>>>,
+    next_group: AtomicI64,
+}
+
+impl Rooms {
+    pub async fn new(
+        db: Db,
+        server_name: OwnedServerName,
+        keys: Arc<ServerKeys>,
+        streams: Arc<Streams>,
+    ) -> Result<Rooms> {
+        let next_group = db.max_state_group().await?;
+        Ok(Rooms {
+            db,
+            server_name,
+            keys,
+            streams,
+            handles: Mutex::new(HashMap::new()),
+            events: Mutex::new(LruCache::new(NonZeroUsize::new(EVENT_CACHE_SIZE).unwrap())),
+            groups: Mutex::new(LruCache::new(NonZeroUsize::new(GROUP_CACHE_SIZE).unwrap())),
+            full_states: Mutex::new(LruCache::new(NonZeroUsize::new(FULL_STATE_CACHE_SIZE).unwrap())),
+            next_group: AtomicI64::new(next_group),
+        })
+    }
+
+    pub fn server_name(&self) -> &OwnedServerName {
+        &self.server_name
+    }
+
+    /// The handle of a room this server knows; `NotFound` otherwise.
+    pub async fn handle(&self, room_id: &RoomId) -> Result<Arc<RoomHandle>> {
+        if let Some(handle) = self.handles.lock().get(room_id) {
+            return Ok(handle.clone());
+        }
+        let room = self.db.room(room_id).await?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let version =
+            RoomVersionId::try_from(room.room_version.as_str()).map_err(|e| Error::Internal(e.to_string()))?;
+        let rules = room_version::rules(&version)
+            .ok_or_else(|| Error::Internal(format!("unsupported room version {version}")))?;
+        let tip = self.db.room_tip(room_id).await?;
+        let handle = Arc::new(RoomHandle {
+            room_id: room_id.to_owned(),
+            version,
+            rules,
+            writer: tokio::sync::Mutex::new(WriterState {
+                extremities: tip.forward_extremities,
+                depth: tip.max_depth as u64,
+                state_group: tip.state_group,
+                chain_len: tip.state_chain_len,
+                current: tip.current_state.into_iter().map(|(t, k, e)| ((t, k), e)).collect(),
+            }),
+        });
+        Ok(self.handles.lock().entry(room_id.to_owned()).or_insert(handle).clone())
+    }
+
+    /// `NotFound` unless the room exists.
+    pub async fn check_room_id_exists(db: &Db, room_id: &RoomId) -> Result<()> {
+        db.room(room_id).await?.map(|_| ()).ok_or_else(|| Error::not_found("Unknown room"))
+    }
+
+    /// The room's version, if the room is known.
+    pub async fn room_version(&self, room_id: &RoomId) -> Result<RoomVersionId> {
+        Ok(self.handle(room_id).await?.version.clone())
+    }
+
+    /// Fetches an event by ID (cache, then database).
+    pub async fn event(&self, event_id: &EventId) -> Result<Option<Arc<StoredEvent>>> {
+        if let Some(event) = self.events.lock().get(event_id) {
+            return Ok(Some(event.clone()));
+        }
+        let Some(row) = self.db.event(event_id).await? else { return Ok(None) };
+        let event = Arc::new(StoredEvent::from_row(row)?);
+        self.events.lock().put(event_id.to_owned(), event.clone());
+        Ok(Some(event))
+    }
+
+    /// Turns stored rows into events, reusing cached ones.
+    pub(crate) fn events_from_rows(&self, rows: Vec<EventRow>) -> Result<Vec<Arc<StoredEvent>>> {
+        let mut cache = self.events.lock();
+        rows.into_iter()
+            .map(|row| {
+                if let Some(event) = cache.get(&row.event_id)
+                    && event.redacted_by == row.redacted_by
+                {
+                    return Ok(event.clone());
+                }
+                let id = row.event_id.clone();
+                let event = Arc::new(StoredEvent::from_row(row)?);
+                cache.put(id, event.clone());
+                Ok(event)
+            })
+            .collect()
+    }
+
+    async fn group(&self, group: i64) -> Result<Arc<GroupData>> {
+        if let Some(data) = self.groups.lock().get(&group) {
+            return Ok(data.clone());
+        }
+        let row =
+            self.db.state_group(group).await?.ok_or_else(|| Error::Internal(format!("missing state group {group}")))?;
+        let data = Arc::new(GroupData {
+            prev_group: row.prev_group,
+            entries: row.entries.into_iter().map(|(t, k, e)| ((t, k), e)).collect(),
+        });
+        self.groups.lock().put(group, data.clone());
+        Ok(data)
+    }
+
+    /// The full room state of a state group. Group 0 is the empty state.
+    pub async fn state_at(&self, group: i64) -> Result<Arc<StateMap>> {
+        if group == 0 {
+            return Ok(Arc::new(StateMap::new()));
+        }
+        if let Some(state) = self.full_states.lock().get(&group) {
+            return Ok(state.clone());
+        }
+        let mut chain = Vec::new();
+        let mut next = Some(group);
+        while let Some(id) = next {
+            let data = self.group(id).await?;
+            next = data.prev_group;
+            chain.push(data);
+        }
+        let mut state = StateMap::new();
+        for data in chain.iter().rev() {
+            state.extend(data.entries.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        let state = Arc::new(state);
+        self.full_states.lock().put(group, state.clone());
+        Ok(state)
+    }
+
+    /// One key of a state group's state, without materialising the whole state.
+    pub async fn state_lookup(&self, group: i64, event_type: &str, state_key: &str) -> Result<Option<OwnedEventId>> {
+        if group == 0 {
+            return Ok(None);
+        }
+        if let Some(state) = self.full_states.lock().get(&group) {
+            return Ok(state.get(&(event_type.to_owned(), state_key.to_owned())).cloned());
+        }
+        let key = (event_type.to_owned(), state_key.to_owned());
+        let mut next = Some(group);
+        while let Some(id) = next {
+            let data = self.group(id).await?;
+            if let Some(event_id) = data.entries.get(&key) {
+                return Ok(Some(event_id.clone()));
+            }
+            next = data.prev_group;
+        }
+        Ok(None)
+    }
+
+    /// The state event at a key of a state group, as an event.
+    pub async fn state_event_at(
+        &self,
+        group: i64,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<Arc<StoredEvent>>> {
+        match self.state_lookup(group, event_type, state_key).await? {
+            Some(event_id) => self.event(&event_id).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The current state event of a room at a key.
+    pub async fn current_state_event(
+        &self,
+        room_id: &RoomId,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<Arc<StoredEvent>>> {
+        match self.db.current_state_event_id(room_id, event_type, state_key).await? {
+            Some(event_id) => self.event(&event_id).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The content of the current state event at a key, as JSON.
+    pub async fn current_state_content(
+        &self,
+        room_id: &RoomId,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<Value>> {
+        Ok(self.current_state_event(room_id, event_type, state_key).await?.map(|event| event.pdu.content_value()))
+    }
+
+    /// The room's current state group (its latest event's state after).
+    pub async fn current_group(&self, room_id: &RoomId) -> Result<i64> {
+        Ok(self.db.room_state_group_at(room_id, i64::MAX).await?.unwrap_or(0))
+    }
+
+    /// Creates the handle of a brand-new room (no events yet).
+    fn new_handle(&self, room_id: &RoomId, version: RoomVersionId) -> Result<Arc<RoomHandle>> {
+        let rules = room_version::rules(&version).ok_or_else(|| Error::Internal("unsupported version".to_owned()))?;
+        let handle = Arc::new(RoomHandle {
+            room_id: room_id.to_owned(),
+            version,
+            rules,
+            writer: tokio::sync::Mutex::new(WriterState {
+                extremities: Vec::new(),
+                depth: 0,
+                state_group: 0,
+                chain_len: 0,
+                current: StateMap::new(),
+            }),
+        });
+        self.handles.lock().insert(room_id.to_owned(), handle.clone());
+        Ok(handle)
+    }
+
+    /// Appends events to a room, in order, atomically: either all are persisted or none. Returns
+    /// the stored events. `new_room` creates the room row with the first (create) event.
+    pub async fn append(
+        &self,
+        handle: &RoomHandle,
+        events: Vec<NewEvent>,
+        new_room: Option<NewRoom>,
+    ) -> Result<Vec<Arc<StoredEvent>>> {
+        let mut writer = handle.writer.lock().await;
+        self.append_with_clock(handle, &mut writer, events, new_room, None).await
+    }
+
+    /// [`Rooms::append`] with the writer lock held and, optionally, a fixed timestamp.
+    async fn append_with_clock(
+        &self,
+        handle: &RoomHandle,
+        writer: &mut WriterState,
+        events: Vec<NewEvent>,
+        mut new_room: Option<NewRoom>,
+        clock: Option<i64>,
+    ) -> Result<Vec<Arc<StoredEvent>>> {
+        let rules = &handle.rules;
+        // Changes made by earlier events of this batch, on top of the writer's state.
+        let mut overlay: StateMap = StateMap::new();
+        let mut built: HashMap<OwnedEventId, Arc<StoredEvent>> = HashMap::new();
+        let mut extremities = writer.extremities.clone();
+        let mut depth = writer.depth;
+        let mut group = writer.state_group;
+        let mut chain_len = writer.chain_len;
+        let mut writes = Vec::with_capacity(events.len());
+        let mut stored = Vec::with_capacity(events.len());
+        let now = clock.unwrap_or_else(now_ms);
+
+        for new in events {
+            if let Some((device, txn)) = &new.txn
+                && let Some(existing) = self.db.txn_event(&new.sender, device, &handle.room_id, txn).await?
+                && let Some(event) = self.event(&existing).await?
+            {
+                stored.push(event);
+                continue;
+            }
+            let lookup = |key: &(String, String)| overlay.get(key).or_else(|| writer.current.get(key)).cloned();
+            // Gather the auth state the rules will look at.
+            let keys =
+                auth::auth_state_keys(&new.template, &new.sender, &rules.authorization).map_err(Error::BadJson)?;
+            let mut auth_state = AuthState::new();
+            for key in &keys {
+                let string_key = (key.0.to_string(), key.1.clone());
+                let Some(event_id) = lookup(&string_key) else { continue };
+                let event = match built.get(&event_id) {
+                    Some(event) => event.clone(),
+                    None => self
+                        .event(&event_id)
+                        .await?
+                        .ok_or_else(|| Error::Internal(format!("missing state event {event_id}")))?,
+                };
+                auth_state.insert(key.clone(), Arc::new(event.pdu.clone()));
+            }
+            let auth_events: Vec<OwnedEventId> = auth_state
+                .values()
+                .filter(|event| auth::belongs_in_auth_events(event, &rules.authorization))
+                .map(|event| event.event_id.clone())
+                .collect();
+            let room_id_for_build =
+                if new.template.event_type == "m.room.create" && rules.authorization.room_create_event_id_as_room_id {
+                    None
+                } else {
+                    Some(&*handle.room_id)
+                };
+            let is_create = new.template.event_type == "m.room.create";
+            let placement = Placement {
+                room_id: room_id_for_build,
+                sender: &new.sender,
+                prev_events: &extremities,
+                auth_events: &auth_events,
+                depth: depth + 1,
+                origin_server_ts: MilliSecondsSinceUnixEpoch(UInt::try_from(now).unwrap_or_default()),
+            };
+            let redacts = new.template.redacts.clone();
+            let pdu = Pdu::build(new.template, &placement, rules, &self.server_name, self.keys.key()).map_err(
+                |err| match err {
+                    BuildError::TooLarge => Error::TooLarge("Event is larger than 65536 bytes".into()),
+                    BuildError::Invalid(why) => Error::BadJson(why),
+                },
+            )?;
+            if is_create && pdu.room_id != handle.room_id {
+                return Err(Error::Internal("create event does not match the room ID".to_owned()));
+            }
+            auth::check(&rules.authorization, &pdu, &auth_state).map_err(|why| {
+                tracing::debug!(event_type = %pdu.event_type, sender = %pdu.sender, %why, "event refused by the auth rules");
+                Error::forbidden(format!("Event not allowed: {why}"))
+            })?;
+
+            // State bookkeeping.
+            let state_before = group;
+            let mut replaces_state = None;
+            let mut new_state_group = None;
+            if let Some(state_key) = &pdu.state_key {
+                let key = (pdu.event_type.to_string(), state_key.clone());
+                replaces_state = lookup(&key);
+                overlay.insert(key.clone(), pdu.event_id.clone());
+                let id = self.next_group.fetch_add(1, Ordering::SeqCst) + 1;
+                let snapshot = group == 0 || chain_len + 1 >= SNAPSHOT_INTERVAL;
+                let entries = if snapshot {
+                    let mut full: StateMap = writer.current.clone();
+                    full.extend(overlay.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    full.into_iter().map(|((t, k), e)| (t, k, e)).collect()
+                } else {
+                    vec![(key.0, key.1, pdu.event_id.clone())]
+                };
+                new_state_group = Some(NewStateGroup {
+                    id,
+                    prev_group: (!snapshot).then_some(group),
+                    chain_len: if snapshot { 0 } else { chain_len + 1 },
+                    entries,
+                });
+                chain_len = if snapshot { 0 } else { chain_len + 1 };
+                group = id;
+            }
+            let membership = membership_change(&pdu);
+            let (relates_to, rel_type) = relation_of(&pdu);
+            let redaction_target = match &redacts {
+                Some(target) => self.redaction_target(&handle.room_id, target, rules).await?,
+                None => None,
+            };
+            extremities = vec![pdu.event_id.clone()];
+            depth += 1;
+            let event = Arc::new(StoredEvent {
+                pdu: pdu.clone(),
+                stream_pos: 0,
+                redacted_by: None,
+                soft_failed: false,
+                state_before,
+                state_after: group,
+                replaces_state: replaces_state.clone(),
+            });
+            built.insert(pdu.event_id.clone(), event.clone());
+            writes.push(StreamWrite::Event(Box::new(EventWrite {
+                pdu: Arc::new(pdu),
+                relates_to,
+                rel_type,
+                state_before,
+                state_after: group,
+                replaces_state,
+                new_state_group,
+                membership,
+                forward_extremities: extremities.clone(),
+                txn: new.txn.map(|(device, txn)| (new.sender.clone(), device, txn)),
+                redaction_target,
+                new_room: new_room.take(),
+            })));
+            stored.push(event);
+        }
+        if writes.is_empty() {
+            return Ok(stored);
+        }
+        let count = writes.len() as i64;
+        let last_pos = self.streams.persist(writes.clone()).await?;
+
+        // Committed: advance the writer and fill the caches with the final positions.
+        writer.current.extend(overlay);
+        writer.extremities = extremities;
+        writer.depth = depth;
+        writer.state_group = group;
+        writer.chain_len = chain_len;
+        let mut pos = last_pos - count;
+        let mut cache = self.events.lock();
+        let mut result = Vec::with_capacity(stored.len());
+        let mut positions: HashMap<OwnedEventId, i64> = HashMap::new();
+        for write in &writes {
+            pos += 1;
+            let StreamWrite::Event(write) = write else { continue };
+            positions.insert(write.pdu.event_id.clone(), pos);
+            if let Some((target, _)) = &write.redaction_target {
+                cache.pop(target);
+            }
+        }
+        for event in stored {
+            let event = match positions.get(&event.pdu.event_id) {
+                Some(&stream_pos) => {
+                    let event = Arc::new(StoredEvent { stream_pos, ..(*event).clone() });
+                    cache.put(event.pdu.event_id.clone(), event.clone());
+                    event
+                }
+                None => event,
+            };
+            result.push(event);
+        }
+        Ok(result)
+    }
+
+    /// The redacted form of `target` to store, if it is an event of this room.
+    async fn redaction_target(
+        &self,
+        room_id: &RoomId,
+        target: &EventId,
+        rules: &RoomVersionRules,
+    ) -> Result<Option<(OwnedEventId, String)>> {
+        let Some(event) = self.event(target).await? else { return Ok(None) };
+        if event.pdu.room_id != room_id || event.redacted_by.is_some() {
+            return Ok(None);
+        }
+        let redacted = event.pdu.redacted(rules).map_err(Error::Internal)?;
+        Ok(Some((target.to_owned(), redacted.json)))
+    }
+
+    /// The power levels content of a room at a state group (defaults when absent).
+    pub async fn power_levels_at(&self, handle: &RoomHandle, group: i64) -> Result<PowerLevels> {
+        let create = self.state_event_at(group, "m.room.create", "").await?;
+        let levels = self.state_event_at(group, "m.room.power_levels", "").await?;
+        Ok(PowerLevels::new(create.as_deref(), levels.as_deref(), &handle.rules))
+    }
+}
+
+/// A room's power levels, with the creator rules of the room version applied.
+#[derive(Debug, Clone)]
+pub struct PowerLevels {
+    content: Value,
+    /// Users with infinite power (room version 12 creators).
+    creators: Vec<OwnedUserId>,
+    explicit: bool,
+    room_creator: Option<OwnedUserId>,
+}
+
+impl PowerLevels {
+    fn new(create: Option<&StoredEvent>, levels: Option<&StoredEvent>, rules: &RoomVersionRules) -> PowerLevels {
+        let mut creators = Vec::new();
+        let room_creator = create.map(|c| c.pdu.sender.clone());
+        if rules.authorization.explicitly_privilege_room_creators
+            && let Some(create) = create
+        {
+            creators.push(create.pdu.sender.clone());
+            if let Some(extra) = create.pdu.content_value().get("additional_creators").and_then(Value::as_array) {
+                creators.extend(extra.iter().filter_map(|u| u.as_str()).filter_map(|u| UserId::parse(u).ok()));
+            }
+        }
+        PowerLevels {
+            content: levels.map(|l| l.pdu.content_value()).unwrap_or(Value::Null),
+            creators,
+            explicit: levels.is_some(),
+            room_creator,
+        }
+    }
+
+    fn int(&self, field: &str, default: i64) -> i64 {
+        self.content.get(field).and_then(as_int).unwrap_or(default)
+    }
+
+    /// A user's level (`i64::MAX` for v12 creators).
+    pub fn user_level(&self, user_id: &UserId) -> i64 {
+        if self.creators.iter().any(|c| c == user_id) {
+            return i64::MAX;
+        }
+        if !self.explicit {
+            // Without a power levels event, the creator has 100 and everyone else 0.
+            return if self.room_creator.as_deref() == Some(user_id) { 100 } else { 0 };
+        }
+        self.content
+            .get("users")
+            .and_then(|users| users.get(user_id.as_str()))
+            .and_then(as_int)
+            .unwrap_or_else(|| self.int("users_default", 0))
+    }
+
+    /// Level needed to send an event of `event_type` (state or not).
+    pub fn event_level(&self, event_type: &str, is_state: bool) -> i64 {
+        if let Some(level) = self.content.get("events").and_then(|e| e.get(event_type)).and_then(as_int) {
+            return level;
+        }
+        if is_state {
+            self.int("state_default", if self.explicit { 50 } else { 0 })
+        } else {
+            self.int("events_default", 0)
+        }
+    }
+
+    pub fn invite(&self) -> i64 {
+        self.int("invite", 0)
+    }
+    pub fn kick(&self) -> i64 {
+        self.int("kick", 50)
+    }
+    pub fn ban(&self) -> i64 {
+        self.int("ban", 50)
+    }
+    pub fn redact(&self) -> i64 {
+        self.int("redact", 50)
+    }
+
+    /// The level for `@room` notifications.
+    pub fn notifications_room(&self) -> i64 {
+        self.content.get("notifications").and_then(|n| n.get("room")).and_then(as_int).unwrap_or(50)
+    }
+
+    pub fn content(&self) -> &Value {
+        &self.content
+    }
+
+    /// Users with infinite power (room version 12 creators).
+    pub fn creators(&self) -> &[OwnedUserId] {
+        &self.creators
+    }
+}
+
+/// Power levels may be integers or (in old rooms) strings of integers.
+fn as_int(value: &Value) -> Option<i64> {
+    value.as_i64().or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()))
+}
+
+/// The membership change a member event makes.
+fn membership_change(pdu: &Pdu) -> Option<MembershipChange> {
+    if pdu.event_type != TimelineEventType::RoomMember {
+        return None;
+    }
+    let user_id = UserId::parse(pdu.state_key.as_deref()?).ok()?;
+    let content = pdu.content_value();
+    Some(MembershipChange {
+        user_id,
+        membership: content.get("membership").and_then(Value::as_str).unwrap_or("leave").to_owned(),
+        sender: pdu.sender.clone(),
+        displayname: content.get("displayname").and_then(Value::as_str).map(str::to_owned),
+        avatar_url: content.get("avatar_url").and_then(Value::as_str).map(str::to_owned),
+    })
+}
+
+/// `content.m.relates_to` as (related event, relation type).
+fn relation_of(pdu: &Pdu) -> (Option<OwnedEventId>, Option<String>) {
+    let content = pdu.content_value();
+    let Some(relates_to) = content.get("m.relates_to") else { return (None, None) };
+    let rel_type = relates_to.get("rel_type").and_then(Value::as_str);
+    let event_id = relates_to.get("event_id").and_then(Value::as_str).and_then(|id| EventId::parse(id).ok());
+    match (event_id, rel_type) {
+        (Some(event_id), Some(rel_type)) => (Some(event_id), Some(rel_type.to_owned())),
+        _ => (None, None),
+    }
+}
+
+/// Helper for building state keys from ruma types.
+pub fn state_key(event_type: StateEventType, state_key: &str) -> StateKey {
+    (event_type, state_key.to_owned())
+}

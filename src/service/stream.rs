@@ -1,0 +1,494 @@
+//! The stream: one writer that gives every persisted change its position, and the notifier that
+//! wakes whoever waits for it.
+//!
+//! All persisted changes clients are told about (room events, receipts, account data, to-device
+//! messages, device-list changes) go through [`Streams::persist`]. A single task drains the queue,
+//! commits whole batches in one transaction (group commit: one commit for many concurrent
+//! writers), assigns positions in commit order, updates the in-memory views that sync reads
+//! (who is in which room, which rooms changed when), and only then publishes the new position and
+//! wakes the affected users. Because views are updated before the position is published, a reader
+//! that sees position P also sees every view change up to P.
+//!
+//! Typing and presence are in-memory only; they share a separate "ephemeral" counter that starts
+//! at the wall-clock time of boot, so it keeps increasing across restarts.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+};
+
+use parking_lot::{Mutex, RwLock};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, ServerName, UserId};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{
+    error::{Error, Result},
+    service::now_ms,
+    storage::{Db, stream::StreamWrite},
+};
+
+/// Largest batch committed in one transaction.
+const MAX_BATCH: usize = 256;
+/// How many recent room changes are remembered for cheap "which rooms changed since T" answers.
+const CHANGE_LOG_LEN: usize = 100_000;
+
+/// A user's membership of a room, as the views know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub membership: String,
+    /// Position of the member event that set it.
+    pub pos: i64,
+    /// The membership before that event (for readers at an older position).
+    pub previous: Option<(String, i64)>,
+}
+
+impl Membership {
+    /// The membership as of `upto`, if the user had one then.
+    pub fn as_of(&self, upto: i64) -> Option<(&str, i64)> {
+        if self.pos <= upto {
+            Some((&self.membership, self.pos))
+        } else {
+            self.previous.as_ref().filter(|(_, pos)| *pos <= upto).map(|(m, pos)| (m.as_str(), *pos))
+        }
+    }
+}
+
+#[derive(Default)]
+struct Views {
+    /// Local users → their rooms.
+    user_rooms: HashMap<OwnedUserId, HashMap<OwnedRoomId, Membership>>,
+    /// Room → members by membership ("join", "invite", …), all servers.
+    room_members: HashMap<OwnedRoomId, HashMap<OwnedUserId, String>>,
+    /// Room → position of its latest event / latest receipt.
+    room_latest_event: HashMap<OwnedRoomId, i64>,
+    room_latest_receipt: HashMap<OwnedRoomId, i64>,
+    /// Recent (position, room) changes (events and receipts), oldest first.
+    change_log: VecDeque<(i64, OwnedRoomId)>,
+}
+
+/// Wakes long-polling readers per user.
+#[derive(Default)]
+pub struct Notifier {
+    waiters: Mutex<HashMap<OwnedUserId, watch::Sender<u64>>>,
+}
+
+impl Notifier {
+    /// A receiver that changes whenever something for `user_id` happens. Subscribe *before*
+    /// reading, so nothing that lands in between is missed.
+    pub fn subscribe(&self, user_id: &UserId) -> watch::Receiver<u64> {
+        let mut waiters = self.waiters.lock();
+        let sender = waiters.entry(user_id.to_owned()).or_insert_with(|| watch::channel(0).0);
+        let mut receiver = sender.subscribe();
+        receiver.mark_unchanged();
+        receiver
+    }
+
+    pub fn wake<'a>(&self, users: impl IntoIterator<Item = &'a UserId>) {
+        let waiters = self.waiters.lock();
+        for user in users {
+            if let Some(sender) = waiters.get(user) {
+                sender.send_modify(|generation| *generation += 1);
+            }
+        }
+    }
+
+    /// Wakes everyone (shutdown).
+    pub fn wake_all(&self) {
+        for sender in self.waiters.lock().values() {
+            sender.send_modify(|generation| *generation += 1);
+        }
+    }
+
+    /// Drops channels nobody listens to.
+    pub fn prune(&self) {
+        self.waiters.lock().retain(|_, sender| sender.receiver_count() > 0);
+    }
+}
+
+struct Job {
+    writes: Vec<StreamWrite>,
+    reply: oneshot::Sender<Result<i64>>,
+}
+
+pub struct Streams {
+    db: Db,
+    server_name: ruma::OwnedServerName,
+    queue: mpsc::Sender<Job>,
+    published: watch::Sender<i64>,
+    views: RwLock<Views>,
+    pub notifier: Notifier,
+    ephemeral: AtomicI64,
+}
+
+impl Streams {
+    /// Loads the views from the database and starts the writer task.
+    pub async fn start(db: Db, server_name: &ServerName) -> Result<Arc<Streams>> {
+        let position = db.max_stream_pos().await?;
+        let (queue, receiver) = mpsc::channel(4096);
+        let streams = Arc::new(Streams {
+            db: db.clone(),
+            server_name: server_name.to_owned(),
+            queue,
+            published: watch::channel(position).0,
+            views: RwLock::new(Views::default()),
+            notifier: Notifier::default(),
+            ephemeral: AtomicI64::new(now_ms()),
+        });
+        streams.load_views().await?;
+        tokio::spawn(writer_task(streams.clone(), receiver, position));
+        Ok(streams)
+    }
+
+    async fn load_views(&self) -> Result<()> {
+        let memberships = self.db.all_memberships().await?;
+        let latest = self.db.room_latest_positions().await?;
+        let mut views = self.views.write();
+        for row in memberships {
+            if row.user_id.server_name() == self.server_name {
+                views.user_rooms.entry(row.user_id.clone()).or_default().insert(
+                    row.room_id.clone(),
+                    Membership { membership: row.membership.clone(), pos: row.stream_pos, previous: None },
+                );
+            }
+            views.room_members.entry(row.room_id).or_default().insert(row.user_id, row.membership);
+        }
+        for (room_id, event_pos, receipt_pos) in latest {
+            if event_pos > 0 {
+                views.room_latest_event.insert(room_id.clone(), event_pos);
+            }
+            if receipt_pos > 0 {
+                views.room_latest_receipt.insert(room_id, receipt_pos);
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest position whose changes are committed and visible in the views.
+    pub fn position(&self) -> i64 {
+        *self.published.borrow()
+    }
+
+    /// Waits until the published position reaches `pos`.
+    pub async fn wait_for(&self, pos: i64) {
+        let mut receiver = self.published.subscribe();
+        let _ = receiver.wait_for(|published| *published >= pos).await;
+    }
+
+    /// The next ephemeral (typing/presence) serial.
+    pub fn next_ephemeral(&self) -> i64 {
+        self.ephemeral.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    pub fn ephemeral_position(&self) -> i64 {
+        self.ephemeral.load(Ordering::SeqCst)
+    }
+
+    /// Persists `writes` (in order, in one transaction when possible) and returns the position of
+    /// the last one once it is committed and visible.
+    pub async fn persist(&self, writes: Vec<StreamWrite>) -> Result<i64> {
+        let (reply, result) = oneshot::channel();
+        self.queue
+            .send(Job { writes, reply })
+            .await
+            .map_err(|_| Error::Internal("the stream writer has stopped".to_owned()))?;
+        result.await.map_err(|_| Error::Internal("the stream writer dropped a write".to_owned()))?
+    }
+
+    /// A local user's rooms, with their membership as of `upto`.
+    pub fn user_rooms(&self, user_id: &UserId, upto: i64) -> Vec<(OwnedRoomId, String, i64)> {
+        let views = self.views.read();
+        views
+            .user_rooms
+            .get(user_id)
+            .map(|rooms| {
+                rooms
+                    .iter()
+                    .filter_map(|(room, m)| {
+                        m.as_of(upto).map(|(membership, pos)| (room.clone(), membership.to_owned(), pos))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A local user's current membership of one room.
+    pub fn membership(&self, user_id: &UserId, room_id: &RoomId) -> Option<String> {
+        self.views.read().user_rooms.get(user_id)?.get(room_id).map(|m| m.membership.clone())
+    }
+
+    /// Members of a room with `membership`.
+    pub fn members(&self, room_id: &RoomId, membership: &str) -> Vec<OwnedUserId> {
+        self.views
+            .read()
+            .room_members
+            .get(room_id)
+            .map(|members| members.iter().filter(|(_, m)| *m == membership).map(|(u, _)| u.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// (joined, invited) member counts.
+    pub fn member_counts(&self, room_id: &RoomId) -> (u64, u64) {
+        let views = self.views.read();
+        let Some(members) = views.room_members.get(room_id) else { return (0, 0) };
+        members.values().fold((0, 0), |(joined, invited), m| match m.as_str() {
+            "join" => (joined + 1, invited),
+            "invite" => (joined, invited + 1),
+            _ => (joined, invited),
+        })
+    }
+
+    /// Local users who share a joined room with `user_id` (including the user).
+    pub fn users_sharing_rooms(&self, user_id: &UserId) -> HashSet<OwnedUserId> {
+        let views = self.views.read();
+        let mut users = HashSet::from([user_id.to_owned()]);
+        if let Some(rooms) = views.user_rooms.get(user_id) {
+            for (room, m) in rooms {
+                if m.membership != "join" {
+                    continue;
+                }
+                if let Some(members) = views.room_members.get(room) {
+                    users.extend(
+                        members
+                            .iter()
+                            .filter(|(u, m)| *m == "join" && u.server_name() == self.server_name)
+                            .map(|(u, _)| u.clone()),
+                    );
+                }
+            }
+        }
+        users
+    }
+
+    /// Whether two users share a joined room.
+    pub fn share_a_room(&self, a: &UserId, b: &UserId) -> bool {
+        let views = self.views.read();
+        let Some(rooms) = views.user_rooms.get(a) else { return false };
+        rooms.iter().any(|(room, m)| {
+            m.membership == "join"
+                && views.room_members.get(room).and_then(|members| members.get(b)).is_some_and(|m| m == "join")
+        })
+    }
+
+    /// Of `rooms`, those with events or receipts in `(since, upto]`. Costs the smaller of the
+    /// number of changes since `since` and the number of rooms.
+    pub fn changed_rooms(&self, rooms: &HashSet<OwnedRoomId>, since: i64, upto: i64) -> HashSet<OwnedRoomId> {
+        let views = self.views.read();
+        let log = &views.change_log;
+        let start = log.partition_point(|(pos, _)| *pos <= since);
+        let log_covers = log.front().is_some_and(|(oldest, _)| *oldest <= since + 1) || since >= self.position();
+        if log_covers && log.len() - start < rooms.len() {
+            log.range(start..)
+                .take_while(|(pos, _)| *pos <= upto)
+                .filter(|(_, room)| rooms.contains(room))
+                .map(|(_, room)| room.clone())
+                .collect()
+        } else {
+            rooms
+                .iter()
+                .filter(|room| {
+                    let changed = |map: &HashMap<OwnedRoomId, i64>| map.get(*room).is_some_and(|pos| *pos > since);
+                    changed(&views.room_latest_event) || changed(&views.room_latest_receipt)
+                })
+                .cloned()
+                .collect()
+        }
+    }
+
+    /// Applies a committed batch to the views and returns the local users to wake.
+    fn apply(&self, first_pos: i64, writes: &[&StreamWrite]) -> HashSet<OwnedUserId> {
+        let mut wake = HashSet::new();
+        let mut views = self.views.write();
+        for (offset, write) in writes.iter().enumerate() {
+            let pos = first_pos + offset as i64;
+            match write {
+                StreamWrite::Event(event) => {
+                    let room = &event.pdu.room_id;
+                    if let Some(change) = &event.membership {
+                        let previous_membership = views
+                            .room_members
+                            .entry(room.clone())
+                            .or_default()
+                            .insert(change.user_id.clone(), change.membership.clone());
+                        if change.user_id.server_name() == self.server_name {
+                            let rooms = views.user_rooms.entry(change.user_id.clone()).or_default();
+                            let previous = rooms.get(room).map(|m| (m.membership.clone(), m.pos));
+                            let _ = previous_membership;
+                            rooms.insert(
+                                room.clone(),
+                                Membership { membership: change.membership.clone(), pos, previous },
+                            );
+                            wake.insert(change.user_id.clone());
+                        }
+                    }
+                    views.room_latest_event.insert(room.clone(), pos);
+                    push_change(&mut views.change_log, pos, room);
+                    wake_local_joined(&views, room, &self.server_name, &mut wake);
+                }
+                StreamWrite::Receipt(receipt) => {
+                    views.room_latest_receipt.insert(receipt.room_id.clone(), pos);
+                    push_change(&mut views.change_log, pos, &receipt.room_id);
+                    if receipt.receipt_type == "m.read.private" {
+                        wake.insert(receipt.user_id.clone());
+                    } else {
+                        wake_local_joined(&views, &receipt.room_id, &self.server_name, &mut wake);
+                    }
+                }
+                StreamWrite::AccountData { user_id, .. } => {
+                    wake.insert(user_id.clone());
+                }
+                StreamWrite::ToDevice(message) => {
+                    wake.insert(message.user_id.clone());
+                }
+                StreamWrite::DeviceListChange { user_id } => {
+                    wake.insert(user_id.clone());
+                    if let Some(rooms) = views.user_rooms.get(user_id) {
+                        for (room, m) in rooms {
+                            if m.membership == "join" {
+                                wake_local_joined(&views, room, &self.server_name, &mut wake);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        wake
+    }
+}
+
+fn push_change(log: &mut VecDeque<(i64, OwnedRoomId)>, pos: i64, room: &RoomId) {
+    if log.len() >= CHANGE_LOG_LEN {
+        log.pop_front();
+    }
+    log.push_back((pos, room.to_owned()));
+}
+
+fn wake_local_joined(views: &Views, room: &RoomId, server_name: &ServerName, wake: &mut HashSet<OwnedUserId>) {
+    if let Some(members) = views.room_members.get(room) {
+        wake.extend(
+            members.iter().filter(|(u, m)| *m == "join" && u.server_name() == server_name).map(|(u, _)| u.clone()),
+        );
+    }
+}
+
+/// Drains the queue: batches jobs, commits, updates views, publishes, wakes.
+async fn writer_task(streams: Arc<Streams>, mut receiver: mpsc::Receiver<Job>, mut position: i64) {
+    let mut jobs: Vec<Job> = Vec::new();
+    while let Some(job) = receiver.recv().await {
+        jobs.push(job);
+        let mut count = jobs[0].writes.len();
+        while count < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(job) => {
+                    count += job.writes.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let batch: Vec<&StreamWrite> = jobs.iter().flat_map(|job| job.writes.iter()).collect();
+        let first = position + 1;
+        match streams.db.commit_stream_batch(first, &batch).await {
+            Ok(()) => {
+                let wake = streams.apply(first, &batch);
+                position += batch.len() as i64;
+                drop(batch);
+                streams.published.send_replace(position);
+                streams.notifier.wake(wake.iter().map(|u| u.as_ref()));
+                let mut end = first - 1;
+                for job in jobs.drain(..) {
+                    end += job.writes.len() as i64;
+                    let _ = job.reply.send(Ok(end));
+                }
+            }
+            Err(err) if jobs.len() > 1 => {
+                // One bad write must not fail its neighbours: retry each job on its own.
+                tracing::warn!(%err, "stream batch failed; retrying its jobs one by one");
+                drop(batch);
+                for job in jobs.drain(..) {
+                    let writes: Vec<&StreamWrite> = job.writes.iter().collect();
+                    let first = position + 1;
+                    match streams.db.commit_stream_batch(first, &writes).await {
+                        Ok(()) => {
+                            let wake = streams.apply(first, &writes);
+                            position += writes.len() as i64;
+                            streams.published.send_replace(position);
+                            streams.notifier.wake(wake.iter().map(|u| u.as_ref()));
+                            let _ = job.reply.send(Ok(position));
+                        }
+                        Err(err) => {
+                            let _ = job.reply.send(Err(err.into()));
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                drop(batch);
+                for job in jobs.drain(..) {
+                    let _ = job.reply.send(Err(Error::Internal(err.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// A position in the streams as clients see it: `s{stream}_{ephemeral}`. Pagination tokens use
+/// the same form (their ephemeral part is ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamToken {
+    pub stream: i64,
+    pub ephemeral: i64,
+}
+
+impl StreamToken {
+    pub fn new(stream: i64, ephemeral: i64) -> Self {
+        StreamToken { stream, ephemeral }
+    }
+
+    /// Parses `s{stream}_{ephemeral}` (or a bare stream position).
+    pub fn parse(token: &str) -> Result<StreamToken> {
+        let invalid = || Error::InvalidParam(format!("invalid token: {token}"));
+        let body = token.strip_prefix('s').unwrap_or(token);
+        let (stream, ephemeral) = match body.split_once('_') {
+            Some((stream, ephemeral)) => (stream, ephemeral),
+            None => (body, "0"),
+        };
+        let stream: i64 = stream.parse().map_err(|_| invalid())?;
+        let ephemeral: i64 = ephemeral.parse().map_err(|_| invalid())?;
+        if stream < 0 || ephemeral < 0 {
+            return Err(invalid());
+        }
+        Ok(StreamToken { stream, ephemeral })
+    }
+}
+
+impl std::fmt::Display for StreamToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s{}_{}", self.stream, self.ephemeral)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_reject_garbage() {
+        let token = StreamToken::new(42, 1_700_000_000_123);
+        assert_eq!(StreamToken::parse(&token.to_string()).unwrap(), token);
+        assert_eq!(StreamToken::parse("17").unwrap(), StreamToken::new(17, 0));
+        for bad in ["", "s", "sx_1", "s1_x", "s-1_0", "t1-2", "s1_2_3"] {
+            assert!(StreamToken::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn membership_as_of_an_older_position_uses_the_previous_one() {
+        let m = Membership { membership: "leave".into(), pos: 10, previous: Some(("join".into(), 5)) };
+        assert_eq!(m.as_of(12), Some(("leave", 10)));
+        assert_eq!(m.as_of(7), Some(("join", 5)));
+        assert_eq!(m.as_of(3), None);
+    }
+}

@@ -1,0 +1,672 @@
+//! The delivery core: "what changed for this user and device since token T".
+//!
+//! [`Sync::changes`] computes a sync-shaped delta between two positions; [`Sync::wait`] is the
+//! long-poll around it (subscribe to the notifier first, compute, sleep until woken or timed
+//! out). `/sync` and the WebSocket transport are thin layers over these two functions — there is
+//! no second implementation of "what changed".
+//!
+//! Cost follows what changed: an incremental sync looks only at the rooms that have events,
+//! receipts, typing or membership changes after the token (see `Streams::changed_rooms`).
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use ruma::{
+    OwnedRoomId, OwnedUserId, RoomId, UserId,
+    api::client::filter::{FilterDefinition, RoomEventFilter},
+};
+use serde::Serialize;
+use serde_json::{Value, json, value::RawValue};
+
+use crate::{
+    error::Result,
+    matrix::client_event::{self, Format},
+    service::{
+        ephemeral::{Presence, Typing},
+        filter,
+        notifications::Notifications,
+        rooms::{Rooms, StoredEvent},
+        stream::{StreamToken, Streams},
+    },
+    storage::rooms::Dir,
+};
+
+/// Default number of timeline events per room.
+const DEFAULT_TIMELINE_LIMIT: usize = 10;
+/// Largest timeline limit honoured.
+const MAX_TIMELINE_LIMIT: usize = 100;
+/// To-device messages delivered per sync at most.
+const TO_DEVICE_LIMIT: i64 = 10_000;
+
+#[derive(Debug, Default, Serialize)]
+pub struct EventList {
+    pub events: Vec<Box<RawValue>>,
+}
+
+impl EventList {
+    fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Timeline {
+    pub events: Vec<Box<RawValue>>,
+    pub limited: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prev_batch: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    #[serde(rename = "m.heroes", skip_serializing_if = "Option::is_none")]
+    pub heroes: Option<Vec<OwnedUserId>>,
+    #[serde(rename = "m.joined_member_count", skip_serializing_if = "Option::is_none")]
+    pub joined_member_count: Option<u64>,
+    #[serde(rename = "m.invited_member_count", skip_serializing_if = "Option::is_none")]
+    pub invited_member_count: Option<u64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct UnreadNotifications {
+    pub notification_count: u64,
+    pub highlight_count: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct JoinedRoom {
+    pub summary: Summary,
+    pub state: EventList,
+    pub timeline: Timeline,
+    pub ephemeral: EventList,
+    pub account_data: EventList,
+    pub unread_notifications: UnreadNotifications,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct InvitedRoom {
+    pub invite_state: EventList,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct KnockedRoom {
+    pub knock_state: EventList,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct LeftRoom {
+    pub state: EventList,
+    pub timeline: Timeline,
+    pub account_data: EventList,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct RoomSections {
+    pub join: BTreeMap<OwnedRoomId, JoinedRoom>,
+    pub invite: BTreeMap<OwnedRoomId, InvitedRoom>,
+    pub leave: BTreeMap<OwnedRoomId, LeftRoom>,
+    pub knock: BTreeMap<OwnedRoomId, KnockedRoom>,
+}
+
+impl RoomSections {
+    fn is_empty(&self) -> bool {
+        self.join.is_empty() && self.invite.is_empty() && self.leave.is_empty() && self.knock.is_empty()
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct DeviceLists {
+    pub changed: Vec<OwnedUserId>,
+    pub left: Vec<OwnedUserId>,
+}
+
+/// A sync response body (Client-Server API `GET /sync`).
+#[derive(Debug, Default, Serialize)]
+pub struct SyncResponse {
+    pub next_batch: String,
+    pub rooms: RoomSections,
+    pub presence: EventList,
+    pub account_data: EventList,
+    pub to_device: EventList,
+    pub device_lists: DeviceLists,
+    pub device_one_time_keys_count: BTreeMap<String, u64>,
+    pub device_unused_fallback_key_types: Vec<String>,
+    /// Where this response's stream data ends (not serialised).
+    #[serde(skip)]
+    pub token: StreamToken,
+    /// Positions of the timeline events this response delivers, per room (not serialised).
+    #[serde(skip)]
+    pub delivered: Vec<(OwnedRoomId, i64)>,
+}
+
+impl SyncResponse {
+    /// Whether the response carries anything besides the token.
+    pub fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
+            && self.presence.is_empty()
+            && self.account_data.is_empty()
+            && self.to_device.is_empty()
+            && self.device_lists.changed.is_empty()
+            && self.device_lists.left.is_empty()
+    }
+}
+
+/// One sync request, transport-independent.
+#[derive(Debug, Clone)]
+pub struct SyncRequest {
+    pub user_id: OwnedUserId,
+    pub device_id: String,
+    pub since: Option<StreamToken>,
+    pub filter: FilterDefinition,
+    pub full_state: bool,
+}
+
+pub struct Sync {
+    rooms: Arc<Rooms>,
+    streams: Arc<Streams>,
+    typing: Arc<Typing>,
+    presence: Arc<Presence>,
+    notifications: Arc<Notifications>,
+}
+
+impl Sync {
+    pub fn new(
+        rooms: Arc<Rooms>,
+        typing: Arc<Typing>,
+        presence: Arc<Presence>,
+        notifications: Arc<Notifications>,
+    ) -> Sync {
+        let streams = rooms.streams.clone();
+        Sync { rooms, streams, typing, presence, notifications }
+    }
+
+    pub fn streams(&self) -> &Arc<Streams> {
+        &self.streams
+    }
+
+    pub fn presence(&self) -> &Arc<Presence> {
+        &self.presence
+    }
+
+    /// Long-poll: returns as soon as there is something new after `since` (or at `timeout`).
+    pub async fn wait(&self, request: &SyncRequest, timeout: Duration) -> Result<SyncResponse> {
+        let mut woken = self.streams.notifier.subscribe(&request.user_id);
+        if let Some(since) = request.since {
+            // Syncing with a token acknowledges the to-device messages delivered before it.
+            self.rooms.db.delete_to_device_upto(&request.user_id, &request.device_id, since.stream).await?;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let response = self.changes(request).await?;
+            if !response.is_empty()
+                || request.since.is_none()
+                || request.full_state
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(response);
+            }
+            tokio::select! {
+                changed = woken.changed() => {
+                    if changed.is_err() {
+                        return Ok(response);
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    /// Everything that changed for the request's user and device since its token, up to now.
+    pub async fn changes(&self, request: &SyncRequest) -> Result<SyncResponse> {
+        let upto = self.streams.position();
+        let ephemeral_upto = self.streams.ephemeral_position();
+        let user = &*request.user_id;
+        let initial = request.since.is_none();
+        let since = request.since.unwrap_or_default();
+        let room_filter = &request.filter.room;
+        let mut response = SyncResponse {
+            next_batch: StreamToken::new(upto, ephemeral_upto).to_string(),
+            token: StreamToken::new(upto, ephemeral_upto),
+            ..SyncResponse::default()
+        };
+        response.device_one_time_keys_count.insert("signed_curve25519".to_owned(), 0);
+
+        let ignored = self.rooms.ignored_users(user).await?;
+        let mut memberships = self.streams.user_rooms(user, upto);
+        memberships
+            .retain(|(room, _, _)| filter::room_allowed(room_filter.rooms.as_deref(), &room_filter.not_rooms, room));
+
+        // Account data, grouped by room, fetched once.
+        let account_data = self.rooms.db.account_data_since(user, if initial { 0 } else { since.stream }, upto).await?;
+        let mut room_account_data: HashMap<OwnedRoomId, Vec<Box<RawValue>>> = HashMap::new();
+        for row in account_data {
+            let event = account_data_event(&row.data_type, &row.content);
+            match row.room_id {
+                None => {
+                    if filter::event_matches(&request.filter.account_data, &row.data_type, None) {
+                        response.account_data.events.push(event);
+                    }
+                }
+                Some(room) => {
+                    if filter::event_matches(&filter_as_filter(&room_filter.account_data), &row.data_type, None) {
+                        room_account_data.entry(room).or_default().push(event);
+                    }
+                }
+            }
+        }
+
+        let joined: HashSet<OwnedRoomId> =
+            memberships.iter().filter(|(_, m, _)| m == "join").map(|(room, _, _)| room.clone()).collect();
+        let candidates: HashSet<OwnedRoomId> = if initial || request.full_state {
+            joined.clone()
+        } else {
+            let mut changed = self.streams.changed_rooms(&joined, since.stream, upto);
+            for (room, membership, pos) in &memberships {
+                if membership == "join" && *pos > since.stream {
+                    changed.insert(room.clone());
+                }
+            }
+            changed.extend(room_account_data.keys().filter(|r| joined.contains(*r)).cloned());
+            for room in &joined {
+                if self.typing.typing_since(room, since.ephemeral).is_some() {
+                    changed.insert(room.clone());
+                }
+            }
+            changed
+        };
+
+        let mut newly_shared = HashSet::new();
+        for (room_id, membership, membership_pos) in &memberships {
+            let newly = !initial && *membership_pos > since.stream;
+            match membership.as_str() {
+                "join" if candidates.contains(room_id) => {
+                    let full = initial || request.full_state || newly;
+                    let data = room_account_data.remove(room_id).unwrap_or_default();
+                    let room = self
+                        .joined_room(request, room_id, since, upto, full, data, &ignored, &mut response.delivered)
+                        .await?;
+                    if newly {
+                        newly_shared.extend(self.streams.members(room_id, "join"));
+                    }
+                    if let Some(room) = room {
+                        response.rooms.join.insert(room_id.clone(), room);
+                    }
+                }
+                "invite" if initial || newly => {
+                    if let Some(room) = self.invited_room(user, room_id, &ignored).await? {
+                        response.rooms.invite.insert(room_id.clone(), room);
+                    }
+                }
+                "knock" if initial || newly => {
+                    let state = self.stripped_state(room_id, user).await?;
+                    response
+                        .rooms
+                        .knock
+                        .insert(room_id.clone(), KnockedRoom { knock_state: EventList { events: state } });
+                }
+                "leave" | "ban" if (newly && !initial) || (initial && room_filter.include_leave) => {
+                    if self.rooms.db.membership(room_id, user).await?.is_some_and(|m| m.forgotten) {
+                        continue;
+                    }
+                    let data = room_account_data.remove(room_id).unwrap_or_default();
+                    let room = self.left_room(request, room_id, since, *membership_pos, data, &ignored).await?;
+                    response.rooms.leave.insert(room_id.clone(), room);
+                }
+                _ => {}
+            }
+        }
+
+        // Presence of people sharing rooms.
+        if self.presence.enabled() {
+            for view in self.presence.changes_for(user, if initial { 0 } else { since.ephemeral }) {
+                if filter::event_matches(&request.filter.presence, "m.presence", Some(&view.user_id)) {
+                    response.presence.events.push(serde_json::value::to_raw_value(&view.to_event()).expect("json"));
+                }
+            }
+        }
+
+        // To-device messages for this device.
+        for message in self
+            .rooms
+            .db
+            .to_device_since(user, &request.device_id, if initial { 0 } else { since.stream }, upto, TO_DEVICE_LIMIT)
+            .await?
+        {
+            let content: Box<RawValue> = RawValue::from_string(message.content).unwrap_or_else(|_| empty_object());
+            let event = json!({"type": message.event_type, "sender": message.sender.as_str(), "content": content});
+            response.to_device.events.push(serde_json::value::to_raw_value(&event).expect("json"));
+        }
+
+        // Device lists of people sharing rooms.
+        if !initial {
+            let sharing = self.streams.users_sharing_rooms(user);
+            let mut changed: HashSet<OwnedUserId> = self
+                .rooms
+                .db
+                .device_list_changes_since(since.stream, upto)
+                .await?
+                .into_iter()
+                .filter(|u| sharing.contains(u))
+                .collect();
+            changed.extend(newly_shared.into_iter().filter(|u| u != user));
+            let mut changed: Vec<_> = changed.into_iter().collect();
+            changed.sort();
+            response.device_lists.changed = changed;
+        }
+        Ok(response)
+    }
+
+    #[allow(clippy::too_many_arguments)] // One call site; the parameters are the sync's context.
+    async fn joined_room(
+        &self,
+        request: &SyncRequest,
+        room_id: &RoomId,
+        since: StreamToken,
+        upto: i64,
+        full: bool,
+        account_data: Vec<Box<RawValue>>,
+        ignored: &HashSet<OwnedUserId>,
+        delivered: &mut Vec<(OwnedRoomId, i64)>,
+    ) -> Result<Option<JoinedRoom>> {
+        let user = &*request.user_id;
+        let room_filter = &request.filter.room;
+        let timeline_filter = &room_filter.timeline;
+        let limit = timeline_filter
+            .limit
+            .map_or(DEFAULT_TIMELINE_LIMIT, |l| u64::from(l) as usize)
+            .clamp(1, MAX_TIMELINE_LIMIT);
+        let lazy = filter::lazy_loading(&room_filter.state);
+
+        let (events, limited) = self
+            .timeline(user, room_id, if full { 0 } else { since.stream }, upto, limit, timeline_filter, ignored)
+            .await?;
+        let start_group = match events.first() {
+            Some(first) => first.state_before,
+            None => self.rooms.db.room_state_group_at(room_id, upto).await?.unwrap_or(0),
+        };
+        let in_timeline: HashSet<&ruma::EventId> = events.iter().map(|e| &*e.pdu.event_id).collect();
+
+        let mut state: Vec<Arc<StoredEvent>> = if full {
+            let all = self.rooms.state_events(start_group, Some(&room_filter.state)).await?;
+            if lazy {
+                let senders: HashSet<&UserId> = events.iter().map(|e| &*e.pdu.sender).chain([user]).collect();
+                all.into_iter()
+                    .filter(|e| {
+                        e.pdu.event_type.to_string() != "m.room.member"
+                            || e.pdu
+                                .state_key
+                                .as_deref()
+                                .and_then(|k| UserId::parse(k).ok())
+                                .is_some_and(|u| senders.contains(&*u))
+                    })
+                    .collect()
+            } else {
+                all
+            }
+        } else if limited {
+            let before_group = self.rooms.db.room_state_group_at(room_id, since.stream).await?.unwrap_or(0);
+            let before = self.rooms.state_at(before_group).await?;
+            let after = self.rooms.state_at(start_group).await?;
+            let mut delta = Vec::new();
+            for (key, event_id) in after.iter() {
+                if before.get(key) != Some(event_id)
+                    && let Some(event) = self.rooms.event(event_id).await?
+                    && filter::room_event_matches(&room_filter.state, &event.pdu)
+                {
+                    delta.push(event);
+                }
+            }
+            if lazy {
+                // Members of the senders in view, so the client can render them.
+                for member in self.rooms.members_for(start_group, &events).await? {
+                    if !delta.iter().any(|e| e.pdu.event_id == member.pdu.event_id) {
+                        delta.push(member);
+                    }
+                }
+            }
+            delta.sort_by_key(|e| e.stream_pos);
+            delta
+        } else if lazy && !events.is_empty() {
+            // Members of senders not otherwise known to the client.
+            self.rooms.members_for(start_group, &events).await?
+        } else {
+            Vec::new()
+        };
+        state.retain(|e| !in_timeline.contains(&*e.pdu.event_id));
+
+        let typing = self.typing.typing_since(room_id, if full { 0 } else { since.ephemeral });
+        let receipts = self.rooms.db.room_receipts_since(room_id, if full { 0 } else { since.stream }, upto).await?;
+        let mut ephemeral = Vec::new();
+        if let Some(users) = typing {
+            ephemeral.push(
+                serde_json::value::to_raw_value(&json!({"type": "m.typing", "content": {"user_ids": users}}))
+                    .expect("json"),
+            );
+        }
+        let mut receipt_content: BTreeMap<String, BTreeMap<String, BTreeMap<String, Value>>> = BTreeMap::new();
+        for receipt in receipts {
+            if receipt.receipt_type == "m.read.private" && receipt.user_id != user {
+                continue;
+            }
+            if ignored.contains(&receipt.user_id) {
+                continue;
+            }
+            let mut info = json!({"ts": receipt.ts});
+            if !receipt.thread_id.is_empty() {
+                info["thread_id"] = json!(receipt.thread_id);
+            }
+            receipt_content
+                .entry(receipt.event_id.to_string())
+                .or_default()
+                .entry(receipt.receipt_type.clone())
+                .or_default()
+                .insert(receipt.user_id.to_string(), info);
+        }
+        if !receipt_content.is_empty() {
+            ephemeral.push(
+                serde_json::value::to_raw_value(&json!({"type": "m.receipt", "content": receipt_content}))
+                    .expect("json"),
+            );
+        }
+        let ephemeral_filter = filter_as_filter(&room_filter.ephemeral);
+        ephemeral.retain(|e| {
+            let event_type =
+                serde_json::from_str::<Value>(e.get()).ok().and_then(|v| v["type"].as_str().map(str::to_owned));
+            event_type.is_none_or(|t| filter::event_matches(&ephemeral_filter, &t, None))
+        });
+
+        let changed_membership =
+            events.iter().chain(state.iter()).any(|e| e.pdu.event_type.to_string() == "m.room.member");
+        if !full && events.is_empty() && state.is_empty() && ephemeral.is_empty() && account_data.is_empty() {
+            return Ok(None);
+        }
+        let (joined_count, invited_count) = self.streams.member_counts(room_id);
+        let summary = if full || limited || changed_membership {
+            Summary {
+                heroes: Some(self.heroes(room_id, user)),
+                joined_member_count: Some(joined_count),
+                invited_member_count: Some(invited_count),
+            }
+        } else {
+            Summary::default()
+        };
+        let unread = self.notifications.unread(user, room_id, upto).await?;
+        let prev_batch = match events.first() {
+            Some(first) => StreamToken::new(first.stream_pos - 1, 0).to_string(),
+            None => StreamToken::new(upto, 0).to_string(),
+        };
+        delivered.extend(events.iter().map(|e| (room_id.to_owned(), e.stream_pos)));
+        Ok(Some(JoinedRoom {
+            summary,
+            state: EventList {
+                events: self.rooms.serve(user, Some(&request.device_id), &state, Format::WithoutRoomId).await?,
+            },
+            timeline: Timeline {
+                events: self.rooms.serve(user, Some(&request.device_id), &events, Format::WithoutRoomId).await?,
+                limited,
+                prev_batch: Some(prev_batch),
+            },
+            ephemeral: EventList { events: ephemeral },
+            account_data: EventList { events: account_data },
+            unread_notifications: UnreadNotifications {
+                notification_count: unread.notifications,
+                highlight_count: unread.highlights,
+            },
+        }))
+    }
+
+    /// The newest events in `(after, upto]` (at most `limit`, oldest first) and whether older
+    /// ones were left out.
+    #[allow(clippy::too_many_arguments)] // Internal helper mirroring the timeline filter's inputs.
+    async fn timeline(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        after: i64,
+        upto: i64,
+        limit: usize,
+        timeline_filter: &RoomEventFilter,
+        ignored: &HashSet<OwnedUserId>,
+    ) -> Result<(Vec<Arc<StoredEvent>>, bool)> {
+        let mut events = Vec::new();
+        let mut cursor = upto;
+        let mut limited = false;
+        let batch = (limit as i64 + 1).max(2);
+        for _ in 0..20 {
+            let rows = self.rooms.db.room_events(room_id, after, cursor, Dir::Backward, batch).await?;
+            let fetched = rows.len() as i64;
+            let Some(last) = rows.last().map(|r| r.stream_pos) else { break };
+            cursor = last - 1;
+            let candidates: Vec<_> = self
+                .rooms
+                .events_from_rows(rows)?
+                .into_iter()
+                .filter(|e| filter::room_event_matches(timeline_filter, &e.pdu))
+                .collect();
+            for event in self.rooms.filter_visible(user, candidates, ignored).await? {
+                if events.len() == limit {
+                    limited = true;
+                    break;
+                }
+                events.push(event);
+            }
+            if limited || fetched < batch {
+                break;
+            }
+        }
+        events.reverse();
+        Ok((events, limited))
+    }
+
+    /// Up to five other members for clients to name an unnamed room by.
+    fn heroes(&self, room_id: &RoomId, user: &UserId) -> Vec<OwnedUserId> {
+        let mut members: Vec<OwnedUserId> = self.streams.members(room_id, "join");
+        members.extend(self.streams.members(room_id, "invite"));
+        members.retain(|m| m != user);
+        members.sort();
+        members.truncate(5);
+        members
+    }
+
+    async fn invited_room(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        ignored: &HashSet<OwnedUserId>,
+    ) -> Result<Option<InvitedRoom>> {
+        let Some(invite) = self.rooms.db.membership(room_id, user).await? else { return Ok(None) };
+        if ignored.contains(&invite.sender) {
+            return Ok(None);
+        }
+        let mut events = self.stripped_state(room_id, user).await?;
+        if let Some(event) = self.rooms.event(&invite.event_id).await? {
+            events.push(self.rooms.serve(user, None, &[event], Format::WithoutRoomId).await?.remove(0));
+        }
+        Ok(Some(InvitedRoom { invite_state: EventList { events } }))
+    }
+
+    /// The stripped state shown with invites and knocks.
+    async fn stripped_state(&self, room_id: &RoomId, user: &UserId) -> Result<Vec<Box<RawValue>>> {
+        let mut events = Vec::new();
+        for event_type in [
+            "m.room.create",
+            "m.room.join_rules",
+            "m.room.name",
+            "m.room.avatar",
+            "m.room.canonical_alias",
+            "m.room.topic",
+            "m.room.encryption",
+        ] {
+            if let Some(event) = self.rooms.current_state_event(room_id, event_type, "").await? {
+                events.push(client_event::to_stripped(&event.pdu));
+            }
+        }
+        let _ = user;
+        Ok(events)
+    }
+
+    async fn left_room(
+        &self,
+        request: &SyncRequest,
+        room_id: &RoomId,
+        since: StreamToken,
+        left_at: i64,
+        account_data: Vec<Box<RawValue>>,
+        ignored: &HashSet<OwnedUserId>,
+    ) -> Result<LeftRoom> {
+        let user = &*request.user_id;
+        let timeline_filter = &request.filter.room.timeline;
+        let limit = timeline_filter
+            .limit
+            .map_or(DEFAULT_TIMELINE_LIMIT, |l| u64::from(l) as usize)
+            .clamp(1, MAX_TIMELINE_LIMIT);
+        let (events, limited) =
+            self.timeline(user, room_id, since.stream, left_at, limit, timeline_filter, ignored).await?;
+        let group = self.rooms.db.room_state_group_at(room_id, left_at).await?.unwrap_or(0);
+        let in_timeline: HashSet<&ruma::EventId> = events.iter().map(|e| &*e.pdu.event_id).collect();
+        let state: Vec<_> = if limited {
+            self.rooms
+                .state_events(group, Some(&request.filter.room.state))
+                .await?
+                .into_iter()
+                .filter(|e| !in_timeline.contains(&*e.pdu.event_id))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let prev_batch = events.first().map(|first| StreamToken::new(first.stream_pos - 1, 0).to_string());
+        Ok(LeftRoom {
+            state: EventList {
+                events: self.rooms.serve(user, Some(&request.device_id), &state, Format::WithoutRoomId).await?,
+            },
+            timeline: Timeline {
+                events: self.rooms.serve(user, Some(&request.device_id), &events, Format::WithoutRoomId).await?,
+                limited,
+                prev_batch,
+            },
+            account_data: EventList { events: account_data },
+        })
+    }
+}
+
+fn empty_object() -> Box<RawValue> {
+    RawValue::from_string("{}".to_owned()).expect("valid JSON")
+}
+
+fn account_data_event(data_type: &str, content: &str) -> Box<RawValue> {
+    let content = RawValue::from_string(content.to_owned()).unwrap_or_else(|_| empty_object());
+    serde_json::value::to_raw_value(&json!({"type": data_type, "content": content})).expect("json")
+}
+
+/// A room event filter's type and sender parts, as a plain event filter.
+fn filter_as_filter(filter: &RoomEventFilter) -> ruma::api::client::filter::Filter {
+    let mut plain = ruma::api::client::filter::Filter::default();
+    plain.types = filter.types.clone();
+    plain.not_types = filter.not_types.clone();
+    plain.senders = filter.senders.clone();
+    plain.not_senders = filter.not_senders.clone();
+    plain
+}

@@ -1,0 +1,536 @@
+//! Stream writes and reads: everything that carries a stream position.
+//!
+//! [`Db::commit_stream_batch`] writes a batch of changes — events with their state and
+//! membership bookkeeping, receipts, account data, to-device messages, device-list changes — in
+//! one transaction. Positions are assigned by the caller (the single stream writer), in order, so
+//! a committed batch is always a contiguous run of positions.
+
+use std::sync::Arc;
+
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+
+use super::{Db, StorageResult, on_reader, on_writer, parse_id};
+use crate::matrix::pdu::Pdu;
+
+/// A new state group: a full snapshot (no `prev_group`) or the changes on top of `prev_group`.
+#[derive(Debug, Clone)]
+pub struct NewStateGroup {
+    pub id: i64,
+    pub prev_group: Option<i64>,
+    pub chain_len: i64,
+    pub entries: Vec<(String, String, OwnedEventId)>,
+}
+
+/// A membership change that comes with a member event.
+#[derive(Debug, Clone)]
+pub struct MembershipChange {
+    pub user_id: OwnedUserId,
+    pub membership: String,
+    pub sender: OwnedUserId,
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
+}
+
+/// A new room row (with its create event).
+#[derive(Debug, Clone)]
+pub struct NewRoom {
+    pub room_version: String,
+    pub creator: OwnedUserId,
+    pub is_public: bool,
+    pub created_ts: i64,
+}
+
+/// One event and everything that must commit with it.
+#[derive(Debug, Clone)]
+pub struct EventWrite {
+    pub pdu: Arc<Pdu>,
+    pub relates_to: Option<OwnedEventId>,
+    pub rel_type: Option<String>,
+    pub state_before: i64,
+    pub state_after: i64,
+    pub replaces_state: Option<OwnedEventId>,
+    pub new_state_group: Option<NewStateGroup>,
+    pub membership: Option<MembershipChange>,
+    /// The room's forward extremities after this event.
+    pub forward_extremities: Vec<OwnedEventId>,
+    /// (user, device, txn_id) of the client request that sent it.
+    pub txn: Option<(OwnedUserId, String, String)>,
+    /// For redactions: the redacted form of the target event to store in its place.
+    pub redaction_target: Option<(OwnedEventId, String)>,
+    pub new_room: Option<NewRoom>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReceiptWrite {
+    pub room_id: OwnedRoomId,
+    pub receipt_type: String,
+    pub user_id: OwnedUserId,
+    pub thread_id: String,
+    pub event_id: OwnedEventId,
+    pub event_pos: i64,
+    pub ts: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ToDeviceWrite {
+    pub user_id: OwnedUserId,
+    pub device_id: String,
+    pub sender: OwnedUserId,
+    pub event_type: String,
+    pub content: String,
+}
+
+/// One change to persist, with its position.
+#[derive(Debug, Clone)]
+pub enum StreamWrite {
+    Event(Box<EventWrite>),
+    Receipt(ReceiptWrite),
+    AccountData { user_id: OwnedUserId, room_id: Option<OwnedRoomId>, data_type: String, content: String },
+    ToDevice(ToDeviceWrite),
+    DeviceListChange { user_id: OwnedUserId },
+}
+
+#[derive(Debug, Clone)]
+pub struct ReceiptRow {
+    pub room_id: OwnedRoomId,
+    pub receipt_type: String,
+    pub user_id: OwnedUserId,
+    pub thread_id: String,
+    pub event_id: OwnedEventId,
+    pub event_pos: i64,
+    pub ts: i64,
+    pub stream_pos: i64,
+}
+
+type ReceiptTuple = (String, String, String, String, String, i64, i64, i64);
+
+fn receipt_row(t: ReceiptTuple) -> StorageResult<ReceiptRow> {
+    Ok(ReceiptRow {
+        room_id: parse_id(t.0)?,
+        receipt_type: t.1,
+        user_id: parse_id(t.2)?,
+        thread_id: t.3,
+        event_id: parse_id(t.4)?,
+        event_pos: t.5,
+        ts: t.6,
+        stream_pos: t.7,
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct AccountDataRow {
+    pub room_id: Option<OwnedRoomId>,
+    pub data_type: String,
+    pub content: String,
+    pub stream_pos: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ToDeviceRow {
+    pub stream_pos: i64,
+    pub sender: OwnedUserId,
+    pub event_type: String,
+    pub content: String,
+}
+
+/// Applies one stream write inside a transaction.
+macro_rules! apply_write {
+    ($tx:expr, $pos:expr, $write:expr) => {{
+        let pos: i64 = $pos;
+        match $write {
+            StreamWrite::Event(e) => {
+                let pdu = &e.pdu;
+                let room = pdu.room_id.as_str();
+                if let Some(room_row) = &e.new_room {
+                    sqlx::query(
+                        "INSERT INTO rooms (room_id, room_version, creator, is_public, created_ts) VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(room)
+                    .bind(&room_row.room_version)
+                    .bind(room_row.creator.as_str())
+                    .bind(room_row.is_public)
+                    .bind(room_row.created_ts)
+                    .execute(&mut *$tx)
+                    .await?;
+                }
+                if let Some(group) = &e.new_state_group {
+                    sqlx::query("INSERT INTO state_groups (id, room_id, prev_group, chain_len) VALUES ($1, $2, $3, $4)")
+                        .bind(group.id)
+                        .bind(room)
+                        .bind(group.prev_group)
+                        .bind(group.chain_len)
+                        .execute(&mut *$tx)
+                        .await?;
+                    for (event_type, state_key, event_id) in &group.entries {
+                        sqlx::query(
+                            "INSERT INTO state_group_entries (group_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)",
+                        )
+                        .bind(group.id)
+                        .bind(event_type)
+                        .bind(state_key)
+                        .bind(event_id.as_str())
+                        .execute(&mut *$tx)
+                        .await?;
+                    }
+                }
+                sqlx::query(
+                    "INSERT INTO events (stream_pos, event_id, room_id, sender, event_type, state_key, depth,
+                        origin_server_ts, json, relates_to, rel_type, state_before, state_after, replaces_state)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                )
+                .bind(pos)
+                .bind(pdu.event_id.as_str())
+                .bind(room)
+                .bind(pdu.sender.as_str())
+                .bind(pdu.event_type.to_string())
+                .bind(pdu.state_key.as_deref())
+                .bind(pdu.depth as i64)
+                .bind(i64::from(pdu.origin_server_ts.0))
+                .bind(&pdu.json)
+                .bind(e.relates_to.as_ref().map(|id| id.as_str()))
+                .bind(e.rel_type.as_deref())
+                .bind(e.state_before)
+                .bind(e.state_after)
+                .bind(e.replaces_state.as_ref().map(|id| id.as_str()))
+                .execute(&mut *$tx)
+                .await?;
+                if let Some(state_key) = &pdu.state_key {
+                    sqlx::query(
+                        "INSERT INTO room_current_state (room_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = EXCLUDED.event_id",
+                    )
+                    .bind(room)
+                    .bind(pdu.event_type.to_string())
+                    .bind(state_key)
+                    .bind(pdu.event_id.as_str())
+                    .execute(&mut *$tx)
+                    .await?;
+                }
+                if let Some(m) = &e.membership {
+                    sqlx::query(
+                        "INSERT INTO room_memberships (room_id, user_id, membership, event_id, stream_pos, sender, displayname, avatar_url, forgotten)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, FALSE)
+                         ON CONFLICT (room_id, user_id) DO UPDATE SET membership = EXCLUDED.membership,
+                            event_id = EXCLUDED.event_id, stream_pos = EXCLUDED.stream_pos, sender = EXCLUDED.sender,
+                            displayname = EXCLUDED.displayname, avatar_url = EXCLUDED.avatar_url, forgotten = FALSE",
+                    )
+                    .bind(room)
+                    .bind(m.user_id.as_str())
+                    .bind(&m.membership)
+                    .bind(pdu.event_id.as_str())
+                    .bind(pos)
+                    .bind(m.sender.as_str())
+                    .bind(m.displayname.as_deref())
+                    .bind(m.avatar_url.as_deref())
+                    .execute(&mut *$tx)
+                    .await?;
+                }
+                sqlx::query("DELETE FROM room_forward_extremities WHERE room_id = $1")
+                    .bind(room)
+                    .execute(&mut *$tx)
+                    .await?;
+                for extremity in &e.forward_extremities {
+                    sqlx::query("INSERT INTO room_forward_extremities (room_id, event_id) VALUES ($1, $2)")
+                        .bind(room)
+                        .bind(extremity.as_str())
+                        .execute(&mut *$tx)
+                        .await?;
+                }
+                if let Some((user, device, txn)) = &e.txn {
+                    sqlx::query(
+                        "INSERT INTO event_txns (user_id, device_id, room_id, txn_id, event_id) VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(user.as_str())
+                    .bind(device)
+                    .bind(room)
+                    .bind(txn)
+                    .bind(pdu.event_id.as_str())
+                    .execute(&mut *$tx)
+                    .await?;
+                }
+                if let Some((target, redacted_json)) = &e.redaction_target {
+                    sqlx::query("UPDATE events SET json = $1, redacted_by = $2 WHERE event_id = $3 AND redacted_by IS NULL")
+                        .bind(redacted_json)
+                        .bind(pdu.event_id.as_str())
+                        .bind(target.as_str())
+                        .execute(&mut *$tx)
+                        .await?;
+                }
+            }
+            StreamWrite::Receipt(r) => {
+                sqlx::query(
+                    "INSERT INTO receipts (room_id, receipt_type, user_id, thread_id, event_id, event_pos, ts, stream_pos)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     ON CONFLICT (room_id, receipt_type, user_id, thread_id) DO UPDATE SET event_id = EXCLUDED.event_id,
+                        event_pos = EXCLUDED.event_pos, ts = EXCLUDED.ts, stream_pos = EXCLUDED.stream_pos",
+                )
+                .bind(r.room_id.as_str())
+                .bind(&r.receipt_type)
+                .bind(r.user_id.as_str())
+                .bind(&r.thread_id)
+                .bind(r.event_id.as_str())
+                .bind(r.event_pos)
+                .bind(r.ts)
+                .bind(pos)
+                .execute(&mut *$tx)
+                .await?;
+            }
+            StreamWrite::AccountData { user_id, room_id, data_type, content } => {
+                sqlx::query(
+                    "INSERT INTO account_data (user_id, room_id, data_type, content, stream_pos) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (user_id, room_id, data_type) DO UPDATE SET content = EXCLUDED.content, stream_pos = EXCLUDED.stream_pos",
+                )
+                .bind(user_id.as_str())
+                .bind(room_id.as_ref().map_or("", |r| r.as_str()))
+                .bind(data_type)
+                .bind(content)
+                .bind(pos)
+                .execute(&mut *$tx)
+                .await?;
+            }
+            StreamWrite::ToDevice(m) => {
+                sqlx::query(
+                    "INSERT INTO to_device_messages (stream_pos, user_id, device_id, sender, event_type, content)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(pos)
+                .bind(m.user_id.as_str())
+                .bind(&m.device_id)
+                .bind(m.sender.as_str())
+                .bind(&m.event_type)
+                .bind(&m.content)
+                .execute(&mut *$tx)
+                .await?;
+            }
+            StreamWrite::DeviceListChange { user_id } => {
+                sqlx::query("INSERT INTO device_list_changes (stream_pos, user_id) VALUES ($1, $2)")
+                    .bind(pos)
+                    .bind(user_id.as_str())
+                    .execute(&mut *$tx)
+                    .await?;
+            }
+        }
+    }};
+}
+
+impl Db {
+    /// Commits `writes` in one transaction; `writes[i]` gets position `first_pos + i`.
+    pub async fn commit_stream_batch(&self, first_pos: i64, writes: &[&StreamWrite]) -> StorageResult<()> {
+        on_writer!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for (offset, write) in writes.iter().enumerate() {
+                apply_write!(tx, first_pos + offset as i64, *write);
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// The highest stream position stored anywhere (the stream writer resumes after it).
+    pub async fn max_stream_pos(&self) -> StorageResult<i64> {
+        let max: Option<i64> = on_reader!(self, pool => {
+            sqlx::query_scalar(
+                "SELECT MAX(p) FROM (
+                    SELECT MAX(stream_pos) AS p FROM events
+                    UNION ALL SELECT MAX(stream_pos) FROM receipts
+                    UNION ALL SELECT MAX(stream_pos) FROM account_data
+                    UNION ALL SELECT MAX(stream_pos) FROM to_device_messages
+                    UNION ALL SELECT MAX(stream_pos) FROM device_list_changes
+                 ) AS positions",
+            )
+            .fetch_one(pool)
+            .await?
+        });
+        Ok(max.unwrap_or(0))
+    }
+
+    /// Receipts in `room_id` that changed in `(after, upto]` (all of them when `after` is 0).
+    pub async fn room_receipts_since(&self, room_id: &RoomId, after: i64, upto: i64) -> StorageResult<Vec<ReceiptRow>> {
+        let rows: Vec<ReceiptTuple> = on_reader!(self, pool => {
+            sqlx::query_as(
+                "SELECT room_id, receipt_type, user_id, thread_id, event_id, event_pos, ts, stream_pos FROM receipts
+                 WHERE room_id = $1 AND stream_pos > $2 AND stream_pos <= $3",
+            )
+            .bind(room_id.as_str())
+            .bind(after)
+            .bind(upto)
+            .fetch_all(pool)
+            .await?
+        });
+        rows.into_iter().map(receipt_row).collect()
+    }
+
+    /// Rooms with receipt changes in `(after, upto]`.
+    pub async fn rooms_with_receipts_since(&self, after: i64, upto: i64) -> StorageResult<Vec<OwnedRoomId>> {
+        let rows: Vec<String> = on_reader!(self, pool => {
+            sqlx::query_scalar("SELECT DISTINCT room_id FROM receipts WHERE stream_pos > $1 AND stream_pos <= $2")
+                .bind(after)
+                .bind(upto)
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter().map(parse_id).collect()
+    }
+
+    /// A user's receipt of one type in a room and thread.
+    pub async fn receipt(
+        &self,
+        room_id: &RoomId,
+        receipt_type: &str,
+        user_id: &UserId,
+        thread_id: &str,
+    ) -> StorageResult<Option<ReceiptRow>> {
+        let row: Option<ReceiptTuple> = on_reader!(self, pool => {
+            sqlx::query_as(
+                "SELECT room_id, receipt_type, user_id, thread_id, event_id, event_pos, ts, stream_pos FROM receipts
+                 WHERE room_id = $1 AND receipt_type = $2 AND user_id = $3 AND thread_id = $4",
+            )
+            .bind(room_id.as_str())
+            .bind(receipt_type)
+            .bind(user_id.as_str())
+            .bind(thread_id)
+            .fetch_optional(pool)
+            .await?
+        });
+        row.map(receipt_row).transpose()
+    }
+
+    /// The furthest position a user's read receipts (public or private, any thread) reach in a room.
+    pub async fn read_up_to(&self, room_id: &RoomId, user_id: &UserId) -> StorageResult<i64> {
+        let pos: Option<i64> = on_reader!(self, pool => {
+            sqlx::query_scalar(
+                "SELECT MAX(event_pos) FROM receipts WHERE room_id = $1 AND user_id = $2
+                   AND receipt_type IN ('m.read', 'm.read.private') AND thread_id IN ('', 'main')",
+            )
+            .bind(room_id.as_str())
+            .bind(user_id.as_str())
+            .fetch_one(pool)
+            .await?
+        });
+        Ok(pos.unwrap_or(0))
+    }
+
+    /// A user's account data changed in `(after, upto]`.
+    pub async fn account_data_since(
+        &self,
+        user_id: &UserId,
+        after: i64,
+        upto: i64,
+    ) -> StorageResult<Vec<AccountDataRow>> {
+        let rows: Vec<(String, String, String, i64)> = on_reader!(self, pool => {
+            sqlx::query_as(
+                "SELECT room_id, data_type, content, stream_pos FROM account_data
+                 WHERE user_id = $1 AND stream_pos > $2 AND stream_pos <= $3 ORDER BY stream_pos",
+            )
+            .bind(user_id.as_str())
+            .bind(after)
+            .bind(upto)
+            .fetch_all(pool)
+            .await?
+        });
+        rows.into_iter()
+            .map(|(room, data_type, content, stream_pos)| {
+                Ok(AccountDataRow {
+                    room_id: if room.is_empty() { None } else { Some(parse_id(room)?) },
+                    data_type,
+                    content,
+                    stream_pos,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn account_data(
+        &self,
+        user_id: &UserId,
+        room_id: Option<&RoomId>,
+        data_type: &str,
+    ) -> StorageResult<Option<String>> {
+        let row: Option<String> = on_reader!(self, pool => {
+            sqlx::query_scalar("SELECT content FROM account_data WHERE user_id = $1 AND room_id = $2 AND data_type = $3")
+                .bind(user_id.as_str())
+                .bind(room_id.map_or("", |r| r.as_str()))
+                .bind(data_type)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(row)
+    }
+
+    /// To-device messages for a device in `(after, upto]`, oldest first.
+    pub async fn to_device_since(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+        after: i64,
+        upto: i64,
+        limit: i64,
+    ) -> StorageResult<Vec<ToDeviceRow>> {
+        let rows: Vec<(i64, String, String, String)> = on_reader!(self, pool => {
+            sqlx::query_as(
+                "SELECT stream_pos, sender, event_type, content FROM to_device_messages
+                 WHERE user_id = $1 AND device_id = $2 AND stream_pos > $3 AND stream_pos <= $4
+                 ORDER BY stream_pos LIMIT $5",
+            )
+            .bind(user_id.as_str())
+            .bind(device_id)
+            .bind(after)
+            .bind(upto)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        });
+        rows.into_iter()
+            .map(|(stream_pos, sender, event_type, content)| {
+                Ok(ToDeviceRow { stream_pos, sender: parse_id(sender)?, event_type, content })
+            })
+            .collect()
+    }
+
+    /// Deletes to-device messages a device has acknowledged (by syncing past them).
+    pub async fn delete_to_device_upto(&self, user_id: &UserId, device_id: &str, upto: i64) -> StorageResult<()> {
+        on_writer!(self, pool => {
+            sqlx::query("DELETE FROM to_device_messages WHERE user_id = $1 AND device_id = $2 AND stream_pos <= $3")
+                .bind(user_id.as_str())
+                .bind(device_id)
+                .bind(upto)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Users whose device lists changed in `(after, upto]`.
+    pub async fn device_list_changes_since(&self, after: i64, upto: i64) -> StorageResult<Vec<OwnedUserId>> {
+        let rows: Vec<String> = on_reader!(self, pool => {
+            sqlx::query_scalar("SELECT DISTINCT user_id FROM device_list_changes WHERE stream_pos > $1 AND stream_pos <= $2")
+                .bind(after)
+                .bind(upto)
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter().map(parse_id).collect()
+    }
+
+    pub async fn create_filter(&self, user_id: &UserId, json: &str) -> StorageResult<i64> {
+        let id: i64 = on_writer!(self, pool => {
+            sqlx::query_scalar("INSERT INTO filters (user_id, json) VALUES ($1, $2) RETURNING filter_id")
+                .bind(user_id.as_str())
+                .bind(json)
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(id)
+    }
+
+    pub async fn filter(&self, user_id: &UserId, filter_id: i64) -> StorageResult<Option<String>> {
+        let row: Option<String> = on_reader!(self, pool => {
+            sqlx::query_scalar("SELECT json FROM filters WHERE user_id = $1 AND filter_id = $2")
+                .bind(user_id.as_str())
+                .bind(filter_id)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(row)
+    }
+}
