@@ -11,6 +11,7 @@ use axum::{
 use ruma::api::{
     IncomingRequest, IncomingRequestExt,
     error::{DeserializationError, FromHttpRequestError},
+    path_builder::PathBuilder,
 };
 
 use crate::{
@@ -41,11 +42,17 @@ where
         if declared_len.is_some_and(|len| len > limit) {
             return Err(too_large(limit));
         }
-        let path_params = match RawPathParams::from_request_parts(&mut parts, state).await {
+        let mut path_params: Vec<String> = match RawPathParams::from_request_parts(&mut parts, state).await {
             Ok(params) => params.iter().map(|(_, value)| value.to_owned()).collect(),
             Err(axum::extract::rejection::RawPathParamsRejection::MissingPathParams(_)) => Vec::new(),
             Err(rejection) => return Err(Error::InvalidParam(rejection.body_text())),
         };
+        // Routes registered without a trailing empty parameter (an empty state key) supply one
+        // argument less than the endpoint's path has.
+        let expected = T::PATH_BUILDER.all_paths().next().map_or(0, |path| path.matches('{').count());
+        while path_params.len() < expected {
+            path_params.push(String::new());
+        }
         let bytes = axum::body::to_bytes(Body::new(body), limit).await.map_err(|err| {
             if std::error::Error::source(&err).is_some_and(|source| source.is::<http_body_util::LengthLimitError>()) {
                 too_large(limit)
@@ -53,10 +60,13 @@ where
                 Error::BadJson(format!("could not read the request body: {err}"))
             }
         })?;
+        // An empty body means "no parameters" (several clients send none to POST /join); every
+        // JSON body in the API is an object, so treat it as `{}`.
+        let body: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
         let mut http_request = axum::http::Request::builder()
             .method(parts.method)
             .uri(parts.uri)
-            .body(bytes.as_ref())
+            .body(body)
             .map_err(|err| Error::BadJson(err.to_string()))?;
         *http_request.headers_mut() = parts.headers;
         let args: Vec<&str> = path_params.iter().map(String::as_str).collect();

@@ -37,6 +37,24 @@ fn endpoint_with<T: IncomingRequest>(
     router
 }
 
+/// Like [`endpoint`], for paths ending in `/{state_key}`: the spec allows an empty state key, which
+/// clients send as a trailing slash (or leave off), and a router cannot match an empty segment.
+fn state_endpoint<T, H, X>(mut router: Router<AppState>, handler: H) -> Router<AppState>
+where
+    T: IncomingRequest,
+    H: Handler<X, AppState>,
+    X: 'static,
+{
+    let method_router = on(method_filter::<T>(), handler);
+    for path in T::PATH_BUILDER.all_paths() {
+        router = router.route(path, method_router.clone());
+        if let Some(prefix) = path.strip_suffix("/{state_key}") {
+            router = router.route(prefix, method_router.clone()).route(&format!("{prefix}/"), method_router.clone());
+        }
+    }
+    router
+}
+
 fn method_filter<T: Metadata>() -> MethodFilter {
     MethodFilter::try_from(T::METHOD).expect("Matrix endpoints use standard methods")
 }
@@ -134,8 +152,8 @@ fn room_routes(mut router: Router<AppState>) -> Router<AppState> {
     router = endpoint::<message::send_message_event::v3::Request, _, _>(router, msg::send);
     router = endpoint::<message::get_message_events::v3::Request, _, _>(router, msg::messages);
     router = endpoint::<redact::redact_event::v3::Request, _, _>(router, msg::redact);
-    router = endpoint::<state::send_state_event::v3::Request, _, _>(router, st::send);
-    router = endpoint::<state::get_state_event_for_key::v3::Request, _, _>(router, st::get_one);
+    router = state_endpoint::<state::send_state_event::v3::Request, _, _>(router, st::send);
+    router = state_endpoint::<state::get_state_event_for_key::v3::Request, _, _>(router, st::get_one);
     router = endpoint::<state::get_state_events::v3::Request, _, _>(router, st::get_all);
 
     router = endpoint::<relations::get_relating_events::v1::Request, _, _>(router, rel::all);

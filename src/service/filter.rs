@@ -81,7 +81,10 @@ pub fn lazy_loading(filter: &RoomEventFilter) -> bool {
 /// Parses the `filter` query parameter of `/sync` and `/messages`: a filter ID or inline JSON.
 pub async fn resolve_sync_filter(db: &Db, user_id: &UserId, filter: &str) -> Result<FilterDefinition> {
     if filter.trim_start().starts_with('{') {
-        return serde_json::from_str(filter).map_err(|e| Error::BadJson(format!("invalid filter: {e}")));
+        return serde_json::from_str(filter).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => Error::BadJson(format!("invalid filter: {e}")),
+            _ => Error::NotJson(format!("invalid filter: {e}")),
+        });
     }
     let id: i64 = filter.parse().map_err(|_| Error::InvalidParam(format!("invalid filter ID: {filter}")))?;
     let json = db.filter(user_id, id).await?.ok_or_else(|| Error::not_found("Unknown filter"))?;

@@ -283,10 +283,23 @@ impl Sync {
             let newly = !initial && *membership_pos > since.stream;
             match membership.as_str() {
                 "join" if candidates.contains(room_id) => {
-                    let full = initial || request.full_state || newly;
+                    // A room seen for the first time gets its last events and full state;
+                    // `full_state` only widens the state, the timeline still starts at `since`.
+                    let fresh = initial || newly;
+                    let full_state = fresh || request.full_state;
                     let data = room_account_data.remove(room_id).unwrap_or_default();
                     let room = self
-                        .joined_room(request, room_id, since, upto, full, data, &ignored, &mut response.delivered)
+                        .joined_room(
+                            request,
+                            room_id,
+                            since,
+                            upto,
+                            fresh,
+                            full_state,
+                            data,
+                            &ignored,
+                            &mut response.delivered,
+                        )
                         .await?;
                     if newly {
                         newly_shared.extend(self.streams.members(room_id, "join"));
@@ -366,6 +379,7 @@ impl Sync {
         room_id: &RoomId,
         since: StreamToken,
         upto: i64,
+        fresh: bool,
         full: bool,
         account_data: Vec<Box<RawValue>>,
         ignored: &HashSet<OwnedUserId>,
@@ -381,7 +395,7 @@ impl Sync {
         let lazy = filter::lazy_loading(&room_filter.state);
 
         let (events, limited) = self
-            .timeline(user, room_id, if full { 0 } else { since.stream }, upto, limit, timeline_filter, ignored)
+            .timeline(user, room_id, if fresh { 0 } else { since.stream }, upto, limit, timeline_filter, ignored)
             .await?;
         let start_group = match events.first() {
             Some(first) => first.state_before,
@@ -437,8 +451,8 @@ impl Sync {
         };
         state.retain(|e| !in_timeline.contains(&*e.pdu.event_id));
 
-        let typing = self.typing.typing_since(room_id, if full { 0 } else { since.ephemeral });
-        let receipts = self.rooms.db.room_receipts_since(room_id, if full { 0 } else { since.stream }, upto).await?;
+        let typing = self.typing.typing_since(room_id, if fresh { 0 } else { since.ephemeral });
+        let receipts = self.rooms.db.room_receipts_since(room_id, if fresh { 0 } else { since.stream }, upto).await?;
         let mut ephemeral = Vec::new();
         if let Some(users) = typing {
             ephemeral.push(

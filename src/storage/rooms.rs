@@ -245,7 +245,7 @@ impl Db {
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {EVENT_COLUMNS} FROM events
              WHERE relates_to = $1 AND ($2 IS NULL OR rel_type = $2) AND stream_pos > $3 AND stream_pos <= $4
-               AND NOT soft_failed
+               AND NOT soft_failed AND redacted_by IS NULL
              ORDER BY stream_pos {order} LIMIT $5"
         ));
         let rows: Vec<EventTuple> = on_reader!(self, pool => {
@@ -305,7 +305,7 @@ impl Db {
         let placeholders = (2..=roots.len() + 1).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT relates_to, COUNT(*), MAX(stream_pos), MAX(CASE WHEN sender = $1 THEN 1 ELSE 0 END) FROM events
-             WHERE relates_to IN ({placeholders}) AND rel_type = 'm.thread' AND NOT soft_failed
+             WHERE relates_to IN ({placeholders}) AND rel_type = 'm.thread' AND NOT soft_failed AND redacted_by IS NULL
              GROUP BY relates_to"
         ));
         let rows: Vec<(String, i64, i64, i32)> = on_reader!(self, pool => {
@@ -328,7 +328,7 @@ impl Db {
         let rows: Vec<(String, i64)> = on_reader!(self, pool => {
             sqlx::query_as(
                 "SELECT relates_to, MAX(stream_pos) AS latest FROM events
-                 WHERE room_id = $1 AND rel_type = 'm.thread' AND NOT soft_failed
+                 WHERE room_id = $1 AND rel_type = 'm.thread' AND NOT soft_failed AND redacted_by IS NULL
                  GROUP BY relates_to HAVING MAX(stream_pos) < $2
                  ORDER BY latest DESC LIMIT $3",
             )

@@ -264,14 +264,17 @@ impl TestServer {
             let mut ready_tx = Some(ready_tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(tx) = &ready_tx
-                    && let Ok(value) = serde_json::from_str::<Value>(&line)
-                    && let Some(address) = value.get("local_address").and_then(Value::as_str)
+                let address = ready_tx.as_ref().and_then(|_| {
+                    let value = serde_json::from_str::<Value>(&line).ok()?;
+                    value.get("local_address").and_then(Value::as_str).map(str::to_owned)
+                });
+                // Log first, so the ready line is in the log by the time the server counts as up.
+                log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(line);
+                if let Some(address) = address
+                    && let Some(tx) = ready_tx.take()
                 {
                     let _ = tx.send(format!("http://{address}"));
-                    ready_tx = None;
                 }
-                log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(line);
             }
         });
         match ready_rx.recv_timeout(Duration::from_secs(60)) {
@@ -418,6 +421,133 @@ impl TestServer {
         }
         self.post("/_matrix/client/v3/login", None, body).await
     }
+}
+
+/// Room and sync helpers.
+impl TestServer {
+    /// `POST /createRoom` as `account`; panics unless it succeeds.
+    pub async fn create_room(&self, account: &Account, body: Value) -> String {
+        let (status, response) = self.post("/_matrix/client/v3/createRoom", Some(&account.access_token), body).await;
+        assert_eq!(status, StatusCode::OK, "createRoom: {response}");
+        response["room_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn join(&self, account: &Account, room_id: &str) {
+        let (status, response) = self
+            .post(&format!("/_matrix/client/v3/join/{}", enc(room_id)), Some(&account.access_token), json!({}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "join: {response}");
+    }
+
+    pub async fn invite(&self, from: &Account, room_id: &str, user_id: &str) {
+        let (status, response) = self
+            .post(
+                &format!("/_matrix/client/v3/rooms/{}/invite", enc(room_id)),
+                Some(&from.access_token),
+                json!({"user_id": user_id}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "invite: {response}");
+    }
+
+    /// Sends an event with a fresh transaction ID and returns its event ID.
+    pub async fn send(&self, account: &Account, room_id: &str, event_type: &str, content: Value) -> String {
+        static TXN: AtomicU32 = AtomicU32::new(0);
+        let txn = TXN.fetch_add(1, Ordering::SeqCst);
+        let path = format!("/_matrix/client/v3/rooms/{}/send/{event_type}/t{txn}", enc(room_id));
+        let (status, response) = self.put(&path, Some(&account.access_token), content).await;
+        assert_eq!(status, StatusCode::OK, "send: {response}");
+        response["event_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn send_text(&self, account: &Account, room_id: &str, body: &str) -> String {
+        self.send(account, room_id, "m.room.message", json!({"msgtype": "m.text", "body": body})).await
+    }
+
+    pub async fn set_state(
+        &self,
+        account: &Account,
+        room_id: &str,
+        event_type: &str,
+        state_key: &str,
+        content: Value,
+    ) -> (StatusCode, Value) {
+        let path = format!("/_matrix/client/v3/rooms/{}/state/{event_type}/{}", enc(room_id), enc(state_key));
+        self.put(&path, Some(&account.access_token), content).await
+    }
+
+    /// `GET /sync` with optional `since`, `filter` (JSON or ID) and timeout; panics unless 200.
+    pub async fn sync(&self, account: &Account, since: Option<&str>, filter: Option<&str>, timeout_ms: u64) -> Value {
+        let mut path = format!("/_matrix/client/v3/sync?timeout={timeout_ms}");
+        if let Some(since) = since {
+            path.push_str(&format!("&since={}", enc(since)));
+        }
+        if let Some(filter) = filter {
+            path.push_str(&format!("&filter={}", enc(filter)));
+        }
+        let (status, response) = self.get(&path, Some(&account.access_token)).await;
+        assert_eq!(status, StatusCode::OK, "sync: {response}");
+        response
+    }
+
+    /// Syncs from `since` until `done` holds for a response (each response is passed in turn;
+    /// the returned token is the last `next_batch`). Panics after 20 seconds.
+    pub async fn sync_until(
+        &self,
+        account: &Account,
+        since: Option<String>,
+        mut done: impl FnMut(&Value) -> bool,
+    ) -> (Value, String) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut since = since;
+        loop {
+            let response = self.sync(account, since.as_deref(), None, 2000).await;
+            let next = response["next_batch"].as_str().unwrap().to_owned();
+            if done(&response) {
+                return (response, next);
+            }
+            assert!(Instant::now() < deadline, "sync condition not met in time; last response: {response}");
+            since = Some(next);
+        }
+    }
+
+    /// The stored PDU JSON of an event, read straight from the database.
+    pub async fn stored_pdu(&self, event_id: &str) -> Value {
+        let json: String = match &self.database {
+            Some(db) => {
+                let mut conn = PgConnection::connect(&db.url()).await.unwrap();
+                sqlx::query_scalar("SELECT json FROM events WHERE event_id = $1")
+                    .bind(event_id)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap()
+            }
+            None => {
+                let url = format!("sqlite://{}?mode=ro", self.dir.path().join("data/hearth.db").display());
+                let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+                sqlx::query_scalar("SELECT json FROM events WHERE event_id = $1")
+                    .bind(event_id)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap()
+            }
+        };
+        serde_json::from_str(&json).unwrap()
+    }
+}
+
+/// Timeline events of `room_id` in a sync response.
+pub fn timeline<'a>(sync: &'a Value, room_id: &str) -> Vec<&'a Value> {
+    sync["rooms"]["join"][room_id]["timeline"]["events"].as_array().map(|a| a.iter().collect()).unwrap_or_default()
+}
+
+/// Event IDs of the `m.room.message` events in a timeline.
+pub fn message_ids(events: &[&Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 impl Drop for TestServer {

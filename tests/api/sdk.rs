@@ -60,4 +60,9 @@ backend_tests! {
         let server = TestServer::start(backend).await;
         tokio::task::spawn_blocking(move || run_sdk_script(&server, "nio_account.py")).await.unwrap();
     }
+
+    async fn matrix_nio_users_chat_in_a_dm_and_a_group(backend) {
+        let server = TestServer::start(backend).await;
+        tokio::task::spawn_blocking(move || run_sdk_script(&server, "nio_chat.py")).await.unwrap();
+    }
 }

@@ -89,6 +89,13 @@ impl Rooms {
             if ignored.contains(&event.pdu.sender) && event.pdu.state_key.is_none() {
                 continue;
             }
+            // A user always sees their own membership changes (their join, their kick).
+            if event.pdu.event_type == ruma::events::TimelineEventType::RoomMember
+                && event.pdu.state_key.as_deref() == Some(viewer.as_str())
+            {
+                visible.push(event);
+                continue;
+            }
             let group = event.state_after;
             let visibility = match visibility_cache.get(&group) {
                 Some(v) => v.clone(),
@@ -578,7 +585,8 @@ impl Rooms {
                     continue;
                 }
                 if roots.len() == limit {
-                    next = Some(latest);
+                    // The next page starts with this thread (bounds are exclusive).
+                    next = Some(latest + 1);
                     break;
                 }
                 roots.push(root);

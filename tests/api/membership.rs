@@ -1,0 +1,193 @@
+//! Membership: invite, join (ID and alias), leave, kick, ban, unban, knock, restricted joins,
+//! forget, member lists and profile propagation.
+
+use serde_json::json;
+
+use crate::harness::{TestServer, assert_error, backend_tests, enc};
+
+fn path(room: &str, action: &str) -> String {
+    format!("/_matrix/client/v3/rooms/{}/{action}", enc(room))
+}
+
+async fn membership_of(server: &TestServer, token: &str, room: &str, user: &str) -> Option<String> {
+    let (status, body) = server.get(&format!("{}/{}", path(room, "state/m.room.member"), enc(user)), Some(token)).await;
+    (status == 200).then(|| body["membership"].as_str().unwrap().to_owned())
+}
+
+async fn joined_rooms(server: &TestServer, token: &str) -> Vec<String> {
+    let (_, body) = server.get("/_matrix/client/v3/joined_rooms", Some(token)).await;
+    body["joined_rooms"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_owned()).collect()
+}
+
+backend_tests! {
+    async fn invite_join_leave(backend) {
+        let server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let bob = server.register("bob").await;
+        let room = server.create_room(&alice, json!({"preset": "private_chat"})).await;
+        // Invite-only: bob cannot just join.
+        assert_error(&server.post(&path(&room, "join"), Some(&bob.access_token), json!({})).await, 403, "M_FORBIDDEN");
+        server.invite(&alice, &room, &bob.user_id).await;
+        assert_eq!(membership_of(&server, &alice.access_token, &room, &bob.user_id).await.as_deref(), Some("invite"));
+        server.join(&bob, &room).await;
+        assert_eq!(joined_rooms(&server, &bob.access_token).await, vec![room.clone()]);
+        let (_, members) = server.get(&path(&room, "joined_members"), Some(&bob.access_token)).await;
+        assert_eq!(members["joined"][&alice.user_id]["display_name"], "alice");
+        assert!(members["joined"].get(&bob.user_id).is_some());
+        assert_eq!(server.post(&path(&room, "leave"), Some(&bob.access_token), json!({"reason": "bye"})).await.0, 200);
+        assert!(joined_rooms(&server, &bob.access_token).await.is_empty());
+        let member = server.get(&format!("{}/{}", path(&room, "state/m.room.member"), enc(&bob.user_id)), Some(&alice.access_token)).await.1;
+        assert_eq!(member["membership"], "leave");
+        assert_eq!(member["reason"], "bye");
+        // Leaving again is harmless.
+        assert_eq!(server.post(&path(&room, "leave"), Some(&bob.access_token), json!({})).await.0, 200);
+    }
+
+    async fn join_by_alias_and_unknown_rooms(backend) {
+        let server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let bob = server.register("bob").await;
+        let room = server.create_room(&alice, json!({"preset": "public_chat", "room_alias_name": "hall"})).await;
+        let (status, body) = server.post("/_matrix/client/v3/join/%23hall%3Alocalhost", Some(&bob.access_token), json!({})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["room_id"], room);
+        assert_error(&server.post("/_matrix/client/v3/join/%23nope%3Alocalhost", Some(&bob.access_token), json!({})).await, 404, "M_NOT_FOUND");
+        assert_error(&server.post("/_matrix/client/v3/join/%21nope%3Alocalhost", Some(&bob.access_token), json!({})).await, 404, "M_NOT_FOUND");
+        assert_error(&server.post("/_matrix/client/v3/join/garbage", Some(&bob.access_token), json!({})).await, 400, "M_INVALID_PARAM");
+    }
+
+    async fn kick_ban_unban(backend) {
+        let server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let bob = server.register("bob").await;
+        let carol = server.register("carol").await;
+        let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+        server.join(&bob, &room).await;
+        server.join(&carol, &room).await;
+        // Carol has no power to kick.
+        assert_error(&server.post(&path(&room, "kick"), Some(&carol.access_token), json!({"user_id": bob.user_id})).await, 403, "M_FORBIDDEN");
+        assert_eq!(server.post(&path(&room, "kick"), Some(&alice.access_token), json!({"user_id": bob.user_id, "reason": "spam"})).await.0, 200);
+        assert_eq!(membership_of(&server, &alice.access_token, &room, &bob.user_id).await.as_deref(), Some("leave"));
+        server.join(&bob, &room).await; // kicked users of a public room may come back
+        assert_eq!(server.post(&path(&room, "ban"), Some(&alice.access_token), json!({"user_id": bob.user_id})).await.0, 200);
+        assert_error(&server.post(&path(&room, "join"), Some(&bob.access_token), json!({})).await, 403, "M_FORBIDDEN");
+        assert_error(&server.post(&path(&room, "unban"), Some(&carol.access_token), json!({"user_id": bob.user_id})).await, 403, "M_FORBIDDEN");
+        assert_eq!(server.post(&path(&room, "unban"), Some(&alice.access_token), json!({"user_id": bob.user_id})).await.0, 200);
+        assert_error(&server.post(&path(&room, "unban"), Some(&alice.access_token), json!({"user_id": bob.user_id})).await, 403, "M_FORBIDDEN");
+        server.join(&bob, &room).await;
+        assert_error(&server.post(&path(&room, "kick"), Some(&alice.access_token), json!({"user_id": "@ghost:localhost"})).await, 403, "M_FORBIDDEN");
+    }
+
+    async fn knocking(backend) {
+        let server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let bob = server.register("bob").await;
+        let room = server.create_room(&alice, json!({"initial_state": [{"type": "m.room.join_rules", "content": {"join_rule": "knock"}}], "name": "Knock knock"})).await;
+        let (status, body) = server.post(&format!("/_matrix/client/v3/knock/{}", enc(&room)), Some(&bob.access_token), json!({"reason": "let me in"})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(membership_of(&server, &alice.access_token, &room, &bob.user_id).await.as_deref(), Some("knock"));
+        let (sync, _) = server.sync_until(&bob, None, |s| s["rooms"]["knock"].get(&room).is_some()).await;
+        let knock_state = sync["rooms"]["knock"][&room]["knock_state"]["events"].as_array().unwrap();
+        assert!(knock_state.iter().any(|e| e["type"] == "m.room.name"));
+        server.invite(&alice, &room, &bob.user_id).await;
+        server.join(&bob, &room).await;
+        // Knocking on a room that does not allow it.
+        let closed = server.create_room(&alice, json!({"preset": "private_chat"})).await;
+        assert_error(&server.post(&format!("/_matrix/client/v3/knock/{}", enc(&closed)), Some(&bob.access_token), json!({})).await, 403, "M_FORBIDDEN");
+    }
+
+    async fn restricted_rooms_admit_members_of_allowed_rooms(backend) {
+        let server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let bob = server.register("bob").await;
+        let carol = server.register("carol").await;
+        let space = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+        server.join(&bob, &space).await;
+        let room = server
+            .create_room(&alice, json!({"initial_state": [{"type": "m.room.join_rules", "content": {"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": space}]}}]}))
+            .await;
+        server.join(&bob, &room).await;
+        let member = server.get(&format!("{}/{}", path(&room, "state/m.room.member"), enc(&bob.user_id)), Some(&bob.access_token)).await.1;
+        assert_eq!(member["join_authorised_via_users_server"], alice.user_id);
+        assert_error(&server.post(&path(&room, "join"), Some(&carol.access_token), json!({})).await, 403, "M_FORBIDDEN");
+    }
+
+    async fn members_listing_with_filters(backend) {
+        let server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let bob = server.register("bob").await;
+        let carol = server.register("carol").await;
+        let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+        server.join(&bob, &room).await;
+        let at = server.sync(&alice, None, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+        server.invite(&alice, &room, &carol.user_id).await;
+        let members = |query: &'static str| {
+            let server = &server;
+            let token = alice.access_token.clone();
+            let room = room.clone();
+            async move {
+                let (status, body) = server.get(&format!("{}?{query}", path(&room, "members")), Some(&token)).await;
+                assert_eq!(status, 200, "{body}");
+                let mut users: Vec<String> = body["chunk"].as_array().unwrap().iter().map(|e| e["state_key"].as_str().unwrap().to_owned()).collect();
+                users.sort();
+                users
+            }
+        };
+        assert_eq!(members("").await, vec![alice.user_id.clone(), bob.user_id.clone(), carol.user_id.clone()]);
+        assert_eq!(members("membership=invite").await, vec![carol.user_id.clone()]);
+        assert_eq!(members("not_membership=invite").await, vec![alice.user_id.clone(), bob.user_id.clone()]);
+        let (status, body) = server.get(&format!("{}?at={}", path(&room, "members"), enc(&at)), Some(&alice.access_token)).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["chunk"].as_array().unwrap().len(), 2, "carol was not a member yet at `at`");
+        // Outsiders see nothing.
+        let dave = server.register("dave").await;
+        let private = server.create_room(&alice, json!({"preset": "private_chat"})).await;
+        assert_error(&server.get(&path(&private, "members"), Some(&dave.access_token)).await, 403, "M_FORBIDDEN");
+        assert_error(&server.get(&path(&private, "joined_members"), Some(&dave.access_token)).await, 403, "M_FORBIDDEN");
+    }
+
+    async fn forget_hides_a_left_room(backend) {
+        let server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let bob = server.register("bob").await;
+        let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+        server.join(&bob, &room).await;
+        assert_error(&server.post(&path(&room, "forget"), Some(&bob.access_token), json!({})).await, 400, "M_UNKNOWN");
+        server.post(&path(&room, "leave"), Some(&bob.access_token), json!({})).await;
+        let filter = r#"{"room":{"include_leave":true}}"#;
+        let sync = server.sync(&bob, None, Some(filter), 0).await;
+        assert!(sync["rooms"]["leave"].get(&room).is_some(), "{sync}");
+        assert_eq!(server.post(&path(&room, "forget"), Some(&bob.access_token), json!({})).await.0, 200);
+        let sync = server.sync(&bob, None, Some(filter), 0).await;
+        assert!(sync["rooms"]["leave"].get(&room).is_none(), "{sync}");
+    }
+
+    async fn profile_changes_reach_rooms(backend) {
+        let server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let bob = server.register("bob").await;
+        let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+        server.join(&bob, &room).await;
+        let (_, since) = server.sync_until(&bob, None, |_| true).await;
+        server.put(&format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id)), Some(&alice.access_token), json!({"displayname": "Alice W."})).await;
+        let (sync, _) = server
+            .sync_until(&bob, Some(since), |s| {
+                crate::harness::timeline(s, &room).iter().any(|e| e["type"] == "m.room.member" && e["content"]["displayname"] == "Alice W.")
+            })
+            .await;
+        let event = crate::harness::timeline(&sync, &room).into_iter().find(|e| e["type"] == "m.room.member").unwrap().clone();
+        assert_eq!(event["unsigned"]["prev_content"]["displayname"], "alice", "{event}");
+    }
+
+    async fn deactivated_users_leave_their_rooms(backend) {
+        let server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let bob = server.register("bob").await;
+        let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+        server.join(&bob, &room).await;
+        let (_, challenge) = server.post("/_matrix/client/v3/account/deactivate", Some(&bob.access_token), json!({})).await;
+        let auth = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "bob"}, "password": bob.password, "session": challenge["session"]});
+        assert_eq!(server.post("/_matrix/client/v3/account/deactivate", Some(&bob.access_token), json!({"auth": auth})).await.0, 200);
+        assert_eq!(membership_of(&server, &alice.access_token, &room, &bob.user_id).await.as_deref(), Some("leave"));
+    }
+}
