@@ -92,8 +92,7 @@ impl Typing {
     }
 
     fn wake_room(&self, room_id: &RoomId) {
-        let members = self.streams.members(room_id, "join");
-        self.streams.notifier.wake(members.iter().map(|u| u.as_ref()));
+        self.streams.wake_room(room_id);
     }
 
     /// Who is typing in a room, if that changed after `since` (always, when `since` is 0).
@@ -172,8 +171,7 @@ impl Presence {
     }
 
     fn changed(&self, user: &UserId) {
-        let users = self.streams.users_sharing_rooms(user);
-        self.streams.notifier.wake(users.iter().map(|u| u.as_ref()));
+        self.streams.wake_contacts(user);
     }
 
     fn update(&self, user: &UserId, change: impl FnOnce(&mut PresenceEntry) -> bool) {

@@ -13,7 +13,7 @@
 //! at the wall-clock time of boot, so it keeps increasing across restarts.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{
         Arc,
         atomic::{AtomicI64, Ordering},
@@ -56,12 +56,44 @@ impl Membership {
     }
 }
 
+/// A room's members, kept so that every per-sync question about them is O(1) or O(answer).
+#[derive(Default)]
+struct RoomMembers {
+    /// Every user with a membership, ordered by user ID (heroes come from the front).
+    all: BTreeMap<OwnedUserId, String>,
+    joined: u64,
+    invited: u64,
+    /// Joined users of this server: the fan-out of a new event.
+    local_joined: HashSet<OwnedUserId>,
+}
+
+impl RoomMembers {
+    fn set(&mut self, user: &UserId, membership: &str, is_local: bool) {
+        let count = |m: &str, joined: &mut u64, invited: &mut u64, delta: i64| match m {
+            "join" => *joined = joined.saturating_add_signed(delta),
+            "invite" => *invited = invited.saturating_add_signed(delta),
+            _ => {}
+        };
+        if let Some(previous) = self.all.insert(user.to_owned(), membership.to_owned()) {
+            count(&previous, &mut self.joined, &mut self.invited, -1);
+        }
+        count(membership, &mut self.joined, &mut self.invited, 1);
+        if is_local {
+            if membership == "join" {
+                self.local_joined.insert(user.to_owned());
+            } else {
+                self.local_joined.remove(user);
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Views {
     /// Local users → their rooms.
     user_rooms: HashMap<OwnedUserId, HashMap<OwnedRoomId, Membership>>,
-    /// Room → members by membership ("join", "invite", …), all servers.
-    room_members: HashMap<OwnedRoomId, HashMap<OwnedUserId, String>>,
+    /// Room → its members, all servers.
+    room_members: HashMap<OwnedRoomId, RoomMembers>,
     /// Room → position of its latest event / latest receipt.
     room_latest_event: HashMap<OwnedRoomId, i64>,
     room_latest_receipt: HashMap<OwnedRoomId, i64>,
@@ -153,7 +185,8 @@ impl Streams {
                     Membership { membership: row.membership.clone(), pos: row.stream_pos, previous: None },
                 );
             }
-            views.room_members.entry(row.room_id).or_default().insert(row.user_id, row.membership);
+            let is_local = row.user_id.server_name() == self.server_name;
+            views.room_members.entry(row.room_id).or_default().set(&row.user_id, &row.membership, is_local);
         }
         for (room_id, event_pos, receipt_pos) in latest {
             if event_pos > 0 {
@@ -225,19 +258,33 @@ impl Streams {
             .read()
             .room_members
             .get(room_id)
-            .map(|members| members.iter().filter(|(_, m)| *m == membership).map(|(u, _)| u.clone()).collect())
+            .map(|members| members.all.iter().filter(|(_, m)| *m == membership).map(|(u, _)| u.clone()).collect())
             .unwrap_or_default()
     }
 
     /// (joined, invited) member counts.
     pub fn member_counts(&self, room_id: &RoomId) -> (u64, u64) {
         let views = self.views.read();
-        let Some(members) = views.room_members.get(room_id) else { return (0, 0) };
-        members.values().fold((0, 0), |(joined, invited), m| match m.as_str() {
-            "join" => (joined + 1, invited),
-            "invite" => (joined, invited + 1),
-            _ => (joined, invited),
-        })
+        views.room_members.get(room_id).map_or((0, 0), |members| (members.joined, members.invited))
+    }
+
+    /// Up to `count` joined or invited members other than `except`, in user-ID order (the
+    /// "heroes" clients name unnamed rooms by).
+    pub fn heroes(&self, room_id: &RoomId, except: &UserId, count: usize) -> Vec<OwnedUserId> {
+        let views = self.views.read();
+        views
+            .room_members
+            .get(room_id)
+            .map(|members| {
+                members
+                    .all
+                    .iter()
+                    .filter(|(u, m)| *u != except && (*m == "join" || *m == "invite"))
+                    .take(count)
+                    .map(|(u, _)| u.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Local users who share a joined room with `user_id` (including the user).
@@ -246,16 +293,10 @@ impl Streams {
         let mut users = HashSet::from([user_id.to_owned()]);
         if let Some(rooms) = views.user_rooms.get(user_id) {
             for (room, m) in rooms {
-                if m.membership != "join" {
-                    continue;
-                }
-                if let Some(members) = views.room_members.get(room) {
-                    users.extend(
-                        members
-                            .iter()
-                            .filter(|(u, m)| *m == "join" && u.server_name() == self.server_name)
-                            .map(|(u, _)| u.clone()),
-                    );
+                if m.membership == "join"
+                    && let Some(members) = views.room_members.get(room)
+                {
+                    users.extend(members.local_joined.iter().cloned());
                 }
             }
         }
@@ -268,7 +309,7 @@ impl Streams {
         let Some(rooms) = views.user_rooms.get(a) else { return false };
         rooms.iter().any(|(room, m)| {
             m.membership == "join"
-                && views.room_members.get(room).and_then(|members| members.get(b)).is_some_and(|m| m == "join")
+                && views.room_members.get(room).and_then(|members| members.all.get(b)).is_some_and(|m| m == "join")
         })
     }
 
@@ -297,9 +338,55 @@ impl Streams {
         }
     }
 
-    /// Applies a committed batch to the views and returns the local users to wake.
-    fn apply(&self, first_pos: i64, writes: &[&StreamWrite]) -> HashSet<OwnedUserId> {
-        let mut wake = HashSet::new();
+    /// Wakes the waiters a change concerns. Touches only users that are actually waiting: in a
+    /// room of ten thousand where five people are syncing, five channels are poked, not 10,000.
+    pub fn wake(&self, wake: &Wake) {
+        let views = self.views.read();
+        let waiters = self.notifier.waiters.lock();
+        let poke = |sender: &watch::Sender<u64>| sender.send_modify(|generation| *generation += 1);
+        for user in &wake.users {
+            if let Some(sender) = waiters.get(user) {
+                poke(sender);
+            }
+        }
+        for room in &wake.rooms {
+            let Some(members) = views.room_members.get(room) else { continue };
+            if waiters.len() < members.local_joined.len() {
+                for (user, sender) in waiters.iter() {
+                    if members.local_joined.contains(user) {
+                        poke(sender);
+                    }
+                }
+            } else {
+                for user in &members.local_joined {
+                    if let Some(sender) = waiters.get(user) {
+                        poke(sender);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wakes everyone joined to `room_id` (typing changes).
+    pub fn wake_room(&self, room_id: &RoomId) {
+        self.wake(&Wake { users: HashSet::new(), rooms: HashSet::from([room_id.to_owned()]) });
+    }
+
+    /// Wakes `user_id` and everyone sharing a joined room with them (presence changes).
+    pub fn wake_contacts(&self, user_id: &UserId) {
+        let rooms = self
+            .views
+            .read()
+            .user_rooms
+            .get(user_id)
+            .map(|rooms| rooms.iter().filter(|(_, m)| m.membership == "join").map(|(r, _)| r.clone()).collect())
+            .unwrap_or_default();
+        self.wake(&Wake { users: HashSet::from([user_id.to_owned()]), rooms });
+    }
+
+    /// Applies a committed batch to the views and returns who to wake.
+    fn apply(&self, first_pos: i64, writes: &[&StreamWrite]) -> Wake {
+        let mut wake = Wake::default();
         let mut views = self.views.write();
         for (offset, write) in writes.iter().enumerate() {
             let pos = first_pos + offset as i64;
@@ -307,49 +394,45 @@ impl Streams {
                 StreamWrite::Event(event) => {
                     let room = &event.pdu.room_id;
                     if let Some(change) = &event.membership {
-                        let previous_membership = views
-                            .room_members
-                            .entry(room.clone())
-                            .or_default()
-                            .insert(change.user_id.clone(), change.membership.clone());
-                        if change.user_id.server_name() == self.server_name {
+                        let is_local = change.user_id.server_name() == self.server_name;
+                        views.room_members.entry(room.clone()).or_default().set(
+                            &change.user_id,
+                            &change.membership,
+                            is_local,
+                        );
+                        if is_local {
                             let rooms = views.user_rooms.entry(change.user_id.clone()).or_default();
                             let previous = rooms.get(room).map(|m| (m.membership.clone(), m.pos));
-                            let _ = previous_membership;
                             rooms.insert(
                                 room.clone(),
                                 Membership { membership: change.membership.clone(), pos, previous },
                             );
-                            wake.insert(change.user_id.clone());
+                            wake.users.insert(change.user_id.clone());
                         }
                     }
                     views.room_latest_event.insert(room.clone(), pos);
                     push_change(&mut views.change_log, pos, room);
-                    wake_local_joined(&views, room, &self.server_name, &mut wake);
+                    wake.rooms.insert(room.clone());
                 }
                 StreamWrite::Receipt(receipt) => {
                     views.room_latest_receipt.insert(receipt.room_id.clone(), pos);
                     push_change(&mut views.change_log, pos, &receipt.room_id);
                     if receipt.receipt_type == "m.read.private" {
-                        wake.insert(receipt.user_id.clone());
+                        wake.users.insert(receipt.user_id.clone());
                     } else {
-                        wake_local_joined(&views, &receipt.room_id, &self.server_name, &mut wake);
+                        wake.rooms.insert(receipt.room_id.clone());
                     }
                 }
                 StreamWrite::AccountData { user_id, .. } => {
-                    wake.insert(user_id.clone());
+                    wake.users.insert(user_id.clone());
                 }
                 StreamWrite::ToDevice(message) => {
-                    wake.insert(message.user_id.clone());
+                    wake.users.insert(message.user_id.clone());
                 }
                 StreamWrite::DeviceListChange { user_id } => {
-                    wake.insert(user_id.clone());
+                    wake.users.insert(user_id.clone());
                     if let Some(rooms) = views.user_rooms.get(user_id) {
-                        for (room, m) in rooms {
-                            if m.membership == "join" {
-                                wake_local_joined(&views, room, &self.server_name, &mut wake);
-                            }
-                        }
+                        wake.rooms.extend(rooms.iter().filter(|(_, m)| m.membership == "join").map(|(r, _)| r.clone()));
                     }
                 }
             }
@@ -365,12 +448,11 @@ fn push_change(log: &mut VecDeque<(i64, OwnedRoomId)>, pos: i64, room: &RoomId) 
     log.push_back((pos, room.to_owned()));
 }
 
-fn wake_local_joined(views: &Views, room: &RoomId, server_name: &ServerName, wake: &mut HashSet<OwnedUserId>) {
-    if let Some(members) = views.room_members.get(room) {
-        wake.extend(
-            members.iter().filter(|(u, m)| *m == "join" && u.server_name() == server_name).map(|(u, _)| u.clone()),
-        );
-    }
+/// Who a committed change concerns: single users, and everyone (local) joined to some rooms.
+#[derive(Default)]
+pub struct Wake {
+    pub users: HashSet<OwnedUserId>,
+    pub rooms: HashSet<OwnedRoomId>,
 }
 
 /// Drains the queue: batches jobs, commits, updates views, publishes, wakes.
@@ -396,7 +478,7 @@ async fn writer_task(streams: Arc<Streams>, mut receiver: mpsc::Receiver<Job>, m
                 position += batch.len() as i64;
                 drop(batch);
                 streams.published.send_replace(position);
-                streams.notifier.wake(wake.iter().map(|u| u.as_ref()));
+                streams.wake(&wake);
                 let mut end = first - 1;
                 for job in jobs.drain(..) {
                     end += job.writes.len() as i64;
@@ -415,7 +497,7 @@ async fn writer_task(streams: Arc<Streams>, mut receiver: mpsc::Receiver<Job>, m
                             let wake = streams.apply(first, &writes);
                             position += writes.len() as i64;
                             streams.published.send_replace(position);
-                            streams.notifier.wake(wake.iter().map(|u| u.as_ref()));
+                            streams.wake(&wake);
                             let _ = job.reply.send(Ok(position));
                         }
                         Err(err) => {

@@ -422,12 +422,9 @@ impl Sync {
             }
         } else if limited {
             let before_group = self.rooms.db.room_state_group_at(room_id, since.stream).await?.unwrap_or(0);
-            let before = self.rooms.state_at(before_group).await?;
-            let after = self.rooms.state_at(start_group).await?;
             let mut delta = Vec::new();
-            for (key, event_id) in after.iter() {
-                if before.get(key) != Some(event_id)
-                    && let Some(event) = self.rooms.event(event_id).await?
+            for event_id in self.rooms.state_delta(before_group, start_group).await? {
+                if let Some(event) = self.rooms.event(&event_id).await?
                     && filter::room_event_matches(&room_filter.state, &event.pdu)
                 {
                     delta.push(event);
@@ -500,7 +497,7 @@ impl Sync {
         let (joined_count, invited_count) = self.streams.member_counts(room_id);
         let summary = if full || limited || changed_membership {
             Summary {
-                heroes: Some(self.heroes(room_id, user)),
+                heroes: Some(self.streams.heroes(room_id, user, 5)),
                 joined_member_count: Some(joined_count),
                 invited_member_count: Some(invited_count),
             }
@@ -573,16 +570,6 @@ impl Sync {
         }
         events.reverse();
         Ok((events, limited))
-    }
-
-    /// Up to five other members for clients to name an unnamed room by.
-    fn heroes(&self, room_id: &RoomId, user: &UserId) -> Vec<OwnedUserId> {
-        let mut members: Vec<OwnedUserId> = self.streams.members(room_id, "join");
-        members.extend(self.streams.members(room_id, "invite"));
-        members.retain(|m| m != user);
-        members.sort();
-        members.truncate(5);
-        members
     }
 
     async fn invited_room(

@@ -133,6 +133,30 @@ pub struct ToDeviceRow {
     pub content: String,
 }
 
+/// Rows per multi-row INSERT (well under both engines' bound-parameter limits).
+const ENTRIES_PER_INSERT: usize = 200;
+
+/// `prefix` followed by `rows` groups of `columns` numbered placeholders.
+fn multi_row_insert(prefix: &str, columns: usize, rows: usize) -> String {
+    let mut sql = String::with_capacity(prefix.len() + rows * columns * 6);
+    sql.push_str(prefix);
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..columns {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&(row * columns + column + 1).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
 /// Applies one stream write inside a transaction.
 macro_rules! apply_write {
     ($tx:expr, $pos:expr, $write:expr) => {{
@@ -161,16 +185,19 @@ macro_rules! apply_write {
                         .bind(group.chain_len)
                         .execute(&mut *$tx)
                         .await?;
-                    for (event_type, state_key, event_id) in &group.entries {
-                        sqlx::query(
-                            "INSERT INTO state_group_entries (group_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)",
-                        )
-                        .bind(group.id)
-                        .bind(event_type)
-                        .bind(state_key)
-                        .bind(event_id.as_str())
-                        .execute(&mut *$tx)
-                        .await?;
+                    // Snapshots of big rooms have thousands of entries: insert them in
+                    // multi-row statements rather than one round trip each.
+                    for chunk in group.entries.chunks(ENTRIES_PER_INSERT) {
+                        let sql = sqlx::AssertSqlSafe(multi_row_insert(
+                            "INSERT INTO state_group_entries (group_id, event_type, state_key, event_id) VALUES ",
+                            4,
+                            chunk.len(),
+                        ));
+                        let mut query = sqlx::query(sql);
+                        for (event_type, state_key, event_id) in chunk {
+                            query = query.bind(group.id).bind(event_type).bind(state_key).bind(event_id.as_str());
+                        }
+                        query.execute(&mut *$tx).await?;
                     }
                 }
                 sqlx::query(

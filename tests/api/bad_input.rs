@@ -68,7 +68,34 @@ backend_tests! {
         let server = TestServer::start(backend).await;
         let alice = server.register("alice").await;
         let me = enc(&alice.user_id);
+        let room_id = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+        let room = enc(&room_id);
+        let event = enc(&server.send_text(&alice, &room_id, "target").await);
         let endpoints: Vec<(Method, String)> = vec![
+            (Method::POST, "/_matrix/client/v3/createRoom".into()),
+            (Method::POST, format!("/_matrix/client/v3/rooms/{room}/invite")),
+            (Method::POST, format!("/_matrix/client/v3/rooms/{room}/kick")),
+            (Method::POST, format!("/_matrix/client/v3/rooms/{room}/ban")),
+            (Method::POST, format!("/_matrix/client/v3/rooms/{room}/upgrade")),
+            (Method::PUT, format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/g1")),
+            (Method::PUT, format!("/_matrix/client/v3/rooms/{room}/state/m.room.name/")),
+            (Method::PUT, format!("/_matrix/client/v3/rooms/{room}/typing/{me}")),
+            (Method::POST, format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{event}")),
+            (Method::POST, format!("/_matrix/client/v3/rooms/{room}/read_markers")),
+            (Method::GET, format!("/_matrix/client/v3/rooms/{room}/messages?dir=x&limit=-4&filter=%7B")),
+            (Method::GET, format!("/_matrix/client/v3/rooms/{room}/context/{event}?limit=abc")),
+            (Method::GET, format!("/_matrix/client/v1/rooms/{room}/relations/{event}?dir=q")),
+            (Method::GET, "/_matrix/client/v3/sync?since=s99999999_0&timeout=0".into()),
+            (Method::GET, "/_matrix/client/v3/sync?filter=%5B%5D&timeout=0".into()),
+            (Method::POST, format!("/_matrix/client/v3/user/{me}/filter")),
+            (Method::PUT, format!("/_matrix/client/v3/user/{me}/account_data/m.direct")),
+            (Method::PUT, format!("/_matrix/client/v3/user/{me}/rooms/{room}/tags/t")),
+            (Method::PUT, "/_matrix/client/v3/sendToDevice/m.test/g3".into()),
+            (Method::PUT, format!("/_matrix/client/v3/presence/{me}/status")),
+            (Method::PUT, "/_matrix/client/v3/directory/room/%23g%3Alocalhost".into()),
+            (Method::POST, "/_matrix/client/v3/publicRooms".into()),
+            (Method::POST, "/_matrix/client/v3/user_directory/search".into()),
+            (Method::POST, "/_matrix/client/v3/join/%21x%3Alocalhost".into()),
             (Method::POST, "/_matrix/client/v3/register".into()),
             (Method::POST, "/_matrix/client/v3/login".into()),
             (Method::POST, "/_matrix/client/v3/refresh".into()),

@@ -16,6 +16,7 @@ mod messaging;
 mod profile;
 mod registration;
 mod rooms;
+mod scale;
 mod sdk;
 mod startup;
 mod sync;

@@ -160,28 +160,38 @@ impl Rooms {
             }
             create_content.insert("additional_creators".into(), Value::Array(additional));
         }
-        let now = now_ms();
         let create_template = EventTemplate {
             event_type: "m.room.create".to_owned(),
             state_key: Some(String::new()),
             content: canonical_content(Value::Object(create_content)).map_err(Error::BadJson)?,
             redacts: None,
         };
-        let room_id = if rules.authorization.room_create_event_id_as_room_id {
-            let placement = Placement {
-                room_id: None,
-                sender: creator,
-                prev_events: &[],
-                auth_events: &[],
-                depth: 1,
-                origin_server_ts: MilliSecondsSinceUnixEpoch(UInt::try_from(now).unwrap_or_default()),
+        // Reserve the room ID. A v12 room ID is the create event's hash, so two identical
+        // requests in the same millisecond would collide: move the timestamp on until free.
+        let mut now = now_ms();
+        let (room_id, handle) = loop {
+            let room_id = if rules.authorization.room_create_event_id_as_room_id {
+                let placement = Placement {
+                    room_id: None,
+                    sender: creator,
+                    prev_events: &[],
+                    auth_events: &[],
+                    depth: 1,
+                    origin_server_ts: MilliSecondsSinceUnixEpoch(UInt::try_from(now).unwrap_or_default()),
+                };
+                Pdu::build(create_template.clone(), &placement, &rules, &self.server_name, self.keys.key())
+                    .map_err(|e| Error::BadJson(e.to_string()))?
+                    .room_id
+            } else {
+                RoomId::parse(format!("!{}:{}", random_room_localpart(), self.server_name))
+                    .map_err(|e| Error::Internal(e.to_string()))?
             };
-            Pdu::build(create_template.clone(), &placement, &rules, &self.server_name, self.keys.key())
-                .map_err(|e| Error::BadJson(e.to_string()))?
-                .room_id
-        } else {
-            RoomId::parse(format!("!{}:{}", random_room_localpart(), self.server_name))
-                .map_err(|e| Error::Internal(e.to_string()))?
+            if self.db.room(&room_id).await?.is_none()
+                && let Some(handle) = self.reserve_handle(&room_id, version.clone())?
+            {
+                break (room_id, handle);
+            }
+            now += 1;
         };
 
         let mut events = vec![NewEvent { template: create_template, sender: creator.to_owned(), txn: None }];
@@ -265,7 +275,6 @@ impl Rooms {
             events.push(NewEvent::new(creator, "m.room.member", Some(user.as_str()), Value::Object(content))?);
         }
 
-        let handle = self.new_handle(&room_id, version.clone())?;
         let new_room = NewRoom {
             room_version: version.to_string(),
             creator: creator.to_owned(),

@@ -52,6 +52,8 @@ use crate::{
 
 /// A full snapshot is stored after this many deltas in a state-group chain.
 const SNAPSHOT_INTERVAL: i64 = 50;
+/// Upper bound on the snapshot interval of big rooms.
+const MAX_SNAPSHOT_INTERVAL: i64 = 1000;
 const EVENT_CACHE_SIZE: usize = 50_000;
 const GROUP_CACHE_SIZE: usize = 20_000;
 const FULL_STATE_CACHE_SIZE: usize = 64;
@@ -86,8 +88,11 @@ impl StoredEvent {
     }
 }
 
+/// A state group: a full snapshot (`chain_len == 0`) or the changes on top of `prev_group`.
+/// Snapshots still name the group they follow, so the history of a room's state stays a chain.
 struct GroupData {
     prev_group: Option<i64>,
+    chain_len: i64,
     entries: StateMap,
 }
 
@@ -240,6 +245,7 @@ impl Rooms {
             self.db.state_group(group).await?.ok_or_else(|| Error::Internal(format!("missing state group {group}")))?;
         let data = Arc::new(GroupData {
             prev_group: row.prev_group,
+            chain_len: row.chain_len,
             entries: row.entries.into_iter().map(|(t, k, e)| ((t, k), e)).collect(),
         });
         self.groups.lock().put(group, data.clone());
@@ -258,7 +264,7 @@ impl Rooms {
         let mut next = Some(group);
         while let Some(id) = next {
             let data = self.group(id).await?;
-            next = data.prev_group;
+            next = if data.chain_len > 0 { data.prev_group } else { None };
             chain.push(data);
         }
         let mut state = StateMap::new();
@@ -285,9 +291,43 @@ impl Rooms {
             if let Some(event_id) = data.entries.get(&key) {
                 return Ok(Some(event_id.clone()));
             }
-            next = data.prev_group;
+            next = if data.chain_len > 0 { data.prev_group } else { None };
         }
         Ok(None)
+    }
+
+    /// The state entries that differ between groups `before` and `after` (the value in
+    /// `after`). Walks the chain back from `after`, so the cost follows the number of changes;
+    /// falls back to comparing the full states when `before` is not reachable through deltas.
+    pub async fn state_delta(&self, before: i64, after: i64) -> Result<Vec<OwnedEventId>> {
+        let mut changed: StateMap = StateMap::new();
+        let mut current = after;
+        for _ in 0..(MAX_SNAPSHOT_INTERVAL * 2) {
+            if current == before {
+                return Ok(changed.into_values().collect());
+            }
+            if current == 0 {
+                break;
+            }
+            let data = self.group(current).await?;
+            if data.chain_len == 0 {
+                break;
+            }
+            for (key, event_id) in &data.entries {
+                changed.entry(key.clone()).or_insert_with(|| event_id.clone());
+            }
+            match data.prev_group {
+                Some(prev) => current = prev,
+                None => break,
+            }
+        }
+        let before_state = self.state_at(before).await?;
+        let after_state = self.state_at(after).await?;
+        Ok(after_state
+            .iter()
+            .filter(|(key, id)| before_state.get(*key) != Some(*id))
+            .map(|(_, id)| id.clone())
+            .collect())
     }
 
     /// The state event at a key of a state group, as an event.
@@ -331,8 +371,8 @@ impl Rooms {
         Ok(self.db.room_state_group_at(room_id, i64::MAX).await?.unwrap_or(0))
     }
 
-    /// Creates the handle of a brand-new room (no events yet).
-    fn new_handle(&self, room_id: &RoomId, version: RoomVersionId) -> Result<Arc<RoomHandle>> {
+    /// Creates the handle of a brand-new room (no events yet); `None` if the ID is already taken.
+    fn reserve_handle(&self, room_id: &RoomId, version: RoomVersionId) -> Result<Option<Arc<RoomHandle>>> {
         let rules = room_version::rules(&version).ok_or_else(|| Error::Internal("unsupported version".to_owned()))?;
         let handle = Arc::new(RoomHandle {
             room_id: room_id.to_owned(),
@@ -346,8 +386,12 @@ impl Rooms {
                 current: StateMap::new(),
             }),
         });
-        self.handles.lock().insert(room_id.to_owned(), handle.clone());
-        Ok(handle)
+        let mut handles = self.handles.lock();
+        if handles.contains_key(room_id) {
+            return Ok(None);
+        }
+        handles.insert(room_id.to_owned(), handle.clone());
+        Ok(Some(handle))
     }
 
     /// Appends events to a room, in order, atomically: either all are persisted or none. Returns
@@ -452,7 +496,9 @@ impl Rooms {
                 replaces_state = lookup(&key);
                 overlay.insert(key.clone(), pdu.event_id.clone());
                 let id = self.next_group.fetch_add(1, Ordering::SeqCst) + 1;
-                let snapshot = group == 0 || chain_len + 1 >= SNAPSHOT_INTERVAL;
+                // Big rooms snapshot less often: a snapshot costs a row per state entry.
+                let interval = SNAPSHOT_INTERVAL.max((writer.current.len() as i64 / 10).min(MAX_SNAPSHOT_INTERVAL));
+                let snapshot = group == 0 || chain_len + 1 >= interval;
                 let entries = if snapshot {
                     let mut full: StateMap = writer.current.clone();
                     full.extend(overlay.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -462,7 +508,7 @@ impl Rooms {
                 };
                 new_state_group = Some(NewStateGroup {
                     id,
-                    prev_group: (!snapshot).then_some(group),
+                    prev_group: (group != 0).then_some(group),
                     chain_len: if snapshot { 0 } else { chain_len + 1 },
                     entries,
                 });
