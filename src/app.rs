@@ -7,7 +7,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
-    api::{AppState, RateLimits, ServerInfo, router},
+    api::{AppState, RateLimits, ServerInfo, router, ws::WsHub},
     config::Config,
     service::{
         account_data::AccountData,
@@ -91,8 +91,8 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant) -> Result<(
         Duration::from_secs(presence_config.offline_after_secs),
     );
     let notifications = Arc::new(Notifications::new(rooms.clone()));
-    let sync = Arc::new(Sync::new(rooms.clone(), typing.clone(), presence.clone(), notifications));
-    let receipts = Arc::new(Receipts::new(rooms.clone(), streams.clone()));
+    let receipts = Arc::new(Receipts::new(rooms.clone(), streams.clone(), config.delivered_receipts.enabled));
+    let sync = Arc::new(Sync::new(rooms.clone(), typing.clone(), presence.clone(), notifications, receipts.clone()));
     let account_data = Arc::new(AccountData::new(db.clone(), streams.clone()));
 
     let mut listeners = Vec::new();
@@ -111,6 +111,13 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant) -> Result<(
             server_name: config.server_name.clone(),
             public_baseurl: public_baseurl.clone(),
             max_request_body_bytes: config.limits.max_request_body_bytes,
+            unstable_features: [
+                (config.websocket.enabled, "org.hearth.ws"),
+                (config.delivered_receipts.enabled, "org.hearth.delivered_receipts"),
+            ]
+            .into_iter()
+            .filter_map(|(enabled, feature)| enabled.then_some(feature))
+            .collect(),
         }),
         users: users.clone(),
         server_keys,
@@ -124,6 +131,7 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant) -> Result<(
         presence,
         receipts,
         account_data,
+        ws: Arc::new(WsHub::new(config.websocket.clone(), limits.enabled.then_some(limits.websocket_ops))),
     };
     let app = router::build(state.clone());
 
@@ -173,8 +181,9 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant) -> Result<(
         }
     };
     let _ = shutdown_tx.send(true);
-    // Long-polls return now rather than at their timeout.
-    state.rooms.streams.notifier.wake_all();
+    // Long-polls return now rather than at their timeout; sockets are told where to resume.
+    state.rooms.streams.shut_down();
+    state.ws.shut_down();
     housekeeping.abort();
     presence_sweeper.abort();
     if tokio::time::timeout(SHUTDOWN_GRACE, async { while servers.join_next().await.is_some() {} }).await.is_err() {

@@ -41,6 +41,8 @@ pub struct Config {
     pub rate_limits: RateLimitsConfig,
     pub limits: LimitsConfig,
     pub presence: PresenceConfig,
+    pub websocket: WebSocketConfig,
+    pub delivered_receipts: DeliveredReceiptsConfig,
     pub logging: LoggingConfig,
 }
 
@@ -96,6 +98,8 @@ pub struct RateLimitsConfig {
     pub enabled: bool,
     pub register: RateLimit,
     pub login: RateLimit,
+    /// Ops per WebSocket connection.
+    pub websocket_ops: RateLimit,
     /// Failed password attempts per account, whatever the address.
     pub failed_login_per_account: RateLimit,
 }
@@ -120,6 +124,45 @@ pub struct PresenceConfig {
 impl Default for PresenceConfig {
     fn default() -> Self {
         PresenceConfig { enabled: true, idle_after_secs: 300, offline_after_secs: 30 }
+    }
+}
+
+/// Hearth's WebSocket client transport (`spec/websocket.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    pub enabled: bool,
+    /// Outbound buffer per connection, in frames and in bytes; a client that lets it fill is
+    /// closed with 4008 and resumes.
+    pub outbound_buffer_frames: usize,
+    pub outbound_buffer_bytes: usize,
+    pub max_connections_per_device: usize,
+    /// Browser origins allowed to connect; empty means any.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            enabled: true,
+            outbound_buffer_frames: 256,
+            outbound_buffer_bytes: 4 * 1024 * 1024,
+            max_connections_per_device: 4,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// Delivered receipts (`spec/delivered-receipts.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveredReceiptsConfig {
+    pub enabled: bool,
+}
+
+impl Default for DeliveredReceiptsConfig {
+    fn default() -> Self {
+        DeliveredReceiptsConfig { enabled: true }
     }
 }
 
@@ -151,6 +194,8 @@ impl Default for Config {
             rate_limits: RateLimitsConfig::default(),
             limits: LimitsConfig::default(),
             presence: PresenceConfig::default(),
+            websocket: WebSocketConfig::default(),
+            delivered_receipts: DeliveredReceiptsConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -172,7 +217,13 @@ impl Default for RateLimitsConfig {
     fn default() -> Self {
         // Synapse's defaults: a burst of a few attempts, then one every ~6 seconds.
         let slow = RateLimit { per_second: 0.17, burst: 3 };
-        RateLimitsConfig { enabled: true, register: slow, login: slow, failed_login_per_account: slow }
+        RateLimitsConfig {
+            enabled: true,
+            register: slow,
+            login: slow,
+            failed_login_per_account: slow,
+            websocket_ops: RateLimit { per_second: 50.0, burst: 100 },
+        }
     }
 }
 
@@ -251,6 +302,7 @@ impl Config {
             ("register", &self.rate_limits.register),
             ("login", &self.rate_limits.login),
             ("failed_login_per_account", &self.rate_limits.failed_login_per_account),
+            ("websocket_ops", &self.rate_limits.websocket_ops),
         ] {
             if !(limit.per_second.is_finite() && limit.per_second > 0.0) {
                 return bad(&format!("rate_limits.{name}.per_second"), "must be a positive number");
@@ -258,6 +310,12 @@ impl Config {
             if limit.burst == 0 {
                 return bad(&format!("rate_limits.{name}.burst"), "must be at least 1");
             }
+        }
+        if self.websocket.outbound_buffer_frames < 2 {
+            return bad("websocket.outbound_buffer_frames", "must be at least 2");
+        }
+        if self.websocket.max_connections_per_device == 0 {
+            return bad("websocket.max_connections_per_device", "must be at least 1");
         }
         if self.limits.max_request_body_bytes < 1024 {
             return bad("limits.max_request_body_bytes", "must be at least 1024");

@@ -10,6 +10,7 @@ pub mod federation;
 pub mod middleware;
 pub mod respond;
 pub mod router;
+pub mod ws;
 
 use std::sync::Arc;
 
@@ -32,6 +33,8 @@ pub struct ServerInfo {
     /// Base URL advertised to clients, ending in `/`.
     pub public_baseurl: String,
     pub max_request_body_bytes: usize,
+    /// Hearth extensions advertised in `/versions` `unstable_features`.
+    pub unstable_features: Vec<&'static str>,
 }
 
 /// Per-address limits on expensive unauthenticated actions.
@@ -53,6 +56,7 @@ pub struct AppState {
     pub presence: Arc<Presence>,
     pub receipts: Arc<Receipts>,
     pub account_data: Arc<AccountData>,
+    pub ws: Arc<ws::WsHub>,
 }
 
 macro_rules! substate {
@@ -75,5 +79,6 @@ substate!(
     typing: Typing,
     presence: Presence,
     receipts: Receipts,
-    account_data: AccountData,
+        account_data: AccountData,
+    ws: ws::WsHub,
 );

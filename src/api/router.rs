@@ -108,6 +108,7 @@ pub fn build(state: AppState) -> Router {
     router = endpoint::<profile::set_avatar_url::v3::Request, _, _>(router, client::profile::set_avatar_url);
 
     router = room_routes(router);
+    router = router.route("/_matrix/client/unstable/org.hearth.ws/v1/connect", get(crate::api::ws::connect));
     router = router.route("/_matrix/key/v2/server", get(federation::keys::server_keys)).route("/health", get(health));
 
     router

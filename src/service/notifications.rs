@@ -22,7 +22,6 @@ use crate::{
     error::Result,
     matrix::client_event::{self, Format, Unsigned},
     service::rooms::Rooms,
-    storage::rooms::Dir,
 };
 
 /// At most this many unread events are evaluated for a room (older ones count as read).
@@ -62,7 +61,7 @@ impl Notifications {
         };
         if from < upto {
             let rows =
-                self.rooms.db.room_events(room_id, from.max(read_pos), upto, Dir::Backward, MAX_EVALUATED).await?;
+                self.rooms.db.room_events_for_push(room_id, user, from.max(read_pos), upto, MAX_EVALUATED).await?;
             if !rows.is_empty() {
                 let events = self.rooms.events_from_rows(rows)?;
                 let context = self.context(user, room_id).await?;

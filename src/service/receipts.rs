@@ -1,28 +1,92 @@
 //! Receipts (`m.read`, `m.read.private`, threaded) and read markers (`m.fully_read`).
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use ruma::{EventId, RoomId, UserId};
 use serde_json::json;
 
 use crate::{
     error::{Error, Result},
-    service::{now_ms, rooms::Rooms, stream::Streams},
+    matrix::pdu::Pdu,
+    service::{now_ms, rooms::Rooms, stream::Streams, sync::Delivered},
     storage::stream::{ReceiptWrite, StreamWrite},
 };
 
 pub const READ: &str = "m.read";
 pub const READ_PRIVATE: &str = "m.read.private";
 pub const FULLY_READ: &str = "m.fully_read";
+/// Hearth's delivered receipt (`spec/delivered-receipts.md`).
+pub const DELIVERED: &str = "org.hearth.delivered";
+/// Account data with which a user turns delivered receipts off.
+pub const DELIVERED_SETTING: &str = "org.hearth.delivered_receipts";
+
+/// The thread an event belongs to for threaded receipts: its thread root, or `main`.
+pub fn thread_of(pdu: &Pdu) -> String {
+    let content = pdu.content_value();
+    let relates_to = &content["m.relates_to"];
+    match (relates_to["rel_type"].as_str(), relates_to["event_id"].as_str()) {
+        (Some("m.thread"), Some(root)) => root.to_owned(),
+        _ => "main".to_owned(),
+    }
+}
 
 pub struct Receipts {
     rooms: Arc<Rooms>,
     streams: Arc<Streams>,
+    delivered_enabled: bool,
 }
 
 impl Receipts {
-    pub fn new(rooms: Arc<Rooms>, streams: Arc<Streams>) -> Receipts {
-        Receipts { rooms, streams }
+    pub fn new(rooms: Arc<Rooms>, streams: Arc<Streams>, delivered_enabled: bool) -> Receipts {
+        Receipts { rooms, streams, delivered_enabled }
+    }
+
+    /// Whether `user` records and shows delivered receipts (on unless they turned it off).
+    pub async fn delivered_enabled_for(&self, user: &UserId) -> Result<bool> {
+        if !self.delivered_enabled {
+            return Ok(false);
+        }
+        let setting = self.rooms.db.account_data(user, None, DELIVERED_SETTING).await?;
+        Ok(setting
+            .and_then(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
+            .is_none_or(|value| value.get("enabled") != Some(&serde_json::Value::Bool(false))))
+    }
+
+    /// Records that `user` received `delivered`: per room and thread, a delivered receipt at the
+    /// latest event, moving forward only.
+    pub async fn record_delivered(&self, user: &UserId, delivered: &[Delivered]) -> Result<()> {
+        if delivered.is_empty() || !self.delivered_enabled_for(user).await? {
+            return Ok(());
+        }
+        let mut latest: HashMap<(&RoomId, &str), &Delivered> = HashMap::new();
+        for item in delivered {
+            let entry = latest.entry((&item.room_id, item.thread.as_str())).or_insert(item);
+            if item.stream_pos > entry.stream_pos {
+                *entry = item;
+            }
+        }
+        let mut writes = Vec::new();
+        for ((room_id, thread), item) in latest {
+            if let Some(current) = self.rooms.db.receipt(room_id, DELIVERED, user, thread).await?
+                && current.event_pos >= item.stream_pos
+            {
+                continue;
+            }
+            writes.push(StreamWrite::Receipt(ReceiptWrite {
+                room_id: room_id.to_owned(),
+                receipt_type: DELIVERED.to_owned(),
+                user_id: user.to_owned(),
+                thread_id: thread.to_owned(),
+                event_id: item.event_id.clone(),
+                event_pos: item.stream_pos,
+                ts: now_ms(),
+                wake_only: Some(item.sender.clone()),
+            }));
+        }
+        if !writes.is_empty() {
+            self.streams.persist(writes).await?;
+        }
+        Ok(())
     }
 
     /// `POST /rooms/{roomId}/receipt/{receiptType}/{eventId}`. Receipts only move forward: one
@@ -54,8 +118,12 @@ impl Receipts {
                 .await?;
             return Ok(());
         }
-        if !matches!(receipt_type, READ | READ_PRIVATE) {
+        if !matches!(receipt_type, READ | READ_PRIVATE | DELIVERED) {
             return Err(Error::InvalidParam(format!("unknown receipt type {receipt_type}")));
+        }
+        if receipt_type == DELIVERED && !self.delivered_enabled_for(user).await? {
+            // Turned off: accepted, and nothing recorded (as the spec page says).
+            return Ok(());
         }
         let thread_id = match thread_id {
             None => String::new(),
@@ -78,6 +146,7 @@ impl Receipts {
                 event_id: event_id.to_owned(),
                 event_pos: event.stream_pos,
                 ts: now_ms(),
+                wake_only: (receipt_type == DELIVERED).then(|| event.pdu.sender.clone()),
             })])
             .await?;
         Ok(())

@@ -153,6 +153,7 @@ pub struct Streams {
     views: RwLock<Views>,
     pub notifier: Notifier,
     ephemeral: AtomicI64,
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl Streams {
@@ -168,6 +169,7 @@ impl Streams {
             views: RwLock::new(Views::default()),
             notifier: Notifier::default(),
             ephemeral: AtomicI64::new(now_ms()),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         });
         streams.load_views().await?;
         tokio::spawn(writer_task(streams.clone(), receiver, position));
@@ -197,6 +199,16 @@ impl Streams {
             }
         }
         Ok(())
+    }
+
+    /// Makes every long-poll return now, and new ones return at once (the server is stopping).
+    pub fn shut_down(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.notifier.wake_all();
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
     }
 
     /// The newest position whose changes are committed and visible in the views.
@@ -419,6 +431,8 @@ impl Streams {
                     push_change(&mut views.change_log, pos, &receipt.room_id);
                     if receipt.receipt_type == "m.read.private" {
                         wake.users.insert(receipt.user_id.clone());
+                    } else if let Some(only) = &receipt.wake_only {
+                        wake.users.insert(only.clone());
                     } else {
                         wake.rooms.insert(receipt.room_id.clone());
                     }

@@ -28,6 +28,7 @@ use crate::{
         ephemeral::{Presence, Typing},
         filter,
         notifications::Notifications,
+        receipts::Receipts,
         rooms::{Rooms, StoredEvent},
         stream::{StreamToken, Streams},
     },
@@ -137,9 +138,21 @@ pub struct SyncResponse {
     /// Where this response's stream data ends (not serialised).
     #[serde(skip)]
     pub token: StreamToken,
-    /// Positions of the timeline events this response delivers, per room (not serialised).
+    /// The timeline events from others this response delivers (not serialised): once the device
+    /// confirms it got them, they count as delivered (`spec/delivered-receipts.md`).
     #[serde(skip)]
-    pub delivered: Vec<(OwnedRoomId, i64)>,
+    pub delivered: Vec<Delivered>,
+}
+
+/// An event that reached a device.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    pub room_id: OwnedRoomId,
+    pub event_id: ruma::OwnedEventId,
+    pub sender: OwnedUserId,
+    pub stream_pos: i64,
+    /// `main` or the thread root.
+    pub thread: String,
 }
 
 impl SyncResponse {
@@ -153,6 +166,9 @@ impl SyncResponse {
             && self.device_lists.left.is_empty()
     }
 }
+
+/// A device: user and device ID.
+type DeviceKey = (OwnedUserId, String);
 
 /// One sync request, transport-independent.
 #[derive(Debug, Clone)]
@@ -170,6 +186,10 @@ pub struct Sync {
     typing: Arc<Typing>,
     presence: Arc<Presence>,
     notifications: Arc<Notifications>,
+    receipts: Arc<Receipts>,
+    /// Per device: the token of the last `/sync` response and what it delivered. The device's
+    /// next request with that token as `since` proves the response arrived.
+    last_responses: parking_lot::Mutex<HashMap<DeviceKey, (StreamToken, Vec<Delivered>)>>,
 }
 
 impl Sync {
@@ -178,9 +198,23 @@ impl Sync {
         typing: Arc<Typing>,
         presence: Arc<Presence>,
         notifications: Arc<Notifications>,
+        receipts: Arc<Receipts>,
     ) -> Sync {
         let streams = rooms.streams.clone();
-        Sync { rooms, streams, typing, presence, notifications }
+        Sync { rooms, streams, typing, presence, notifications, receipts, last_responses: Default::default() }
+    }
+
+    /// A device confirmed it holds everything up to `token`: to-device messages before it are
+    /// deleted and the events in `delivered` count as delivered.
+    pub async fn acknowledge(
+        &self,
+        user: &UserId,
+        device: &str,
+        token: StreamToken,
+        delivered: &[Delivered],
+    ) -> Result<()> {
+        self.rooms.db.delete_to_device_upto(user, device, token.stream).await?;
+        self.receipts.record_delivered(user, delivered).await
     }
 
     pub fn streams(&self) -> &Arc<Streams> {
@@ -191,13 +225,44 @@ impl Sync {
         &self.presence
     }
 
-    /// Long-poll: returns as soon as there is something new after `since` (or at `timeout`).
-    pub async fn wait(&self, request: &SyncRequest, timeout: Duration) -> Result<SyncResponse> {
-        let mut woken = self.streams.notifier.subscribe(&request.user_id);
-        if let Some(since) = request.since {
-            // Syncing with a token acknowledges the to-device messages delivered before it.
-            self.rooms.db.delete_to_device_upto(&request.user_id, &request.device_id, since.stream).await?;
+    /// Remembers deliveries a device has not confirmed yet (a WebSocket closed before its last
+    /// frames were acknowledged); a later `/sync` or `subscribe` from `token` confirms them.
+    pub fn remember_unconfirmed(&self, user: &UserId, device: &str, token: StreamToken, delivered: Vec<Delivered>) {
+        let mut last = self.last_responses.lock();
+        if last.len() > 100_000 {
+            last.clear();
         }
+        last.insert((user.to_owned(), device.to_owned()), (token, delivered));
+    }
+
+    /// The unconfirmed deliveries a resume from `since` confirms.
+    pub fn take_unconfirmed(&self, user: &UserId, device: &str, since: StreamToken) -> Vec<Delivered> {
+        let key = (user.to_owned(), device.to_owned());
+        let mut last = self.last_responses.lock();
+        match last.get(&key) {
+            Some((token, _)) if *token == since => last.remove(&key).map(|(_, d)| d).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// `/sync`: the request's `since` acknowledges the previous response, then long-polls.
+    pub async fn wait(&self, request: &SyncRequest, timeout: Duration) -> Result<SyncResponse> {
+        let key = (request.user_id.clone(), request.device_id.clone());
+        if let Some(since) = request.since {
+            let confirmed = self.take_unconfirmed(&request.user_id, &request.device_id, since);
+            self.acknowledge(&request.user_id, &request.device_id, since, &confirmed).await?;
+        }
+        let response = self.long_poll(request, timeout).await?;
+        if !response.delivered.is_empty() {
+            self.remember_unconfirmed(&key.0, &key.1, response.token, response.delivered.clone());
+        }
+        Ok(response)
+    }
+
+    /// Long-poll without side effects: returns as soon as there is something new after `since`
+    /// (or at `timeout`).
+    pub async fn long_poll(&self, request: &SyncRequest, timeout: Duration) -> Result<SyncResponse> {
+        let mut woken = self.streams.notifier.subscribe(&request.user_id);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let response = self.changes(request).await?;
@@ -205,6 +270,7 @@ impl Sync {
                 || request.since.is_none()
                 || request.full_state
                 || tokio::time::Instant::now() >= deadline
+                || self.streams.is_shutting_down()
             {
                 return Ok(response);
             }
@@ -383,7 +449,7 @@ impl Sync {
         full: bool,
         account_data: Vec<Box<RawValue>>,
         ignored: &HashSet<OwnedUserId>,
-        delivered: &mut Vec<(OwnedRoomId, i64)>,
+        delivered: &mut Vec<Delivered>,
     ) -> Result<Option<JoinedRoom>> {
         let user = &*request.user_id;
         let room_filter = &request.filter.room;
@@ -458,9 +524,27 @@ impl Sync {
             );
         }
         let mut receipt_content: BTreeMap<String, BTreeMap<String, BTreeMap<String, Value>>> = BTreeMap::new();
+        let mut opted_out: HashMap<OwnedUserId, bool> = HashMap::new();
         for receipt in receipts {
             if receipt.receipt_type == "m.read.private" && receipt.user_id != user {
                 continue;
+            }
+            if receipt.receipt_type == crate::service::receipts::DELIVERED {
+                // A user's own delivered receipts tell their client nothing.
+                if receipt.user_id == user {
+                    continue;
+                }
+                let hidden = match opted_out.get(&receipt.user_id) {
+                    Some(hidden) => *hidden,
+                    None => {
+                        let hidden = !self.receipts.delivered_enabled_for(&receipt.user_id).await?;
+                        opted_out.insert(receipt.user_id.clone(), hidden);
+                        hidden
+                    }
+                };
+                if hidden {
+                    continue;
+                }
             }
             if ignored.contains(&receipt.user_id) {
                 continue;
@@ -509,7 +593,13 @@ impl Sync {
             Some(first) => StreamToken::new(first.stream_pos - 1, 0).to_string(),
             None => StreamToken::new(upto, 0).to_string(),
         };
-        delivered.extend(events.iter().map(|e| (room_id.to_owned(), e.stream_pos)));
+        delivered.extend(events.iter().filter(|e| e.pdu.sender != user).map(|e| Delivered {
+            room_id: room_id.to_owned(),
+            event_id: e.pdu.event_id.clone(),
+            sender: e.pdu.sender.clone(),
+            stream_pos: e.stream_pos,
+            thread: crate::service::receipts::thread_of(&e.pdu),
+        }));
         Ok(Some(JoinedRoom {
             summary,
             state: EventList {

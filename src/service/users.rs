@@ -47,6 +47,8 @@ pub struct Authed {
     pub device_id: OwnedDeviceId,
     pub is_guest: bool,
     pub token_id: i64,
+    /// When the access token expires (tokens of clients using refresh tokens).
+    pub expires_ts: Option<i64>,
 }
 
 /// A new logged-in session, as returned by register, login and refresh.
@@ -148,7 +150,13 @@ impl Users {
             self.db.mark_access_token_used(row.id, row.refresh_token_id).await?;
         }
         self.note_seen(&row, now, ip).await;
-        Ok(Authed { user_id: row.user_id, device_id: row.device_id, is_guest: row.is_guest, token_id: row.id })
+        Ok(Authed {
+            user_id: row.user_id,
+            device_id: row.device_id,
+            is_guest: row.is_guest,
+            token_id: row.id,
+            expires_ts: row.expires_ts,
+        })
     }
 
     async fn note_seen(&self, row: &AccessTokenRow, now: i64, ip: Option<IpAddr>) {
@@ -168,6 +176,11 @@ impl Users {
         if let Err(err) = self.db.touch_device(&row.user_id, &row.device_id, now, ip.as_deref()).await {
             tracing::warn!(%err, "could not record device last-seen time");
         }
+    }
+
+    /// Whether a device still exists (it is deleted by logout, device deletion, deactivation).
+    pub async fn device_exists(&self, user_id: &UserId, device_id: &DeviceId) -> Result<bool> {
+        Ok(self.db.device(user_id, device_id).await?.is_some())
     }
 
     /// `GET /register/available`: Ok if `localpart` could be registered now.

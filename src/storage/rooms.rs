@@ -230,6 +230,29 @@ impl Db {
         rows.into_iter().map(event_row).collect()
     }
 
+    /// The events of a room in `(after, upto]`, newest first, that push rules could make notify
+    /// `user`: other people's membership changes never do, so they are left out (a big room's
+    /// join flood would otherwise be evaluated for every member).
+    pub async fn room_events_for_push(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        after: i64,
+        upto: i64,
+        limit: i64,
+    ) -> StorageResult<Vec<EventRow>> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE room_id = $1 AND stream_pos > $2 AND stream_pos <= $3 AND NOT soft_failed AND sender <> $4
+               AND NOT (event_type = 'm.room.member' AND state_key <> $4)
+             ORDER BY stream_pos DESC LIMIT $5"
+        ));
+        let rows: Vec<EventTuple> = on_reader!(self, pool => {
+            sqlx::query_as(sql).bind(room_id.as_str()).bind(after).bind(upto).bind(user.as_str()).bind(limit).fetch_all(pool).await?
+        });
+        rows.into_iter().map(event_row).collect()
+    }
+
     /// Events related to `event_id` (optionally only of `rel_type`), with `after < stream_pos <=
     /// upto`, in `dir` order.
     pub async fn related_events(

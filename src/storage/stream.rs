@@ -69,6 +69,9 @@ pub struct ReceiptWrite {
     pub event_id: OwnedEventId,
     pub event_pos: i64,
     pub ts: i64,
+    /// Not stored: for delivered receipts, the sender of the receipted event, the one user who
+    /// is woken for it (everyone else sees it with their next sync).
+    pub wake_only: Option<OwnedUserId>,
 }
 
 #[derive(Debug, Clone)]

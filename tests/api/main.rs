@@ -20,3 +20,4 @@ mod scale;
 mod sdk;
 mod startup;
 mod sync;
+mod websocket;

@@ -14,10 +14,14 @@ pub const SUPPORTED_VERSIONS: &[&str] = &[
 ];
 
 /// `GET /_matrix/client/versions`
-pub async fn versions(Ruma(_): Ruma<get_supported_versions::Request>) -> ApiResult<get_supported_versions::Response> {
+pub async fn versions(
+    State(info): State<Arc<ServerInfo>>,
+    Ruma(_): Ruma<get_supported_versions::Request>,
+) -> ApiResult<get_supported_versions::Response> {
     let mut response =
         get_supported_versions::Response::new(SUPPORTED_VERSIONS.iter().map(|v| (*v).to_owned()).collect());
-    response.unstable_features = BTreeMap::new();
+    response.unstable_features =
+        info.unstable_features.iter().map(|f| ((*f).to_owned(), true)).collect::<BTreeMap<_, _>>();
     Ok(response.into())
 }
 

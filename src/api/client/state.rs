@@ -29,8 +29,9 @@ pub async fn send(
     if !content.is_object() {
         return Err(Error::BadJson("state content must be an object".to_owned()));
     }
-    let event =
-        rooms.send_state(&authed.user_id, &req.room_id, &req.event_type.to_string(), &req.state_key, content).await?;
+    let event = rooms
+        .send_state(&authed.user_id, &req.room_id, &req.event_type.to_string(), &req.state_key, content, None)
+        .await?;
     Ok(send_state_event::v3::Response::new(event.pdu.event_id.clone()).into())
 }
 

@@ -83,6 +83,7 @@ impl Rooms {
         event_type: &str,
         state_key: &str,
         content: Value,
+        txn: Option<(&str, &str)>,
     ) -> Result<Arc<StoredEvent>> {
         if event_type == "m.room.create" {
             return Err(Error::forbidden("m.room.create cannot be sent into an existing room"));
@@ -99,7 +100,8 @@ impl Rooms {
         {
             return Ok(current);
         }
-        let event = NewEvent::new(sender, event_type, Some(state_key), content)?;
+        let mut event = NewEvent::new(sender, event_type, Some(state_key), content)?;
+        event.txn = txn.map(|(device, txn)| (device.to_owned(), txn.to_owned()));
         let mut events = self.append(&handle, vec![event], None).await?;
         Ok(events.remove(0))
     }
