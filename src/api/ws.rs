@@ -211,6 +211,9 @@ struct Connection {
     /// The `next_batch` of the last frame queued (the resume token), if subscribed.
     last_sent: Arc<Mutex<Option<StreamToken>>>,
     producer: Option<tokio::task::JoinHandle<()>>,
+    /// Held by a `send` op from before its event is stored until its `response` is queued, and
+    /// by the producer while it queues a frame: the `response` precedes the frame with the event.
+    send_gate: Arc<tokio::sync::Mutex<()>>,
     non_ops: u32,
     limiter: Option<DefaultDirectRateLimiter>,
 }
@@ -232,6 +235,7 @@ impl Connection {
             pending: Arc::new(Mutex::new(VecDeque::new())),
             last_sent: Arc::new(Mutex::new(None)),
             producer: None,
+            send_gate: Arc::default(),
             non_ops: 0,
             limiter,
         }
@@ -506,6 +510,7 @@ impl Connection {
             return None;
         }
         let always_answer = matches!(op.as_str(), "subscribe" | "ping");
+        let _gate = if op == "send" { Some(self.send_gate.clone().lock_owned().await) } else { None };
         let result = match op.as_str() {
             "auth" => {
                 let Some(token) = frame.get("access_token").and_then(Value::as_str) else {
@@ -629,6 +634,7 @@ impl Connection {
             outbound: outbound.clone(),
             pending: self.pending.clone(),
             last_sent: self.last_sent.clone(),
+            send_gate: self.send_gate.clone(),
             close: self.close_handle(),
         };
         self.producer = Some(tokio::spawn(async move {
@@ -918,6 +924,7 @@ struct Producer {
     outbound: Outbound2,
     pending: Pending,
     last_sent: Arc<Mutex<Option<StreamToken>>>,
+    send_gate: Arc<tokio::sync::Mutex<()>>,
     close: Option<watch::Sender<Option<Close>>>,
 }
 
@@ -933,11 +940,19 @@ impl Producer {
                 }
             };
             if response.is_empty() {
+                if self.app.rooms.streams.is_shutting_down() {
+                    // The server is stopping; the socket is closed with its resume token elsewhere.
+                    return;
+                }
                 // Nothing for this device in that window: move on without a frame.
                 self.request.since = Some(response.token);
                 continue;
             }
-            if !self.outbound.try_sync_frame(&response, &self.pending, &self.last_sent) {
+            let queued = {
+                let _gate = self.send_gate.lock().await;
+                self.outbound.try_sync_frame(&response, &self.pending, &self.last_sent)
+            };
+            if !queued {
                 self.request_close(Close { code: 4008, reason: "slow consumer", announce: true });
                 return;
             }

@@ -52,7 +52,7 @@ impl Notifications {
 
     /// Counts for `user` in `room_id` over events up to `upto`.
     pub async fn unread(&self, user: &UserId, room_id: &RoomId, upto: i64) -> Result<UnreadCounts> {
-        let read_pos = self.rooms.db.read_up_to(room_id, user).await?;
+        let read_pos = self.rooms.streams.read_pos(user, room_id);
         let key = (user.to_owned(), room_id.to_owned());
         let cached = self.cache.lock().get(&key).copied();
         let (mut counts, from) = match cached {
@@ -60,10 +60,23 @@ impl Notifications {
             _ => (UnreadCounts::default(), read_pos),
         };
         if from < upto {
-            let rows =
-                self.rooms.db.room_events_for_push(room_id, user, from.max(read_pos), upto, MAX_EVALUATED).await?;
-            if !rows.is_empty() {
-                let events = self.rooms.events_from_rows(rows)?;
+            let after = from.max(read_pos);
+            // Recent events come from memory; older backlogs from the database.
+            let events = match self.rooms.streams.recent_events(room_id, after, upto) {
+                Some(recent) => recent
+                    .into_iter()
+                    .filter(|e| {
+                        e.pdu.sender != user
+                            && !(e.pdu.event_type == ruma::events::TimelineEventType::RoomMember
+                                && e.pdu.state_key.as_deref() != Some(user.as_str()))
+                    })
+                    .collect(),
+                None => {
+                    let rows = self.rooms.db.room_events_for_push(room_id, user, after, upto, MAX_EVALUATED).await?;
+                    self.rooms.events_from_rows(rows)?
+                }
+            };
+            if !events.is_empty() {
                 let context = self.context(user, room_id).await?;
                 let ruleset = Ruleset::server_default(user);
                 for event in events.iter().filter(|e| e.pdu.sender != user && e.redacted_by.is_none()) {

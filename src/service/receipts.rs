@@ -34,11 +34,14 @@ pub struct Receipts {
     rooms: Arc<Rooms>,
     streams: Arc<Streams>,
     delivered_enabled: bool,
+    /// Per user: whether they record delivered receipts, and the account-data position read at.
+    settings: parking_lot::Mutex<lru::LruCache<ruma::OwnedUserId, (i64, bool)>>,
 }
 
 impl Receipts {
     pub fn new(rooms: Arc<Rooms>, streams: Arc<Streams>, delivered_enabled: bool) -> Receipts {
-        Receipts { rooms, streams, delivered_enabled }
+        let settings = parking_lot::Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(100_000).unwrap()));
+        Receipts { rooms, streams, delivered_enabled, settings }
     }
 
     /// Whether `user` records and shows delivered receipts (on unless they turned it off).
@@ -46,10 +49,19 @@ impl Receipts {
         if !self.delivered_enabled {
             return Ok(false);
         }
+        // Cached per user, valid while their account data has not changed since.
+        let position = self.streams.account_data_pos(user);
+        if let Some((cached_at, enabled)) = self.settings.lock().get(user)
+            && *cached_at == position
+        {
+            return Ok(*enabled);
+        }
         let setting = self.rooms.db.account_data(user, None, DELIVERED_SETTING).await?;
-        Ok(setting
+        let enabled = setting
             .and_then(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
-            .is_none_or(|value| value.get("enabled") != Some(&serde_json::Value::Bool(false))))
+            .is_none_or(|value| value.get("enabled") != Some(&serde_json::Value::Bool(false)));
+        self.settings.lock().put(user.to_owned(), (position, enabled));
+        Ok(enabled)
     }
 
     /// Records that `user` received `delivered`: per room and thread, a delivered receipt at the
@@ -67,9 +79,7 @@ impl Receipts {
         }
         let mut writes = Vec::new();
         for ((room_id, thread), item) in latest {
-            if let Some(current) = self.rooms.db.receipt(room_id, DELIVERED, user, thread).await?
-                && current.event_pos >= item.stream_pos
-            {
+            if self.streams.delivered_pos(user, room_id, thread) >= item.stream_pos {
                 continue;
             }
             writes.push(StreamWrite::Receipt(ReceiptWrite {

@@ -26,7 +26,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     error::{Error, Result},
-    service::now_ms,
+    matrix::pdu::Pdu,
+    service::{now_ms, rooms::StoredEvent},
     storage::{Db, stream::StreamWrite},
 };
 
@@ -34,6 +35,8 @@ use crate::{
 const MAX_BATCH: usize = 256;
 /// How many recent room changes are remembered for cheap "which rooms changed since T" answers.
 const CHANGE_LOG_LEN: usize = 100_000;
+/// Events kept in memory per room for syncs.
+const RECENT_EVENTS_PER_ROOM: usize = 64;
 
 /// A user's membership of a room, as the views know it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +102,22 @@ struct Views {
     room_latest_receipt: HashMap<OwnedRoomId, i64>,
     /// Recent (position, room) changes (events and receipts), oldest first.
     change_log: VecDeque<(i64, OwnedRoomId)>,
+    /// Per room: its latest events, oldest first, so syncs of active rooms need no query.
+    recent: HashMap<OwnedRoomId, VecDeque<Arc<StoredEvent>>>,
+    /// Per room: the state group after its latest event.
+    room_group: HashMap<OwnedRoomId, i64>,
+    /// Per room: position of its latest edit, reference or thread reply.
+    room_latest_relation: HashMap<OwnedRoomId, i64>,
+    /// Per user: position of their latest account data change.
+    account_data_pos: HashMap<OwnedUserId, i64>,
+    /// Per device: position of its latest to-device message.
+    to_device_pos: HashMap<(OwnedUserId, String), i64>,
+    /// Position of the latest device-list change of anyone.
+    device_change_pos: i64,
+    /// (user, room) → position of the furthest event their (main or unthreaded) read receipts reach.
+    read_pos: HashMap<(OwnedUserId, OwnedRoomId), i64>,
+    /// (user, room, thread) → position of their delivered receipt.
+    delivered_pos: HashMap<(OwnedUserId, OwnedRoomId, String), i64>,
 }
 
 /// Wakes long-polling readers per user.
@@ -179,7 +198,15 @@ impl Streams {
     async fn load_views(&self) -> Result<()> {
         let memberships = self.db.all_memberships().await?;
         let latest = self.db.room_latest_positions().await?;
+        let positions = self.db.view_positions().await?;
         let mut views = self.views.write();
+        views.room_group.extend(positions.room_groups);
+        views.room_latest_relation.extend(positions.room_relations);
+        views.account_data_pos.extend(positions.account_data);
+        views.to_device_pos.extend(positions.to_device.into_iter().map(|(u, d, p)| ((u, d), p)));
+        views.device_change_pos = positions.device_change;
+        views.read_pos.extend(positions.reads.into_iter().map(|(u, r, p)| ((u, r), p)));
+        views.delivered_pos.extend(positions.delivered.into_iter().map(|(u, r, t, p)| ((u, r, t), p)));
         for row in memberships {
             if row.user_id.server_name() == self.server_name {
                 views.user_rooms.entry(row.user_id.clone()).or_default().insert(
@@ -350,6 +377,64 @@ impl Streams {
         }
     }
 
+    /// The room's events in `(after, upto]`, oldest first, if the in-memory window covers that
+    /// whole range (every event of a room enters the window in order, so it does once
+    /// `after` is at or past the position before its oldest entry).
+    pub fn recent_events(&self, room_id: &RoomId, after: i64, upto: i64) -> Option<Vec<Arc<StoredEvent>>> {
+        let views = self.views.read();
+        let recent = views.recent.get(room_id)?;
+        let oldest = recent.front()?.stream_pos;
+        if after < oldest - 1 {
+            return None;
+        }
+        Some(recent.iter().filter(|e| e.stream_pos > after && e.stream_pos <= upto).cloned().collect())
+    }
+
+    /// The state group after a room's latest event (0 if it has none).
+    pub fn room_group(&self, room_id: &RoomId) -> i64 {
+        self.views.read().room_group.get(room_id).copied().unwrap_or(0)
+    }
+
+    /// Position of the room's latest relation event (edit, reference, thread reply).
+    pub fn latest_relation(&self, room_id: &RoomId) -> i64 {
+        self.views.read().room_latest_relation.get(room_id).copied().unwrap_or(0)
+    }
+
+    /// Position of the room's latest receipt.
+    pub fn latest_receipt(&self, room_id: &RoomId) -> i64 {
+        self.views.read().room_latest_receipt.get(room_id).copied().unwrap_or(0)
+    }
+
+    /// Position of the user's latest account data change.
+    pub fn account_data_pos(&self, user_id: &UserId) -> i64 {
+        self.views.read().account_data_pos.get(user_id).copied().unwrap_or(0)
+    }
+
+    /// Position of the device's latest to-device message.
+    pub fn to_device_pos(&self, user_id: &UserId, device_id: &str) -> i64 {
+        self.views.read().to_device_pos.get(&(user_id.to_owned(), device_id.to_owned())).copied().unwrap_or(0)
+    }
+
+    /// Position of the latest device-list change.
+    pub fn device_change_pos(&self) -> i64 {
+        self.views.read().device_change_pos
+    }
+
+    /// How far the user's read receipts reach in a room.
+    pub fn read_pos(&self, user_id: &UserId, room_id: &RoomId) -> i64 {
+        self.views.read().read_pos.get(&(user_id.to_owned(), room_id.to_owned())).copied().unwrap_or(0)
+    }
+
+    /// Position of the user's delivered receipt in a room's thread.
+    pub fn delivered_pos(&self, user_id: &UserId, room_id: &RoomId, thread: &str) -> i64 {
+        self.views
+            .read()
+            .delivered_pos
+            .get(&(user_id.to_owned(), room_id.to_owned(), thread.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Wakes the waiters a change concerns. Touches only users that are actually waiting: in a
     /// room of ten thousand where five people are syncing, five channels are poked, not 10,000.
     pub fn wake(&self, wake: &Wake) {
@@ -423,11 +508,52 @@ impl Streams {
                         }
                     }
                     views.room_latest_event.insert(room.clone(), pos);
+                    views.room_group.insert(room.clone(), event.state_after);
+                    if matches!(event.rel_type.as_deref(), Some("m.replace" | "m.reference" | "m.thread")) {
+                        views.room_latest_relation.insert(room.clone(), pos);
+                    }
                     push_change(&mut views.change_log, pos, room);
+                    let stored = Arc::new(StoredEvent {
+                        pdu: (*event.pdu).clone(),
+                        stream_pos: pos,
+                        redacted_by: None,
+                        soft_failed: false,
+                        state_before: event.state_before,
+                        state_after: event.state_after,
+                        replaces_state: event.replaces_state.clone(),
+                        txn: event.txn.as_ref().map(|(_, device, txn)| (device.clone(), txn.clone())),
+                        txn_known: true,
+                    });
+                    let recent = views.recent.entry(room.clone()).or_default();
+                    if let Some((target, redacted_json)) = &event.redaction_target
+                        && let Some(slot) = recent.iter_mut().find(|e| &e.pdu.event_id == target)
+                        && let Ok(redacted) = Pdu::from_json(redacted_json.clone(), room.clone(), target.clone())
+                    {
+                        *slot = Arc::new(StoredEvent {
+                            pdu: redacted,
+                            redacted_by: Some(event.pdu.event_id.clone()),
+                            ..(**slot).clone()
+                        });
+                    }
+                    if recent.len() >= RECENT_EVENTS_PER_ROOM {
+                        recent.pop_front();
+                    }
+                    recent.push_back(stored);
                     wake.rooms.insert(room.clone());
                 }
                 StreamWrite::Receipt(receipt) => {
                     views.room_latest_receipt.insert(receipt.room_id.clone(), pos);
+                    let main_thread = receipt.thread_id.is_empty() || receipt.thread_id == "main";
+                    if matches!(receipt.receipt_type.as_str(), "m.read" | "m.read.private") && main_thread {
+                        let read =
+                            views.read_pos.entry((receipt.user_id.clone(), receipt.room_id.clone())).or_default();
+                        *read = (*read).max(receipt.event_pos);
+                    }
+                    if receipt.receipt_type == "org.hearth.delivered" {
+                        let key = (receipt.user_id.clone(), receipt.room_id.clone(), receipt.thread_id.clone());
+                        let delivered = views.delivered_pos.entry(key).or_default();
+                        *delivered = (*delivered).max(receipt.event_pos);
+                    }
                     push_change(&mut views.change_log, pos, &receipt.room_id);
                     if receipt.receipt_type == "m.read.private" {
                         wake.users.insert(receipt.user_id.clone());
@@ -438,12 +564,15 @@ impl Streams {
                     }
                 }
                 StreamWrite::AccountData { user_id, .. } => {
+                    views.account_data_pos.insert(user_id.clone(), pos);
                     wake.users.insert(user_id.clone());
                 }
                 StreamWrite::ToDevice(message) => {
+                    views.to_device_pos.insert((message.user_id.clone(), message.device_id.clone()), pos);
                     wake.users.insert(message.user_id.clone());
                 }
                 StreamWrite::DeviceListChange { user_id } => {
+                    views.device_change_pos = pos;
                     wake.users.insert(user_id.clone());
                     if let Some(rooms) = views.user_rooms.get(user_id) {
                         wake.rooms.extend(rooms.iter().filter(|(_, m)| m.membership == "join").map(|(r, _)| r.clone()));

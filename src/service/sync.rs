@@ -190,6 +190,8 @@ pub struct Sync {
     /// Per device: the token of the last `/sync` response and what it delivered. The device's
     /// next request with that token as `since` proves the response arrived.
     last_responses: parking_lot::Mutex<HashMap<DeviceKey, (StreamToken, Vec<Delivered>)>>,
+    /// Per device: up to where its to-device messages are known to be deleted.
+    to_device_deleted: parking_lot::Mutex<HashMap<DeviceKey, i64>>,
 }
 
 impl Sync {
@@ -201,7 +203,16 @@ impl Sync {
         receipts: Arc<Receipts>,
     ) -> Sync {
         let streams = rooms.streams.clone();
-        Sync { rooms, streams, typing, presence, notifications, receipts, last_responses: Default::default() }
+        Sync {
+            rooms,
+            streams,
+            typing,
+            presence,
+            notifications,
+            receipts,
+            last_responses: Default::default(),
+            to_device_deleted: Default::default(),
+        }
     }
 
     /// A device confirmed it holds everything up to `token`: to-device messages before it are
@@ -213,7 +224,15 @@ impl Sync {
         token: StreamToken,
         delivered: &[Delivered],
     ) -> Result<()> {
-        self.rooms.db.delete_to_device_upto(user, device, token.stream).await?;
+        // Delete only when there is something new to delete (a write per sync would queue every
+        // sync behind the database writer).
+        let key = (user.to_owned(), device.to_owned());
+        let latest = self.streams.to_device_pos(user, device);
+        let deleted = self.to_device_deleted.lock().get(&key).copied();
+        if deleted.is_none_or(|deleted| latest > deleted) && token.stream > deleted.unwrap_or(-1) {
+            self.rooms.db.delete_to_device_upto(user, device, token.stream).await?;
+            self.to_device_deleted.lock().insert(key, token.stream.min(latest).max(deleted.unwrap_or(0)));
+        }
         self.receipts.record_delivered(user, delivered).await
     }
 
@@ -306,7 +325,12 @@ impl Sync {
             .retain(|(room, _, _)| filter::room_allowed(room_filter.rooms.as_deref(), &room_filter.not_rooms, room));
 
         // Account data, grouped by room, fetched once.
-        let account_data = self.rooms.db.account_data_since(user, if initial { 0 } else { since.stream }, upto).await?;
+        // Each section is read only if the in-memory views say something changed since `since`.
+        let account_data = if initial || self.streams.account_data_pos(user) > since.stream {
+            self.rooms.db.account_data_since(user, if initial { 0 } else { since.stream }, upto).await?
+        } else {
+            Vec::new()
+        };
         let mut room_account_data: HashMap<OwnedRoomId, Vec<Box<RawValue>>> = HashMap::new();
         for row in account_data {
             let event = account_data_event(&row.data_type, &row.content);
@@ -408,28 +432,35 @@ impl Sync {
         }
 
         // To-device messages for this device.
-        for message in self
-            .rooms
-            .db
-            .to_device_since(user, &request.device_id, if initial { 0 } else { since.stream }, upto, TO_DEVICE_LIMIT)
-            .await?
-        {
+        let to_device = if initial || self.streams.to_device_pos(user, &request.device_id) > since.stream {
+            self.rooms
+                .db
+                .to_device_since(
+                    user,
+                    &request.device_id,
+                    if initial { 0 } else { since.stream },
+                    upto,
+                    TO_DEVICE_LIMIT,
+                )
+                .await?
+        } else {
+            Vec::new()
+        };
+        for message in to_device {
             let content: Box<RawValue> = RawValue::from_string(message.content).unwrap_or_else(|_| empty_object());
             let event = json!({"type": message.event_type, "sender": message.sender.as_str(), "content": content});
             response.to_device.events.push(serde_json::value::to_raw_value(&event).expect("json"));
         }
 
         // Device lists of people sharing rooms.
-        if !initial {
+        if !initial && (self.streams.device_change_pos() > since.stream || !newly_shared.is_empty()) {
             let sharing = self.streams.users_sharing_rooms(user);
-            let mut changed: HashSet<OwnedUserId> = self
-                .rooms
-                .db
-                .device_list_changes_since(since.stream, upto)
-                .await?
-                .into_iter()
-                .filter(|u| sharing.contains(u))
-                .collect();
+            let changes = if self.streams.device_change_pos() > since.stream {
+                self.rooms.db.device_list_changes_since(since.stream, upto).await?
+            } else {
+                Vec::new()
+            };
+            let mut changed: HashSet<OwnedUserId> = changes.into_iter().filter(|u| sharing.contains(u)).collect();
             changed.extend(newly_shared.into_iter().filter(|u| u != user));
             let mut changed: Vec<_> = changed.into_iter().collect();
             changed.sort();
@@ -515,7 +546,11 @@ impl Sync {
         state.retain(|e| !in_timeline.contains(&*e.pdu.event_id));
 
         let typing = self.typing.typing_since(room_id, if fresh { 0 } else { since.ephemeral });
-        let receipts = self.rooms.db.room_receipts_since(room_id, if fresh { 0 } else { since.stream }, upto).await?;
+        let receipts = if fresh || self.streams.latest_receipt(room_id) > since.stream {
+            self.rooms.db.room_receipts_since(room_id, if fresh { 0 } else { since.stream }, upto).await?
+        } else {
+            Vec::new()
+        };
         let mut ephemeral = Vec::new();
         if let Some(users) = typing {
             ephemeral.push(
@@ -632,6 +667,21 @@ impl Sync {
         timeline_filter: &RoomEventFilter,
         ignored: &HashSet<OwnedUserId>,
     ) -> Result<(Vec<Arc<StoredEvent>>, bool)> {
+        // Active rooms are served from the in-memory window of recent events.
+        if let Some(recent) = self.streams.recent_events(room_id, after, upto) {
+            let candidates: Vec<_> = recent
+                .into_iter()
+                .filter(|e| !e.soft_failed && filter::room_event_matches(timeline_filter, &e.pdu))
+                .collect();
+            let mut visible = self.rooms.filter_visible(user, candidates, ignored).await?;
+            let limited = visible.len() > limit;
+            if limited {
+                visible.drain(..visible.len() - limit);
+            }
+            if !limited || visible.len() == limit {
+                return Ok((visible, limited));
+            }
+        }
         let mut events = Vec::new();
         let mut cursor = upto;
         let mut limited = false;

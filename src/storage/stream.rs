@@ -93,6 +93,18 @@ pub enum StreamWrite {
     DeviceListChange { user_id: OwnedUserId },
 }
 
+/// Where each in-memory view of the stream stands at start.
+#[derive(Debug, Default)]
+pub struct ViewPositions {
+    pub room_groups: Vec<(OwnedRoomId, i64)>,
+    pub room_relations: Vec<(OwnedRoomId, i64)>,
+    pub account_data: Vec<(OwnedUserId, i64)>,
+    pub to_device: Vec<(OwnedUserId, String, i64)>,
+    pub device_change: i64,
+    pub reads: Vec<(OwnedUserId, OwnedRoomId, i64)>,
+    pub delivered: Vec<(OwnedUserId, OwnedRoomId, String, i64)>,
+}
+
 #[derive(Debug, Clone)]
 pub struct ReceiptRow {
     pub room_id: OwnedRoomId,
@@ -372,6 +384,75 @@ impl Db {
             .await?
         });
         Ok(max.unwrap_or(0))
+    }
+
+    /// Positions the stream's in-memory views start from.
+    pub async fn view_positions(&self) -> StorageResult<ViewPositions> {
+        type Pair = (String, i64);
+        type Triple = (String, String, i64);
+        /// Rows as read, before the ids are parsed.
+        type Raw = (
+            Vec<Pair>,
+            Vec<Pair>,
+            Vec<Pair>,
+            Vec<Triple>,
+            Option<i64>,
+            Vec<Triple>,
+            Vec<(String, String, String, i64)>,
+        );
+        let (groups, relations, account_data, to_device, device_change, reads, delivered): Raw = on_reader!(self, pool => {
+            let mut conn = pool.acquire().await?;
+            let groups: Vec<Pair> = sqlx::query_as(
+                "SELECT e.room_id, e.state_after FROM events e
+                 JOIN (SELECT room_id, MAX(stream_pos) AS p FROM events WHERE NOT soft_failed GROUP BY room_id) latest
+                   ON e.stream_pos = latest.p",
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            let relations: Vec<Pair> = sqlx::query_as(
+                "SELECT room_id, MAX(stream_pos) FROM events WHERE rel_type IN ('m.replace', 'm.reference', 'm.thread')
+                 GROUP BY room_id",
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            let account_data: Vec<Pair> = sqlx::query_as("SELECT user_id, MAX(stream_pos) FROM account_data GROUP BY user_id")
+                .fetch_all(&mut *conn)
+                .await?;
+            let to_device: Vec<(String, String, i64)> = sqlx::query_as(
+                "SELECT user_id, device_id, MAX(stream_pos) FROM to_device_messages GROUP BY user_id, device_id",
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            let device_change: Option<i64> =
+                sqlx::query_scalar("SELECT MAX(stream_pos) FROM device_list_changes").fetch_one(&mut *conn).await?;
+            let reads: Vec<(String, String, i64)> = sqlx::query_as(
+                "SELECT user_id, room_id, MAX(event_pos) FROM receipts
+                 WHERE receipt_type IN ('m.read', 'm.read.private') AND thread_id IN ('', 'main') GROUP BY user_id, room_id",
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            let delivered: Vec<(String, String, String, i64)> = sqlx::query_as(
+                "SELECT user_id, room_id, thread_id, event_pos FROM receipts WHERE receipt_type = 'org.hearth.delivered'",
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            (groups, relations, account_data, to_device, device_change, reads, delivered)
+        });
+        Ok(ViewPositions {
+            room_groups: groups.into_iter().map(|(r, g)| Ok((parse_id(r)?, g))).collect::<StorageResult<_>>()?,
+            room_relations: relations.into_iter().map(|(r, p)| Ok((parse_id(r)?, p))).collect::<StorageResult<_>>()?,
+            account_data: account_data.into_iter().map(|(u, p)| Ok((parse_id(u)?, p))).collect::<StorageResult<_>>()?,
+            to_device: to_device.into_iter().map(|(u, d, p)| Ok((parse_id(u)?, d, p))).collect::<StorageResult<_>>()?,
+            device_change: device_change.unwrap_or(0),
+            reads: reads
+                .into_iter()
+                .map(|(u, r, p)| Ok((parse_id(u)?, parse_id(r)?, p)))
+                .collect::<StorageResult<_>>()?,
+            delivered: delivered
+                .into_iter()
+                .map(|(u, r, t, p)| Ok((parse_id(u)?, parse_id(r)?, t, p)))
+                .collect::<StorageResult<_>>()?,
+        })
     }
 
     /// Receipts in `room_id` that changed in `(after, upto]` (all of them when `after` is 0).

@@ -37,16 +37,26 @@ pub struct Page {
 
 impl Rooms {
     /// The users `viewer` ignores (`m.ignored_user_list`).
-    pub async fn ignored_users(&self, viewer: &UserId) -> Result<HashSet<OwnedUserId>> {
-        let Some(json) = self.db.account_data(viewer, None, "m.ignored_user_list").await? else {
-            return Ok(HashSet::new());
+    pub async fn ignored_users(&self, viewer: &UserId) -> Result<Arc<HashSet<OwnedUserId>>> {
+        // Cached per user, valid while their account data has not changed since.
+        let position = self.streams.account_data_pos(viewer);
+        if let Some((cached_at, ignored)) = self.ignored.lock().get(viewer)
+            && *cached_at == position
+        {
+            return Ok(ignored.clone());
+        }
+        let ignored: HashSet<OwnedUserId> = match self.db.account_data(viewer, None, "m.ignored_user_list").await? {
+            None => HashSet::new(),
+            Some(json) => serde_json::from_str::<Value>(&json)
+                .unwrap_or_default()
+                .get("ignored_users")
+                .and_then(Value::as_object)
+                .map(|users| users.keys().filter_map(|u| UserId::parse(u).ok()).collect())
+                .unwrap_or_default(),
         };
-        let value: Value = serde_json::from_str(&json).unwrap_or_default();
-        Ok(value
-            .get("ignored_users")
-            .and_then(Value::as_object)
-            .map(|users| users.keys().filter_map(|u| UserId::parse(u).ok()).collect())
-            .unwrap_or_default())
+        let ignored = Arc::new(ignored);
+        self.ignored.lock().put(viewer.to_owned(), (position, ignored.clone()));
+        Ok(ignored)
     }
 
     /// Whether a room is world readable now.
@@ -158,9 +168,11 @@ impl Rooms {
         format: Format,
     ) -> Result<Vec<Box<RawValue>>> {
         let now = now_ms();
+        // Only events older than their room's latest relation can have one bundled.
         let targets: Vec<&EventId> = events
             .iter()
             .filter(|e| e.redacted_by.is_none() && e.pdu.state_key.is_none())
+            .filter(|e| e.stream_pos < self.streams.latest_relation(&e.pdu.room_id))
             .map(|e| &*e.pdu.event_id)
             .collect();
         let relations = self.bundled_relations(viewer, device, &targets, format).await?;
@@ -183,14 +195,16 @@ impl Rooms {
         now: i64,
         relations: Option<&RawValue>,
     ) -> Result<Box<RawValue>> {
-        let txn = if event.pdu.sender == viewer && device.is_some() {
+        let txn = if event.pdu.sender != viewer || device.is_none() {
+            None
+        } else if event.txn_known {
+            event.txn.as_ref().filter(|(d, _)| Some(d.as_str()) == device).map(|(_, txn)| txn.clone())
+        } else {
             self.db
                 .event_txn(&event.pdu.event_id)
                 .await?
                 .filter(|(d, _)| Some(d.as_str()) == device)
                 .map(|(_, txn)| txn)
-        } else {
-            None
         };
         let previous = match &event.replaces_state {
             Some(id) => self.event(id).await?,

@@ -71,6 +71,10 @@ pub struct StoredEvent {
     pub state_before: i64,
     pub state_after: i64,
     pub replaces_state: Option<OwnedEventId>,
+    /// The (device, transaction ID) it was sent with, when known without asking the database
+    /// (events this process appended); `None` with `txn_known` false means "look it up".
+    pub txn: Option<(String, String)>,
+    pub txn_known: bool,
 }
 
 impl StoredEvent {
@@ -84,6 +88,8 @@ impl StoredEvent {
             state_before: row.state_before,
             state_after: row.state_after,
             replaces_state: row.replaces_state,
+            txn: None,
+            txn_known: false,
         })
     }
 }
@@ -135,6 +141,9 @@ impl NewEvent {
     }
 }
 
+/// A user's ignore list and the account-data position it was read at.
+type IgnoreList = (i64, Arc<std::collections::HashSet<OwnedUserId>>);
+
 pub struct Rooms {
     pub(crate) db: Db,
     pub(crate) server_name: OwnedServerName,
@@ -145,6 +154,8 @@ pub struct Rooms {
     groups: Mutex<LruCache<i64, Arc<GroupData>>>,
     full_states: Mutex<LruCache<i64, Arc<StateMap>>>,
     next_group: AtomicI64,
+    /// Per user: their ignore list and the account-data position it was read at.
+    ignored: Mutex<LruCache<OwnedUserId, IgnoreList>>,
 }
 
 impl Rooms {
@@ -165,6 +176,7 @@ impl Rooms {
             groups: Mutex::new(LruCache::new(NonZeroUsize::new(GROUP_CACHE_SIZE).unwrap())),
             full_states: Mutex::new(LruCache::new(NonZeroUsize::new(FULL_STATE_CACHE_SIZE).unwrap())),
             next_group: AtomicI64::new(next_group),
+            ignored: Mutex::new(LruCache::new(NonZeroUsize::new(100_000).unwrap())),
         })
     }
 
@@ -368,7 +380,10 @@ impl Rooms {
 
     /// The room's current state group (its latest event's state after).
     pub async fn current_group(&self, room_id: &RoomId) -> Result<i64> {
-        Ok(self.db.room_state_group_at(room_id, i64::MAX).await?.unwrap_or(0))
+        match self.streams.room_group(room_id) {
+            0 => Ok(self.db.room_state_group_at(room_id, i64::MAX).await?.unwrap_or(0)),
+            group => Ok(group),
+        }
     }
 
     /// Creates the handle of a brand-new room (no events yet); `None` if the ID is already taken.
@@ -531,6 +546,8 @@ impl Rooms {
                 state_before,
                 state_after: group,
                 replaces_state: replaces_state.clone(),
+                txn: new.txn.clone(),
+                txn_known: true,
             });
             built.insert(pdu.event_id.clone(), event.clone());
             writes.push(StreamWrite::Event(Box::new(EventWrite {
