@@ -13,8 +13,14 @@ const REQUIREMENTS: &str = include_str!("../sdk/requirements.txt");
 
 /// The virtualenv's Python, creating the virtualenv if needed. Each set of requirements gets its
 /// own directory, built privately and renamed into place, so concurrent test processes never see
-/// (or delete) a half-built one.
+/// (or delete) a half-built one. Tests run on several threads of one process, so the build is
+/// also done once per process (the staging name carries the process id only).
 pub fn sdk_python() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(build_sdk_venv).clone()
+}
+
+fn build_sdk_venv() -> PathBuf {
     let hash =
         REQUIREMENTS.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
