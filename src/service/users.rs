@@ -4,7 +4,12 @@
 //! Passwords are hashed with argon2id on the blocking pool. Access and refresh tokens are random,
 //! handed to the client once, and stored only as SHA-256 hashes.
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use argon2::{
     Argon2,
@@ -79,6 +84,17 @@ pub enum Registered {
     LoggedIn(Session),
 }
 
+/// How long a cached access token is trusted without reading it again.
+const TOKEN_CACHE_TTL: Duration = Duration::from_secs(5);
+struct TokenCache {
+    entries: lru::LruCache<String, (Instant, AccessTokenRow)>,
+    /// Counts [`Users::forget_tokens`] calls.
+    generation: u64,
+}
+
+/// Most access tokens cached at once.
+const TOKEN_CACHE_ENTRIES: std::num::NonZeroUsize = std::num::NonZeroUsize::new(100_000).unwrap();
+
 pub struct Users {
     db: Db,
     uia: Uia,
@@ -89,6 +105,11 @@ pub struct Users {
     refresh_token_lifetime: Option<Duration>,
     failed_logins: KeyedLimit,
     last_seen_written: Mutex<HashMap<i64, i64>>,
+    /// Resolved access tokens by token hash, with when they were read: every request
+    /// authenticates, and this spares most of them a query. Cleared whenever this process ends a
+    /// session; entries older than [`TOKEN_CACHE_TTL`] are read again, which bounds how long a
+    /// change made by another process (the operator commands) takes to apply.
+    token_cache: Mutex<TokenCache>,
     /// Where device-list changes are announced (absent for operator commands, which must not
     /// write to the streams of a running server).
     streams: Option<Arc<Streams>>,
@@ -107,6 +128,7 @@ impl Users {
             refresh_token_lifetime: config.auth.refresh_token_lifetime_secs.map(Duration::from_secs),
             failed_logins: KeyedLimit::new(limits.enabled.then_some(limits.failed_login_per_account)),
             last_seen_written: Mutex::new(HashMap::new()),
+            token_cache: Mutex::new(TokenCache { entries: lru::LruCache::new(TOKEN_CACHE_ENTRIES), generation: 0 }),
             streams: None,
         }
     }
@@ -141,13 +163,33 @@ impl Users {
 
     /// Resolves an access token. Expired tokens are a soft logout: the client should refresh.
     pub async fn authenticate(&self, token: &str, ip: Option<IpAddr>) -> Result<Authed> {
-        let row = self.db.access_token(&hash_token(token)).await?.ok_or(Error::UnknownToken { soft_logout: false })?;
+        let hash = hash_token(token);
+        let (cached, generation) = {
+            let mut cache = self.token_cache.lock();
+            let entry = cache.entries.get(&hash).filter(|(at, _)| at.elapsed() < TOKEN_CACHE_TTL).cloned();
+            (entry, cache.generation)
+        };
+        let mut row = match cached {
+            Some((_, row)) => row,
+            None => {
+                let read_at = Instant::now();
+                let row = self.db.access_token(&hash).await?.ok_or(Error::UnknownToken { soft_logout: false })?;
+                // Cached only once nothing is left to do on first use (below).
+                if row.used || row.refresh_token_id.is_none() {
+                    self.cache_token(generation, hash.clone(), read_at, &row);
+                }
+                row
+            }
+        };
         let now = now_ms();
         if row.expires_ts.is_some_and(|expiry| expiry <= now) {
             return Err(Error::UnknownToken { soft_logout: true });
         }
         if !row.used && row.refresh_token_id.is_some() {
+            let read_at = Instant::now();
             self.db.mark_access_token_used(row.id, row.refresh_token_id).await?;
+            row.used = true;
+            self.cache_token(generation, hash, read_at, &row);
         }
         self.note_seen(&row, now, ip).await;
         Ok(Authed {
@@ -157,6 +199,23 @@ impl Users {
             token_id: row.id,
             expires_ts: row.expires_ts,
         })
+    }
+
+    /// Drops every cached token after this process ended sessions (logout, device deletion,
+    /// deactivation, a new login or refresh on a device). Rare next to requests, so simply all.
+    fn forget_tokens(&self) {
+        let mut cache = self.token_cache.lock();
+        cache.entries.clear();
+        cache.generation += 1;
+    }
+
+    /// Caches a token row read while the cache was at `generation`; a row read before sessions
+    /// ended (the generation moved on since) may be stale and is not kept.
+    fn cache_token(&self, generation: u64, hash: String, read_at: Instant, row: &AccessTokenRow) {
+        let mut cache = self.token_cache.lock();
+        if cache.generation == generation {
+            cache.entries.put(hash, (read_at, row.clone()));
+        }
     }
 
     async fn note_seen(&self, row: &AccessTokenRow, now: i64, ip: Option<IpAddr>) {
@@ -323,6 +382,7 @@ impl Users {
         let ip = ip.map(|ip| ip.to_string());
         let session = issued.new_session(&device_id, initial_device_display_name, ip.as_deref(), now);
         self.db.create_session(&user.user_id, &session).await?;
+        self.forget_tokens();
         self.device_list_changed(&user.user_id).await;
         tracing::info!(user_id = %user.user_id, device_id = %device_id, "logged in");
         Ok(issued.into_session(user.user_id, device_id, self.access_token_lifetime))
@@ -331,12 +391,11 @@ impl Users {
     async fn password_matches(&self, user: &UserRow, password: &str) -> Result<bool> {
         let Some(hash) = user.password_hash.clone() else { return Ok(false) };
         let password = password.to_owned();
-        tokio::task::spawn_blocking(move || {
+        with_hashing_slot(move || {
             PasswordHash::new(&hash)
                 .is_ok_and(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
         })
         .await
-        .map_err(|err| Error::Internal(err.to_string()))
     }
 
     /// `POST /refresh`: a new access/refresh pair for a valid refresh token.
@@ -360,12 +419,14 @@ impl Users {
                 now,
             )
             .await?;
+        self.forget_tokens();
         Ok(issued.into_session(row.user_id, row.device_id, self.access_token_lifetime))
     }
 
     /// `POST /logout`: ends this device's session and deletes the device.
     pub async fn logout(&self, authed: &Authed) -> Result<()> {
         self.db.delete_devices(&authed.user_id, std::slice::from_ref(&authed.device_id)).await?;
+        self.forget_tokens();
         self.device_list_changed(&authed.user_id).await;
         Ok(())
     }
@@ -373,6 +434,7 @@ impl Users {
     /// `POST /logout/all`.
     pub async fn logout_all(&self, user_id: &UserId) -> Result<()> {
         self.db.delete_devices_except(user_id, None).await?;
+        self.forget_tokens();
         self.device_list_changed(user_id).await;
         Ok(())
     }
@@ -414,6 +476,7 @@ impl Users {
         self.db.set_password_hash(&authed.user_id, &hash).await?;
         if logout_devices {
             self.db.delete_devices_except(&authed.user_id, Some(&authed.device_id)).await?;
+            self.forget_tokens();
         }
         self.uia.finish(completed).await
     }
@@ -422,6 +485,7 @@ impl Users {
     pub async fn deactivate(&self, authed: &Authed, auth: Option<&AuthData>) -> Result<()> {
         let completed = self.authorize_with_password(authed, "deactivate", auth).await?;
         self.db.deactivate_user(&authed.user_id).await?;
+        self.forget_tokens();
         tracing::info!(user_id = %authed.user_id, "account deactivated by its owner");
         self.uia.finish(completed).await
     }
@@ -459,6 +523,7 @@ impl Users {
         }
         let completed = self.authorize_with_password(authed, "delete_devices", auth).await?;
         self.db.delete_devices(&authed.user_id, device_ids).await?;
+        self.forget_tokens();
         self.device_list_changed(&authed.user_id).await;
         self.uia.finish(completed).await
     }
@@ -531,6 +596,7 @@ impl Users {
 
     pub async fn operator_deactivate(&self, user_id: &UserId) -> Result<()> {
         if self.db.deactivate_user(user_id).await? {
+            self.forget_tokens();
             Ok(())
         } else {
             Err(Error::not_found("No active account with that ID"))
@@ -545,6 +611,7 @@ impl Users {
             return Err(Error::not_found("No active account with that ID"));
         }
         self.db.delete_devices_except(user_id, None).await?;
+        self.forget_tokens();
         Ok(())
     }
 
@@ -652,13 +719,25 @@ fn check_password_rules(password: &str) -> Result<()> {
 }
 
 async fn hash_password(password: String) -> Result<String> {
-    tokio::task::spawn_blocking(move || {
+    with_hashing_slot(move || {
         let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
         Argon2::default().hash_password(password.as_bytes(), &salt).map(|hash| hash.to_string())
     })
-    .await
-    .map_err(|err| Error::Internal(err.to_string()))?
+    .await?
     .map_err(|err| Error::Internal(format!("password hashing failed: {err}")))
+}
+
+/// Runs one argon2 hash or verification on the blocking pool, at most one per core at a time.
+/// Each takes ~19 MiB of memory and a core for tens of milliseconds: unbounded, a burst of
+/// logins or registrations would start hundreds at once (the blocking pool allows 512) and
+/// spike memory by gigabytes while finishing no sooner. The limit is per process because the
+/// cores and memory are.
+async fn with_hashing_slot<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    static SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get))
+    });
+    let _slot = SLOTS.acquire().await.map_err(|err| Error::Internal(err.to_string()))?;
+    tokio::task::spawn_blocking(work).await.map_err(|err| Error::Internal(err.to_string()))
 }
 
 /// SHA-256 of a token, hex-encoded: what the database stores.
