@@ -49,6 +49,11 @@ use crate::{
 pub const SUBPROTOCOL: &str = "org.hearth.ws.v1";
 /// Largest client frame.
 const MAX_CLIENT_FRAME: usize = 64 * 1024;
+/// Starting size of a socket's read buffer. tungstenite's default (128 KiB, allocated up front)
+/// would make every idle socket cost that much; client frames are small and the buffer grows
+/// for the rare large one. Writes go straight out (write buffer 0): every frame is flushed
+/// as soon as it is written anyway.
+const SOCKET_BUFFER: usize = 4 * 1024;
 const AUTH_DEADLINE: Duration = Duration::from_secs(10);
 const PING_INTERVAL: Duration = Duration::from_secs(30);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -173,12 +178,16 @@ pub async fn connect(
         }
         None => false,
     };
-    upgrade.protocols([SUBPROTOCOL]).max_message_size(MAX_CLIENT_FRAME).max_frame_size(MAX_CLIENT_FRAME).on_upgrade(
-        move |socket| async move {
+    upgrade
+        .protocols([SUBPROTOCOL])
+        .max_message_size(MAX_CLIENT_FRAME)
+        .max_frame_size(MAX_CLIENT_FRAME)
+        .read_buffer_size(SOCKET_BUFFER)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| async move {
             let connection = Connection::new(app, peer);
             connection.run(socket, header_token, origin_refused).await;
-        },
-    )
+        })
 }
 
 trait IntoResponseWith {
