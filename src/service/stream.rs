@@ -28,7 +28,10 @@ use crate::{
     error::{Error, Result},
     matrix::pdu::Pdu,
     service::{now_ms, rooms::StoredEvent},
-    storage::{Db, stream::StreamWrite},
+    storage::{
+        Db,
+        stream::{ReceiptRow, StreamWrite},
+    },
 };
 
 /// Largest batch committed in one transaction.
@@ -37,6 +40,9 @@ const MAX_BATCH: usize = 256;
 const CHANGE_LOG_LEN: usize = 100_000;
 /// Events kept in memory per room for syncs.
 const RECENT_EVENTS_PER_ROOM: usize = 64;
+/// Receipt changes kept in memory per room for syncs (a message in a room of N members can
+/// bring N delivered receipts, so this is larger than the event window).
+const RECENT_RECEIPTS_PER_ROOM: usize = 128;
 
 /// A user's membership of a room, as the views know it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +110,8 @@ struct Views {
     change_log: VecDeque<(i64, OwnedRoomId)>,
     /// Per room: its latest events, oldest first, so syncs of active rooms need no query.
     recent: HashMap<OwnedRoomId, VecDeque<Arc<StoredEvent>>>,
+    /// Per room: its latest receipt changes, so syncs need no query for them.
+    recent_receipts: HashMap<OwnedRoomId, RecentReceipts>,
     /// Per room: the state group after its latest event.
     room_group: HashMap<OwnedRoomId, i64>,
     /// Per room: position of its latest edit, reference or thread reply.
@@ -118,6 +126,13 @@ struct Views {
     read_pos: HashMap<(OwnedUserId, OwnedRoomId), i64>,
     /// (user, room, thread) → position of their delivered receipt.
     delivered_pos: HashMap<(OwnedUserId, OwnedRoomId, String), i64>,
+}
+
+/// A room's latest receipt changes, in position order.
+struct RecentReceipts {
+    /// Every receipt change of the room after this position is in `changes`.
+    complete_after: i64,
+    changes: VecDeque<ReceiptRow>,
 }
 
 /// Wakes long-polling readers per user.
@@ -222,6 +237,10 @@ impl Streams {
                 views.room_latest_event.insert(room_id.clone(), event_pos);
             }
             if receipt_pos > 0 {
+                // Changes up to now are in the database only; the window covers what follows.
+                views
+                    .recent_receipts
+                    .insert(room_id.clone(), RecentReceipts { complete_after: receipt_pos, changes: VecDeque::new() });
                 views.room_latest_receipt.insert(room_id, receipt_pos);
             }
         }
@@ -390,6 +409,35 @@ impl Streams {
         Some(recent.iter().filter(|e| e.stream_pos > after && e.stream_pos <= upto).cloned().collect())
     }
 
+    /// The room's receipts changed in `(after, upto]` (each at its latest change in that range),
+    /// if the in-memory window covers that range.
+    pub fn recent_receipts(&self, room_id: &RoomId, after: i64, upto: i64) -> Option<Vec<ReceiptRow>> {
+        let views = self.views.read();
+        let Some(recent) = views.recent_receipts.get(room_id) else {
+            // No receipt since start and none before it.
+            return (!views.room_latest_receipt.contains_key(room_id)).then(Vec::new);
+        };
+        if after < recent.complete_after {
+            return None;
+        }
+        let mut latest: HashMap<(&str, &UserId, &str), &ReceiptRow> = HashMap::new();
+        for row in recent.changes.iter().filter(|r| r.stream_pos > after && r.stream_pos <= upto) {
+            latest.insert((&row.receipt_type, &row.user_id, &row.thread_id), row);
+        }
+        let mut rows: Vec<ReceiptRow> = latest.into_values().cloned().collect();
+        rows.sort_by_key(|r| r.stream_pos);
+        Some(rows)
+    }
+
+    /// The room's state group as of `upto` (the state after its latest event at or before it), if
+    /// the views know it: when no event of the room came after `upto`.
+    pub fn room_group_at(&self, room_id: &RoomId, upto: i64) -> Option<i64> {
+        let views = self.views.read();
+        let latest = *views.room_latest_event.get(room_id)?;
+        let group = *views.room_group.get(room_id)?;
+        (latest <= upto && group != 0).then_some(group)
+    }
+
     /// The state group after a room's latest event (0 if it has none).
     pub fn room_group(&self, room_id: &RoomId) -> i64 {
         self.views.read().room_group.get(room_id).copied().unwrap_or(0)
@@ -543,6 +591,25 @@ impl Streams {
                 }
                 StreamWrite::Receipt(receipt) => {
                     views.room_latest_receipt.insert(receipt.room_id.clone(), pos);
+                    let recent = views
+                        .recent_receipts
+                        .entry(receipt.room_id.clone())
+                        .or_insert_with(|| RecentReceipts { complete_after: 0, changes: VecDeque::new() });
+                    if recent.changes.len() >= RECENT_RECEIPTS_PER_ROOM
+                        && let Some(evicted) = recent.changes.pop_front()
+                    {
+                        recent.complete_after = evicted.stream_pos;
+                    }
+                    recent.changes.push_back(ReceiptRow {
+                        room_id: receipt.room_id.clone(),
+                        receipt_type: receipt.receipt_type.clone(),
+                        user_id: receipt.user_id.clone(),
+                        thread_id: receipt.thread_id.clone(),
+                        event_id: receipt.event_id.clone(),
+                        event_pos: receipt.event_pos,
+                        ts: receipt.ts,
+                        stream_pos: pos,
+                    });
                     let main_thread = receipt.thread_id.is_empty() || receipt.thread_id == "main";
                     if matches!(receipt.receipt_type.as_str(), "m.read" | "m.read.private") && main_thread {
                         let read =

@@ -496,7 +496,10 @@ impl Sync {
             .await?;
         let start_group = match events.first() {
             Some(first) => first.state_before,
-            None => self.rooms.db.room_state_group_at(room_id, upto).await?.unwrap_or(0),
+            None => match self.streams.room_group_at(room_id, upto) {
+                Some(group) => group,
+                None => self.rooms.db.room_state_group_at(room_id, upto).await?.unwrap_or(0),
+            },
         };
         let in_timeline: HashSet<&ruma::EventId> = events.iter().map(|e| &*e.pdu.event_id).collect();
 
@@ -547,7 +550,11 @@ impl Sync {
 
         let typing = self.typing.typing_since(room_id, if fresh { 0 } else { since.ephemeral });
         let receipts = if fresh || self.streams.latest_receipt(room_id) > since.stream {
-            self.rooms.db.room_receipts_since(room_id, if fresh { 0 } else { since.stream }, upto).await?
+            let after = if fresh { 0 } else { since.stream };
+            match self.streams.recent_receipts(room_id, after, upto) {
+                Some(rows) => rows,
+                None => self.rooms.db.room_receipts_since(room_id, after, upto).await?,
+            }
         } else {
             Vec::new()
         };
