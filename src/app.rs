@@ -72,29 +72,6 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 }
 
 async fn serve(config: &Config, db: Db, started: std::time::Instant) -> Result<(), AppError> {
-    let server_keys =
-        Arc::new(ServerKeys::load_or_create(&config.data_dir, config.server_name.clone()).map_err(AppError)?);
-    let fail = |what: &str, err: crate::error::Error| AppError(format!("cannot start {what}: {err}"));
-    let streams = Streams::start(db.clone(), &config.server_name).await.map_err(|e| fail("the stream writer", e))?;
-    let users = Arc::new(Users::new(db.clone(), config).with_streams(streams.clone()));
-    let rooms = Arc::new(
-        Rooms::new(db.clone(), config.server_name.clone(), server_keys.clone(), streams.clone())
-            .await
-            .map_err(|e| fail("rooms", e))?,
-    );
-    let typing = Typing::new(streams.clone());
-    let presence_config = &config.presence;
-    let presence = Presence::new(
-        streams.clone(),
-        presence_config.enabled,
-        Duration::from_secs(presence_config.idle_after_secs),
-        Duration::from_secs(presence_config.offline_after_secs),
-    );
-    let notifications = Arc::new(Notifications::new(rooms.clone()));
-    let receipts = Arc::new(Receipts::new(rooms.clone(), streams.clone(), config.delivered_receipts.enabled));
-    let sync = Arc::new(Sync::new(rooms.clone(), typing.clone(), presence.clone(), notifications, receipts.clone()));
-    let account_data = Arc::new(AccountData::new(db.clone(), streams.clone()));
-
     let mut listeners = Vec::new();
     for addr in &config.listen {
         let listener =
@@ -103,36 +80,7 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant) -> Result<(
     }
     let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     let public_baseurl = config.public_baseurl(bound[0]);
-
-    let limits = &config.rate_limits;
-    let enabled = |limit| limits.enabled.then_some(limit);
-    let state = AppState {
-        info: Arc::new(ServerInfo {
-            server_name: config.server_name.clone(),
-            public_baseurl: public_baseurl.clone(),
-            max_request_body_bytes: config.limits.max_request_body_bytes,
-            unstable_features: [
-                (config.websocket.enabled, "org.hearth.ws"),
-                (config.delivered_receipts.enabled, "org.hearth.delivered_receipts"),
-            ]
-            .into_iter()
-            .filter_map(|(enabled, feature)| enabled.then_some(feature))
-            .collect(),
-        }),
-        users: users.clone(),
-        server_keys,
-        rate_limits: Arc::new(RateLimits {
-            register: KeyedLimit::new(enabled(limits.register)),
-            login: KeyedLimit::new(enabled(limits.login)),
-        }),
-        rooms,
-        sync,
-        typing,
-        presence,
-        receipts,
-        account_data,
-        ws: Arc::new(WsHub::new(config.websocket.clone(), limits.enabled.then_some(limits.websocket_ops))),
-    };
+    let state = build_state(config, db.clone(), public_baseurl.clone()).await?;
     let app = router::build(state.clone());
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -191,6 +139,62 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant) -> Result<(
         servers.abort_all();
     }
     outcome
+}
+
+/// Builds the services and the state the API layer serves from, on an open database (also used
+/// by the benchmarks, which drive the services without HTTP).
+pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Result<AppState, AppError> {
+    let server_keys =
+        Arc::new(ServerKeys::load_or_create(&config.data_dir, config.server_name.clone()).map_err(AppError)?);
+    let fail = |what: &str, err: crate::error::Error| AppError(format!("cannot start {what}: {err}"));
+    let streams = Streams::start(db.clone(), &config.server_name).await.map_err(|e| fail("the stream writer", e))?;
+    let users = Arc::new(Users::new(db.clone(), config).with_streams(streams.clone()));
+    let rooms = Rooms::new(db.clone(), config.server_name.clone(), server_keys.clone(), streams.clone())
+        .await
+        .map_err(|e| fail("rooms", e))?;
+    let typing = Typing::new(streams.clone());
+    let presence_config = &config.presence;
+    let presence = Presence::new(
+        streams.clone(),
+        presence_config.enabled,
+        Duration::from_secs(presence_config.idle_after_secs),
+        Duration::from_secs(presence_config.offline_after_secs),
+    );
+    let notifications = Arc::new(Notifications::new(rooms.clone()));
+    let receipts = Arc::new(Receipts::new(rooms.clone(), streams.clone(), config.delivered_receipts.enabled));
+    let sync = Arc::new(Sync::new(rooms.clone(), typing.clone(), presence.clone(), notifications, receipts.clone()));
+    let account_data = Arc::new(AccountData::new(db.clone(), streams.clone()));
+
+    let limits = &config.rate_limits;
+    let enabled = |limit| limits.enabled.then_some(limit);
+    let state = AppState {
+        info: Arc::new(ServerInfo {
+            server_name: config.server_name.clone(),
+            public_baseurl,
+            max_request_body_bytes: config.limits.max_request_body_bytes,
+            unstable_features: [
+                (config.websocket.enabled, "org.hearth.ws"),
+                (config.delivered_receipts.enabled, "org.hearth.delivered_receipts"),
+            ]
+            .into_iter()
+            .filter_map(|(enabled, feature)| enabled.then_some(feature))
+            .collect(),
+        }),
+        users: users.clone(),
+        server_keys,
+        rate_limits: Arc::new(RateLimits {
+            register: KeyedLimit::new(enabled(limits.register)),
+            login: KeyedLimit::new(enabled(limits.login)),
+        }),
+        rooms,
+        sync,
+        typing,
+        presence,
+        receipts,
+        account_data,
+        ws: Arc::new(WsHub::new(config.websocket.clone(), limits.enabled.then_some(limits.websocket_ops))),
+    };
+    Ok(state)
 }
 
 async fn housekeeping(state: AppState) {

@@ -1,5 +1,4 @@
-//! Pure Matrix protocol logic: identifiers, signing keys and (later) PDUs, auth rules and room
-//! versions.
+//! Pure Matrix protocol logic: identifiers, signing keys, PDUs, auth rules and room versions.
 //!
 //! Nothing here does IO, awaits, or reads a clock — callers pass `now` in — so every rule can be
 //! unit-tested and fuzzed on its own. Higher layers depend on this module, never the reverse.

@@ -1,7 +1,8 @@
 //! Rooms aggregate: room rows, events, state groups, current state, memberships and aliases.
 //!
-//! Everything here reads; writes to these tables happen only in `storage::stream`, in the
-//! transactions of the stream writer, so that positions and rows always commit together.
+//! Events, state and memberships are written only in `storage::stream`, in the transactions of
+//! the stream writer, so that positions and rows always commit together; what this file writes
+//! (directory visibility, forgetting a room, aliases) carries no stream position.
 
 use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 

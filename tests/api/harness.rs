@@ -460,6 +460,15 @@ impl TestServer {
         response["event_id"].as_str().unwrap().to_owned()
     }
 
+    /// Sends a text message with a chosen transaction ID.
+    pub async fn send_text_with_txn(&self, account: &Account, room_id: &str, txn: &str, body: &str) -> String {
+        let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{}", enc(room_id), enc(txn));
+        let (status, response) =
+            self.put(&path, Some(&account.access_token), json!({"msgtype": "m.text", "body": body})).await;
+        assert_eq!(status, StatusCode::OK, "send: {response}");
+        response["event_id"].as_str().unwrap().to_owned()
+    }
+
     pub async fn send_text(&self, account: &Account, room_id: &str, body: &str) -> String {
         self.send(account, room_id, "m.room.message", json!({"msgtype": "m.text", "body": body})).await
     }

@@ -298,13 +298,12 @@ impl Rooms {
     /// room ID from the create event, so its timestamp must not change between the two builds).
     async fn append_at(
         &self,
-        handle: &super::RoomHandle,
+        handle: &Arc<super::RoomHandle>,
         events: Vec<NewEvent>,
         new_room: Option<NewRoom>,
         now: i64,
     ) -> Result<Vec<Arc<super::StoredEvent>>> {
-        let mut writer = handle.writer.lock().await;
-        self.append_with_clock(handle, &mut writer, events, new_room, Some(now)).await
+        self.commit(handle, events, new_room, Some(now)).await
     }
 
     /// `POST /rooms/{roomId}/upgrade`: tombstones the room and creates its replacement.

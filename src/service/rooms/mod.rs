@@ -116,9 +116,16 @@ pub struct RoomHandle {
     pub version: RoomVersionId,
     pub rules: RoomVersionRules,
     writer: tokio::sync::Mutex<WriterState>,
+    /// Messages waiting to be appended by the next holder of `writer` (see
+    /// [`Rooms::append_message`]).
+    pending: Mutex<Vec<PendingMessage>>,
 }
 
+/// A message waiting for its room's writer, and where its result goes.
+type PendingMessage = (NewEvent, tokio::sync::oneshot::Sender<Result<Arc<StoredEvent>>>);
+
 /// An event to append.
+#[derive(Clone)]
 pub struct NewEvent {
     pub template: EventTemplate,
     pub sender: OwnedUserId,
@@ -156,6 +163,8 @@ pub struct Rooms {
     next_group: AtomicI64,
     /// Per user: their ignore list and the account-data position it was read at.
     ignored: Mutex<LruCache<OwnedUserId, IgnoreList>>,
+    /// This service itself, for the tasks that append (see [`Rooms::commit`]).
+    me: std::sync::Weak<Rooms>,
 }
 
 impl Rooms {
@@ -164,9 +173,9 @@ impl Rooms {
         server_name: OwnedServerName,
         keys: Arc<ServerKeys>,
         streams: Arc<Streams>,
-    ) -> Result<Rooms> {
+    ) -> Result<Arc<Rooms>> {
         let next_group = db.max_state_group().await?;
-        Ok(Rooms {
+        Ok(Arc::new_cyclic(|me| Rooms {
             db,
             server_name,
             keys,
@@ -177,7 +186,8 @@ impl Rooms {
             full_states: Mutex::new(LruCache::new(NonZeroUsize::new(FULL_STATE_CACHE_SIZE).unwrap())),
             next_group: AtomicI64::new(next_group),
             ignored: Mutex::new(LruCache::new(NonZeroUsize::new(100_000).unwrap())),
-        })
+            me: me.clone(),
+        }))
     }
 
     pub fn server_name(&self) -> &OwnedServerName {
@@ -206,6 +216,7 @@ impl Rooms {
                 chain_len: tip.state_chain_len,
                 current: tip.current_state.into_iter().map(|(t, k, e)| ((t, k), e)).collect(),
             }),
+            pending: Mutex::new(Vec::new()),
         });
         Ok(self.handles.lock().entry(room_id.to_owned()).or_insert(handle).clone())
     }
@@ -400,6 +411,7 @@ impl Rooms {
                 chain_len: 0,
                 current: StateMap::new(),
             }),
+            pending: Mutex::new(Vec::new()),
         });
         let mut handles = self.handles.lock();
         if handles.contains_key(room_id) {
@@ -413,12 +425,75 @@ impl Rooms {
     /// the stored events. `new_room` creates the room row with the first (create) event.
     pub async fn append(
         &self,
-        handle: &RoomHandle,
+        handle: &Arc<RoomHandle>,
         events: Vec<NewEvent>,
         new_room: Option<NewRoom>,
     ) -> Result<Vec<Arc<StoredEvent>>> {
-        let mut writer = handle.writer.lock().await;
-        self.append_with_clock(handle, &mut writer, events, new_room, None).await
+        self.commit(handle, events, new_room, None).await
+    }
+
+    /// Takes the room's writer and appends, in a task of its own: the writer's state is updated
+    /// after the commit, so the work must not stop half-way when the request that asked for it
+    /// goes away (a client that disconnects mid-send), or the room would build on a stale tip.
+    async fn commit(
+        &self,
+        handle: &Arc<RoomHandle>,
+        events: Vec<NewEvent>,
+        new_room: Option<NewRoom>,
+        clock: Option<i64>,
+    ) -> Result<Vec<Arc<StoredEvent>>> {
+        let rooms = self.me.upgrade().ok_or_else(|| Error::Internal("the rooms service has stopped".to_owned()))?;
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let mut writer = handle.writer.lock().await;
+            rooms.append_with_clock(&handle, &mut writer, events, new_room, clock).await
+        })
+        .await
+        .map_err(|err| Error::Internal(format!("appending failed: {err}")))?
+    }
+
+    /// Appends one message. Messages sent to a room while its writer is busy are appended
+    /// together by the next writer, in one commit: a busy room then commits many messages per
+    /// transaction instead of queueing them one commit at a time (each still gets its own
+    /// event, in arrival order, and its own result).
+    pub async fn append_message(&self, handle: &Arc<RoomHandle>, event: NewEvent) -> Result<Arc<StoredEvent>> {
+        let rooms = self.me.upgrade().ok_or_else(|| Error::Internal("the rooms service has stopped".to_owned()))?;
+        let (reply, result) = tokio::sync::oneshot::channel();
+        handle.pending.lock().push((event, reply));
+        let handle = handle.clone();
+        // In a task of its own for the reason given at [`Rooms::commit`]; it also answers the
+        // other messages it takes.
+        tokio::spawn(async move {
+            let mut writer = handle.writer.lock().await;
+            let batch = std::mem::take(&mut *handle.pending.lock());
+            if !batch.is_empty() {
+                rooms.append_batch(&handle, &mut writer, batch).await;
+            }
+        });
+        result.await.map_err(|_| Error::Internal("the room writer dropped a message".to_owned()))?
+    }
+
+    async fn append_batch(&self, handle: &RoomHandle, writer: &mut WriterState, batch: Vec<PendingMessage>) {
+        let (events, replies): (Vec<NewEvent>, Vec<_>) = batch.into_iter().unzip();
+        if events.len() > 1 {
+            // All or nothing: if one message is refused (or the batch fails), each is retried on
+            // its own so the others still land and the refused one gets its own error.
+            if let Ok(stored) = self.append_with_clock(handle, writer, events.clone(), None, None).await
+                && stored.len() == replies.len()
+            {
+                for (reply, event) in replies.into_iter().zip(stored) {
+                    let _ = reply.send(Ok(event));
+                }
+                return;
+            }
+        }
+        for (event, reply) in events.into_iter().zip(replies) {
+            let result = self.append_with_clock(handle, writer, vec![event], None, None).await;
+            let _ =
+                reply.send(result.and_then(|mut stored| {
+                    stored.pop().ok_or_else(|| Error::Internal("nothing was appended".to_owned()))
+                }));
+        }
     }
 
     /// [`Rooms::append`] with the writer lock held and, optionally, a fixed timestamp.

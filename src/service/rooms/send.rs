@@ -52,8 +52,7 @@ impl Rooms {
         if let (Some(device), Some(txn)) = (sender.device_id, sender.txn_id) {
             template.txn = Some((device.to_owned(), txn.to_owned()));
         }
-        let mut events = self.append(&handle, vec![template], None).await?;
-        Ok(events.remove(0))
+        self.append_message(&handle, template).await
     }
 
     /// Refuses a second identical reaction (Synapse's `M_DUPLICATE_ANNOTATION`).
