@@ -7,6 +7,7 @@ mod procmon;
 mod run;
 mod setup;
 mod stats;
+mod ws;
 
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
@@ -23,15 +24,25 @@ use tokio::task::JoinSet;
 use crate::matrix::{Api, enc, now_us};
 use crate::plan::{Ask, Plan, Scenario};
 use crate::procmon::{ProcMon, Reading};
-use crate::run::{Ctx, ErrorSample, Outcome};
+use crate::run::{Ctx, ErrorSample, Outcome, SendTransport, Transport, WsOptions};
 use crate::stats::{Summary, round3};
+use crate::ws::WsEndpoint;
 
 /// Longest allowed --duration, --warmup and --drain (seconds).
 const MAX_PHASE_SECS: f64 = 3600.0;
 /// Longest the whole setup phase may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(3 * 3600);
-/// How long receivers get to send their first long-poll before the clock starts.
+/// How long receivers get to send their first long-poll (or sockets to get their first frame)
+/// before the clock starts; sockets get [`SOCKET_START_PER_USER`] more per user.
 const RECEIVER_START_TIMEOUT: Duration = Duration::from_secs(60);
+const SOCKET_START_PER_USER: Duration = Duration::from_millis(20);
+/// How long stopped receivers get to close their sockets before they are aborted.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// sockets scenario: how long the server's RSS is followed (once a second) after every socket
+/// closed; allocators give memory back with a delay.
+const AFTER_CLOSE_WATCH: Duration = Duration::from_secs(10);
+/// File descriptors kept free besides the sockets and long-polls (HTTP pool, the binary, stdio).
+const FD_MARGIN: u64 = 200;
 
 #[derive(Parser, Debug)]
 #[command(name = "loadgen", about = "Message throughput and delivery latency of a Matrix homeserver")]
@@ -89,6 +100,16 @@ struct Cli {
     /// its ID, as most clients do, instead of sending it inline with every /sync
     #[arg(long)]
     upload_filter: bool,
+    /// How receivers get updates: /sync long-polls, or one subscribed WebSocket each (Hearth's
+    /// org.hearth.ws). Default: sync (sockets: ws)
+    #[arg(long, value_enum)]
+    transport: Option<Transport>,
+    /// How senders send: HTTP PUT /send, or the send op on the sender's own WebSocket
+    #[arg(long, value_enum)]
+    send_transport: Option<SendTransport>,
+    /// WebSocket handshakes (each until its first sync frame) in progress at once
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
 }
 
 #[derive(Serialize)]
@@ -106,13 +127,42 @@ struct Parameters {
     upload_filter: bool,
     prefix: String,
     register_concurrency: usize,
+    connect_concurrency: usize,
     server_pid: Option<u32>,
+}
+
+/// The sockets scenario's measurements.
+#[derive(Serialize)]
+struct SocketsResult {
+    /// sockets asked for (one per user)
+    sockets: usize,
+    /// of those, subscribed and given their first `sync` frame before the clock started
+    ready: usize,
+    /// from the first connect to the last first frame (or the start timeout)
+    open_secs: f64,
+    /// open at the end of the hold
+    open_at_end: usize,
+    server_rss_mib_before_sockets: Option<f64>,
+    server_rss_mib_after_sockets: Option<f64>,
+    server_rss_mib_end: Option<f64>,
+    /// 10 s after closing every socket: what the sockets left behind
+    server_rss_mib_after_close: Option<f64>,
+    /// [[seconds since the sockets were closed, RSS MiB], ...], once a second
+    server_rss_after_close: Vec<(f64, f64)>,
+    /// (RSS with every socket open − RSS before the first) / ready sockets
+    rss_per_socket_kib: Option<f64>,
+    /// the same with the RSS at the end of the hold
+    rss_per_socket_kib_end: Option<f64>,
+    /// the load generator's own RSS growth per socket
+    loadgen_rss_per_socket_kib: Option<f64>,
 }
 
 #[derive(Serialize)]
 struct Report {
     label: String,
     scenario: Scenario,
+    transport: Transport,
+    send_transport: SendTransport,
     parameters: Parameters,
     started_at_unix: u64,
     setup_secs: BTreeMap<String, f64>,
@@ -136,6 +186,19 @@ struct Report {
     gap_fetched: u64,
     gap_overlap: u64,
     syncs: u64,
+    /// WebSocket connections opened again after a close (ws transports)
+    reconnects: u64,
+    /// WebSocket closes by code; "1006": the connection ended without one
+    ws_closes: BTreeMap<String, u64>,
+    /// `ack` ops sent (one per `sync` frame)
+    acks: u64,
+    /// `closing` frames whose `resume_token` was not the last frame's `next_batch`
+    resume_token_mismatches: u64,
+    /// receivers (long-poll loops, sockets) ready before the clock started, and how long that took
+    receivers: usize,
+    receivers_ready: usize,
+    receivers_ready_secs: f64,
+    sockets: Option<SocketsResult>,
     drain_secs: f64,
     server_cpu_seconds: Option<f64>,
     server_cores_avg: Option<f64>,
@@ -179,13 +242,6 @@ fn check_server(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Soft limit on open files, to warn before a big run runs out of sockets.
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
-}
-
 fn fmt_ms(x: f64) -> String {
     if x >= 100.0 {
         format!("{x:.0}")
@@ -196,7 +252,35 @@ fn fmt_ms(x: f64) -> String {
     }
 }
 
+fn opt_mib(x: Option<f64>) -> String {
+    x.map_or_else(|| "-".to_string(), |v| format!("{v:.0}"))
+}
+
+fn sockets_line(r: &Report, s: &SocketsResult) -> String {
+    let errors: u64 = r.errors.values().sum();
+    let per_socket = s.rss_per_socket_kib.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+    let per_socket_end = s.rss_per_socket_kib_end.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+    let own = s.loadgen_rss_per_socket_kib.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+    let cores = r.server_cores_avg.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
+    format!(
+        "sockets {}: transport {} {}/{} open in {:.1} s, {} open at end; server rss {} -> {} MiB, {per_socket} KiB per socket (end of hold {per_socket_end}, 10 s after close {} MiB) cpu {cores} cores; reconnects {} errors {errors}; loadgen {own} KiB per socket",
+        r.label,
+        r.transport.name(),
+        s.ready,
+        s.sockets,
+        s.open_secs,
+        s.open_at_end,
+        opt_mib(s.server_rss_mib_before_sockets),
+        opt_mib(s.server_rss_mib_after_sockets),
+        opt_mib(s.server_rss_mib_after_close),
+        r.reconnects,
+    )
+}
+
 fn summary_line(r: &Report) -> String {
+    if let Some(s) = &r.sockets {
+        return sockets_line(r, s);
+    }
     let offered = match r.offered_rate {
         Some(rate) => format!("{rate:.1}/s"),
         None if r.scenario == Scenario::Closed => format!("closed-loop x{}", r.parameters.senders),
@@ -229,7 +313,40 @@ fn summary_line(r: &Report) -> String {
     if let Some(per_poller) = r.rss_per_poller_kib {
         line.push_str(&format!(" (polling only {per_poller:.1} KiB)"));
     }
+    line.push_str(&format!(
+        " transport {} send {} reconnects {}",
+        r.transport.name(),
+        r.send_transport.name(),
+        r.reconnects
+    ));
     line
+}
+
+/// Raises the soft open-files limit to the hard limit; returns the limit now in force.
+fn raise_open_files_limit() -> Result<u64, String> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(format!("getrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error()));
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            } else {
+                eprintln!("warning: could not raise the open-files limit: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// The soft open-files limit of another process, from /proc/PID/limits.
+fn process_open_files_limit(pid: u32) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 #[tokio::main]
@@ -263,14 +380,53 @@ async fn real_main(cli: Cli) -> Result<String, String> {
     let prefix = cli.prefix.clone().unwrap_or_else(|| format!("lg{}_", random_hex()));
     let run_id = format!("{prefix}{}", random_hex());
     let label = cli.label.clone().unwrap_or_else(|| cli.server.clone());
-    if let Some(limit) = open_files_limit() {
-        let need = plan.users as u64 + if plan.rate.is_some() { 2000 } else { 200 };
-        if limit < need {
-            eprintln!(
-                "warning: open-files limit {limit} may be too low for {} users (raise with ulimit -n)",
-                plan.users
-            );
+    let sockets_scenario = plan.scenario == Scenario::Sockets;
+    let transport = match (cli.transport, sockets_scenario) {
+        (Some(Transport::Sync), true) => {
+            return Err("--transport sync: the sockets scenario holds WebSockets (use idle for /sync)".into());
         }
+        (Some(t), _) => t,
+        (None, true) => Transport::Ws,
+        (None, false) => Transport::Sync,
+    };
+    let sends = !matches!(plan.scenario, Scenario::Idle | Scenario::Sockets);
+    let send_transport = match cli.send_transport {
+        Some(SendTransport::Ws) if !sends => {
+            return Err(format!("--send-transport does not apply to scenario {}", plan.scenario.name()));
+        }
+        Some(t) => t,
+        None => SendTransport::Http,
+    };
+    let warmup = if sockets_scenario { 0.0 } else { cli.warmup };
+    // One socket per user for ws receivers; with /sync receivers and ws sends, one unsubscribed
+    // socket per user besides its long-poll.
+    let sockets = match (transport, send_transport) {
+        (Transport::Ws, _) => plan.users,
+        (Transport::Sync, SendTransport::Ws) => plan.users,
+        (Transport::Sync, SendTransport::Http) => 0,
+    };
+    let long_polls = if transport == Transport::Sync { plan.users } else { 0 };
+    let fd_limit = raise_open_files_limit()?;
+    let fd_need = (sockets + long_polls + cli.register_concurrency) as u64
+        + FD_MARGIN
+        + if plan.rate.is_some() { 2000 } else { 0 };
+    if sockets > 0 && fd_limit < fd_need {
+        return Err(format!(
+            "{sockets} sockets need about {fd_need} open files, but the hard limit is {fd_limit} (raise it: ulimit -Hn, prlimit)"
+        ));
+    } else if fd_limit < fd_need {
+        eprintln!(
+            "warning: open-files limit {fd_limit} may be too low for {} users (raise with ulimit -n)",
+            plan.users
+        );
+    }
+    if let (Some(pid), true) = (cli.server_pid, sockets > 0)
+        && let Some(server_limit) = process_open_files_limit(pid)
+        && server_limit < (sockets as u64) + FD_MARGIN
+    {
+        return Err(format!(
+            "the server (pid {pid}) may open {server_limit} files, too few for {sockets} sockets; raise its limit (prlimit --pid {pid} --nofile=N:N)"
+        ));
     }
 
     let api = Arc::new(Api::new(&cli.server)?);
@@ -284,10 +440,12 @@ async fn real_main(cli: Cli) -> Result<String, String> {
     let started_at_unix = now_us() / 1_000_000;
 
     eprintln!(
-        "{} {label}: {} users, {} rooms, prefix {prefix}; setting up",
+        "{} {label}: {} users, {} rooms, transport {} send {}, prefix {prefix}; setting up",
         plan.scenario.name(),
         plan.users,
-        plan.rooms.len()
+        plan.rooms.len(),
+        transport.name(),
+        send_transport.name(),
     );
     let initial_filter = enc(r#"{"room":{"timeline":{"limit":1}},"presence":{"not_types":["*"]}}"#);
     let world = tokio::time::timeout(
@@ -297,33 +455,75 @@ async fn real_main(cli: Cli) -> Result<String, String> {
     .await
     .map_err(|_| format!("setup did not finish within {} s", SETUP_TIMEOUT.as_secs()))??;
     let filter = json!({"room": {"timeline": {"limit": cli.timeline_limit}}, "presence": {"not_types": ["*"]}});
-    let filters = if cli.upload_filter {
-        setup::upload_filters(api.clone(), &world.users, &filter, cli.register_concurrency).await?
+    // /sync takes the filter percent-encoded in the query; subscribe takes the object or the ID.
+    let (filters, ws_filters): (Vec<String>, Vec<serde_json::Value>) = if cli.upload_filter {
+        let ids = setup::upload_filters(api.clone(), &world.users, &filter, cli.register_concurrency).await?;
+        ids.into_iter().map(|id| (enc(&id), json!(id))).unzip()
     } else {
-        vec![enc(&filter.to_string()); world.users.len()]
+        (vec![enc(&filter.to_string()); world.users.len()], vec![filter.clone(); world.users.len()])
     };
-
-    let ctx = Arc::new(Ctx::new(api.clone(), world.users, world.rooms, run_id, filters));
+    let endpoint = if sockets > 0 { Some(WsEndpoint::new(&cli.server)?) } else { None };
+    let ws_options =
+        WsOptions { send_transport, endpoint, filters: ws_filters, connect_concurrency: cli.connect_concurrency };
+    let ctx = Arc::new(Ctx::new(api.clone(), world.users, world.rooms, run_id, filters, ws_options));
     let after_setup = read_server();
+    let self_before = self_mon.read();
 
-    // Receivers first, so that every user is long-polling before the first message goes out.
+    // Receivers first, so that every user is long-polling (or subscribed) before the first message
+    // goes out.
     let mut receivers = JoinSet::new();
     for (u, since) in world.since.into_iter().enumerate() {
-        receivers.spawn(ctx.clone().receiver(u, since));
+        match (transport, send_transport) {
+            (Transport::Ws, _) => {
+                receivers.spawn(ctx.clone().socket(u, since, true));
+            }
+            (Transport::Sync, SendTransport::Ws) => {
+                receivers.spawn(ctx.clone().socket(u, since.clone(), false));
+                receivers.spawn(ctx.clone().receiver(u, since));
+            }
+            (Transport::Sync, SendTransport::Http) => {
+                receivers.spawn(ctx.clone().receiver(u, since));
+            }
+        }
+    }
+    let n_receivers = receivers.len();
+    let start_timeout = (RECEIVER_START_TIMEOUT + SOCKET_START_PER_USER * sockets as u32).min(SETUP_TIMEOUT);
+    if sockets > 0 {
+        eprintln!("opening {sockets} sockets ({} handshakes at once)", cli.connect_concurrency);
     }
     let wait_start = Instant::now();
-    while ctx.first_polls.load(Ordering::SeqCst) < plan.users && wait_start.elapsed() < RECEIVER_START_TIMEOUT {
+    let mut reported = Instant::now();
+    while ctx.first_polls.load(Ordering::SeqCst) < n_receivers && wait_start.elapsed() < start_timeout {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        if reported.elapsed() >= Duration::from_secs(5) {
+            eprintln!("  ready: {}/{n_receivers}", ctx.first_polls.load(Ordering::SeqCst));
+            reported = Instant::now();
+        }
+    }
+    let receivers_ready_secs = wait_start.elapsed().as_secs_f64();
+    let receivers_ready = ctx.first_polls.load(Ordering::SeqCst);
+    if receivers_ready < n_receivers {
+        eprintln!(
+            "warning: only {receivers_ready}/{n_receivers} receivers ready after {:.0} s; going on",
+            start_timeout.as_secs_f64()
+        );
+    } else {
+        eprintln!("{n_receivers} receivers ready in {receivers_ready_secs:.1} s");
     }
     // Give the last long-polls time to reach the server.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let start = Instant::now();
-    let warm_end = start + Duration::from_secs_f64(cli.warmup);
+    let warm_end = start + Duration::from_secs_f64(warmup);
     let end = warm_end + Duration::from_secs_f64(cli.duration);
     ctx.set_window(start, warm_end, end);
     let at_start = read_server();
-    eprintln!("measuring: {:.0} s warm-up, {:.0} s window", cli.warmup, cli.duration);
+    let self_at_start = self_mon.read();
+    if sockets_scenario {
+        eprintln!("holding {} sockets for {:.0} s", ctx.sockets_open.load(Ordering::SeqCst), cli.duration);
+    } else {
+        eprintln!("measuring: {warmup:.0} s warm-up, {:.0} s window", cli.duration);
+    }
 
     // One server sample a second over the whole phase, for max RSS and the time series.
     let samples: Arc<Mutex<Vec<(f64, Reading)>>> = Arc::new(Mutex::new(Vec::new()));
@@ -355,7 +555,7 @@ async fn real_main(cli: Cli) -> Result<String, String> {
 
     // Drain: wait for outstanding sends and deliveries, at most --drain seconds.
     let drain_deadline = end + Duration::from_secs_f64(cli.drain);
-    if plan.scenario != Scenario::Idle {
+    if sends {
         loop {
             let sender_done = sender.as_ref().is_none_or(|h| h.is_finished());
             if sender_done && ctx.in_flight() == 0 && ctx.all_delivered() {
@@ -369,14 +569,30 @@ async fn real_main(cli: Cli) -> Result<String, String> {
         }
     }
     let drain_secs = Instant::now().saturating_duration_since(end).as_secs_f64();
-    receivers.abort_all();
+    let open_at_end = ctx.sockets_open.load(Ordering::SeqCst);
     if let Some(h) = &sender {
         h.abort();
     }
+    // Long-polls stop, sockets close with 1000; whatever has not finished by then is aborted.
+    ctx.stop();
+    let _ = tokio::time::timeout(STOP_TIMEOUT, async { while receivers.join_next().await.is_some() {} }).await;
+    receivers.abort_all();
     if let Some(s) = &sampler {
         s.abort();
     }
     let at_end = read_server();
+    let mut after_close_series = Vec::new();
+    let mut after_close = None;
+    if sockets_scenario && server_mon.is_some() {
+        let closed = Instant::now();
+        while closed.elapsed() < AFTER_CLOSE_WATCH {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            after_close = read_server();
+            if let Some(r) = after_close {
+                after_close_series.push((round3(closed.elapsed().as_secs_f64()), mib(r.rss_kib)));
+            }
+        }
+    }
 
     let window = cli.duration;
     let outcome = ctx.outcome();
@@ -416,10 +632,33 @@ async fn real_main(cli: Cli) -> Result<String, String> {
     // As specified: everything the users cost, setup included; and the long-polls alone.
     let rss_per_user_kib = per_user(before_setup);
     let rss_per_poller_kib = per_user(after_setup);
+    let sockets_result = sockets_scenario.then(|| {
+        let ready = receivers_ready.max(1) as f64;
+        let per_socket = |from: Option<Reading>, to: Option<Reading>| match (from, to) {
+            (Some(a), Some(b)) => Some(round3((b.rss_kib as f64 - a.rss_kib as f64) / ready)),
+            _ => None,
+        };
+        SocketsResult {
+            sockets: plan.users,
+            ready: receivers_ready,
+            open_secs: round3(receivers_ready_secs),
+            open_at_end,
+            server_rss_mib_before_sockets: after_setup.map(|r| mib(r.rss_kib)),
+            server_rss_mib_after_sockets: at_start.map(|r| mib(r.rss_kib)),
+            server_rss_mib_end: server_w1.map(|r| mib(r.rss_kib)),
+            server_rss_mib_after_close: after_close.map(|r| mib(r.rss_kib)),
+            server_rss_after_close: std::mem::take(&mut after_close_series),
+            rss_per_socket_kib: per_socket(after_setup, at_start),
+            rss_per_socket_kib_end: per_socket(after_setup, server_w1),
+            loadgen_rss_per_socket_kib: per_socket(self_before, self_at_start),
+        }
+    });
 
     let report = Report {
         label,
         scenario: plan.scenario,
+        transport,
+        send_transport,
         parameters: Parameters {
             server: cli.server.clone(),
             users: plan.users,
@@ -428,12 +667,13 @@ async fn real_main(cli: Cli) -> Result<String, String> {
             rate: plan.rate,
             senders: plan.senders,
             duration: cli.duration,
-            warmup: cli.warmup,
+            warmup,
             drain: cli.drain,
             timeline_limit: cli.timeline_limit,
             upload_filter: cli.upload_filter,
             prefix,
             register_concurrency: cli.register_concurrency,
+            connect_concurrency: cli.connect_concurrency,
             server_pid: cli.server_pid,
         },
         started_at_unix,
@@ -456,6 +696,14 @@ async fn real_main(cli: Cli) -> Result<String, String> {
         gap_fetched: t.gap_fetched,
         gap_overlap: t.gap_overlap,
         syncs: t.syncs,
+        reconnects: t.reconnects,
+        ws_closes: t.ws_closes,
+        acks: t.acks,
+        resume_token_mismatches: t.resume_token_mismatches,
+        receivers: n_receivers,
+        receivers_ready,
+        receivers_ready_secs: round3(receivers_ready_secs),
+        sockets: sockets_result,
         drain_secs: round3(drain_secs),
         server_cpu_seconds: server_cpu,
         server_cores_avg: server_cpu.map(|c| round3(c / window)),

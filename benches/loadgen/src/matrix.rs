@@ -46,6 +46,10 @@ pub enum ReqError {
     Decode(String),
     /// Anything else on the transport (connection reset, truncated body, ...).
     Transport(String),
+    /// A WebSocket op answered with an `error` frame.
+    Op { errcode: String, error: String, retry_after_ms: Option<u64> },
+    /// The WebSocket went away for good before the op was answered.
+    Closed(String),
 }
 
 impl ReqError {
@@ -59,7 +63,7 @@ impl ReqError {
         }
     }
 
-    fn from_status(status: u16, body: &[u8]) -> Self {
+    pub fn from_status(status: u16, body: &[u8]) -> Self {
         let text = String::from_utf8_lossy(body).into_owned();
         let parsed: Option<Value> = serde_json::from_slice(body).ok();
         let errcode =
@@ -76,6 +80,9 @@ impl ReqError {
             ReqError::Connect(_) => "connect".into(),
             ReqError::Decode(_) => "decode".into(),
             ReqError::Transport(_) => "transport".into(),
+            ReqError::Op { errcode, .. } if errcode.is_empty() => "ws-error".into(),
+            ReqError::Op { errcode, .. } => errcode.clone(),
+            ReqError::Closed(_) => "closed".into(),
         }
     }
 
@@ -84,13 +91,16 @@ impl ReqError {
         match self {
             ReqError::Status { status, .. } => matches!(status, 429 | 502 | 503 | 504),
             ReqError::Timeout | ReqError::Connect(_) | ReqError::Transport(_) => true,
-            ReqError::Decode(_) => false,
+            ReqError::Op { errcode, .. } => errcode == "M_LIMIT_EXCEEDED" || errcode == "M_UNKNOWN",
+            ReqError::Decode(_) | ReqError::Closed(_) => false,
         }
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            ReqError::Status { retry_after_ms: Some(ms), .. } => Some(Duration::from_millis(*ms)),
+            ReqError::Status { retry_after_ms: Some(ms), .. } | ReqError::Op { retry_after_ms: Some(ms), .. } => {
+                Some(Duration::from_millis(*ms))
+            }
             _ => None,
         }
     }
@@ -127,6 +137,8 @@ impl fmt::Display for ReqError {
             ReqError::Connect(e) => write!(f, "connect failed: {e}"),
             ReqError::Decode(e) => write!(f, "unexpected response body: {e}"),
             ReqError::Transport(e) => write!(f, "transport error: {e}"),
+            ReqError::Op { errcode, error, .. } => write!(f, "error frame {errcode}: {}", truncate(error, 500)),
+            ReqError::Closed(e) => write!(f, "socket closed: {e}"),
         }
     }
 }

@@ -19,6 +19,8 @@ pub enum Scenario {
     Idle,
     /// One very large room at a low message rate (open loop).
     Bigroom,
+    /// Users only hold one subscribed WebSocket each; measures server memory per open socket.
+    Sockets,
 }
 
 impl Scenario {
@@ -29,6 +31,7 @@ impl Scenario {
             Scenario::Closed => "closed",
             Scenario::Idle => "idle",
             Scenario::Bigroom => "bigroom",
+            Scenario::Sockets => "sockets",
         }
     }
 }
@@ -172,7 +175,7 @@ impl Plan {
                     Ok(Plan { scenario, users, rooms, rate, senders: 0, room_size: size })
                 }
             }
-            Scenario::Idle => {
+            Scenario::Idle | Scenario::Sockets => {
                 for (flag, set) in [
                     ("--rooms", ask.rooms.is_some()),
                     ("--room-size", ask.room_size.is_some()),
@@ -183,7 +186,8 @@ impl Plan {
                         reject(flag)?;
                     }
                 }
-                let users = check_users(ask.users.unwrap_or(1000))?;
+                let default_users = if scenario == Scenario::Idle { 1000 } else { 10_000 };
+                let users = check_users(ask.users.unwrap_or(default_users))?;
                 Ok(Plan { scenario, users, rooms: vec![], rate: None, senders: 0, room_size: 0 })
             }
         }
@@ -205,6 +209,8 @@ mod tests {
         assert_eq!((p.users, p.senders, p.rate), (10, 8, None));
         let p = Plan::new(Scenario::Idle, &Ask::default()).unwrap();
         assert_eq!((p.users, p.rooms.len()), (1000, 0));
+        let p = Plan::new(Scenario::Sockets, &Ask::default()).unwrap();
+        assert_eq!((p.users, p.rooms.len(), p.rate), (10_000, 0, None));
         let p = Plan::new(Scenario::Bigroom, &Ask::default()).unwrap();
         assert_eq!((p.users, p.rooms[0].members.len(), p.rate), (2000, 2000, Some(2.0)));
     }
@@ -229,5 +235,6 @@ mod tests {
         assert!(Plan::new(Scenario::Closed, &Ask { senders: Some(11), ..Ask::default() }).is_err());
         assert!(Plan::new(Scenario::Rooms, &Ask { rate: Some(0.0), ..Ask::default() }).is_err());
         assert!(Plan::new(Scenario::Idle, &Ask { rate: Some(1.0), ..Ask::default() }).is_err());
+        assert!(Plan::new(Scenario::Sockets, &Ask { rooms: Some(1), ..Ask::default() }).is_err());
     }
 }

@@ -1,18 +1,25 @@
-//! The measured phase: receivers long-polling /sync, senders on a fixed schedule (open loop) or
-//! as fast as answers come (closed loop), and the bookkeeping of every send and delivery.
+//! The measured phase: receivers long-polling /sync or holding a WebSocket, senders on a fixed
+//! schedule (open loop) or as fast as answers come (closed loop), and the bookkeeping of every
+//! send and delivery.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use clap::ValueEnum;
+use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::matrix::{Account, Api, BENCH_KEY, Event, ReqError, now_us, truncate};
+use crate::matrix::{Account, Api, BENCH_KEY, Event, REQUEST_TIMEOUT, ReqError, SyncResponse, now_us, truncate};
 use crate::setup::Room;
+use crate::ws::{self, ServerFrame, WsEndpoint, WsStream};
 
 /// Open-loop sends in flight at once; a tick finding none free is skipped (and counted).
 pub const MAX_IN_FLIGHT: usize = 10_000;
@@ -23,6 +30,91 @@ const MAX_GAP_PAGES: usize = 100;
 const GAP_PAGE: u32 = 100;
 /// Error bodies kept for the report.
 const MAX_ERROR_SAMPLES: usize = 20;
+/// `id` of the `subscribe` op; other ops are numbered `o<n>`.
+const SUBSCRIBE_ID: &str = "sub";
+/// Ops queued for one socket (sends waiting for the socket's task to write them).
+const SOCKET_QUEUE: usize = 256;
+
+/// How receivers get their updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// `GET /sync` long-polls
+    Sync,
+    /// one subscribed WebSocket per receiver (`org.hearth.ws`)
+    Ws,
+}
+
+/// How senders send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendTransport {
+    /// `PUT /rooms/{roomId}/send/...`
+    Http,
+    /// `send` op on the sender's own WebSocket
+    Ws,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Sync => "sync",
+            Transport::Ws => "ws",
+        }
+    }
+}
+
+impl SendTransport {
+    pub fn name(self) -> &'static str {
+        match self {
+            SendTransport::Http => "http",
+            SendTransport::Ws => "ws",
+        }
+    }
+}
+
+/// The WebSocket side of a run.
+pub struct WsOptions {
+    pub send_transport: SendTransport,
+    /// needed when either transport is `ws`
+    pub endpoint: Option<WsEndpoint>,
+    /// each user's `filter` member of `subscribe`: the inline filter, or an uploaded filter's ID
+    pub filters: Vec<Value>,
+    /// socket handshakes (plus first subscription) in progress at once
+    pub connect_concurrency: usize,
+}
+
+/// An op for a user's socket: its members without `id` (the socket task numbers it), and where
+/// the `response` or `error` goes.
+pub struct WsRequest {
+    pub op: Map<String, Value>,
+    pub reply: oneshot::Sender<Result<Value, ReqError>>,
+}
+
+/// What one socket task carries from connection to connection.
+struct SocketState {
+    /// `next_batch` of the last frame processed: what to resume from
+    since: String,
+    seen: HashSet<u64>,
+    /// ops written but not answered, by number: resent after a reconnect (a `send` keeps its
+    /// `txn_id`, so that is idempotent)
+    pending: BTreeMap<u64, (String, oneshot::Sender<Result<Value, ReqError>>)>,
+    next_op: u64,
+    ready: bool,
+    /// connection failures in a row
+    failures: u32,
+}
+
+/// How a connection ended.
+enum Ended {
+    /// closed or lost; the close code (from the `closing` frame or the close frame) and the
+    /// `closing` frame's `resume_token`
+    Closed { code: Option<u16>, resume: Option<String> },
+    /// the subscription was refused
+    SubscribeFailed,
+    /// the run is over
+    Stopped,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SendState {
@@ -70,6 +162,14 @@ pub struct Tally {
     pub errors: BTreeMap<String, u64>,
     pub errors_by_request: BTreeMap<String, u64>,
     pub error_samples: Vec<ErrorSample>,
+    /// WebSocket connections opened again after one closed
+    pub reconnects: u64,
+    /// WebSocket closes by code ("1006" when the connection ended without a close code)
+    pub ws_closes: BTreeMap<String, u64>,
+    /// `ack` ops sent
+    pub acks: u64,
+    /// `closing` frames whose `resume_token` differed from the last frame's `next_batch`
+    pub resume_token_mismatches: u64,
 }
 
 /// What the messages of the measured window came to, once the drain is over.
@@ -100,7 +200,24 @@ pub struct Ctx {
     window: OnceLock<(Instant, Instant, Instant)>,
     tally: Mutex<Tally>,
     in_flight: AtomicUsize,
+    /// receivers ready: long-poll loops started, sockets that got their first frame (or, when
+    /// they do not subscribe, are connected)
     pub first_polls: AtomicUsize,
+    pub send_transport: SendTransport,
+    ws: Option<WsEndpoint>,
+    ws_filters: Vec<Value>,
+    /// each user's socket op queue, when sends go over sockets
+    ws_ops: Vec<mpsc::Sender<WsRequest>>,
+    ws_inbox: Vec<Mutex<Option<mpsc::Receiver<WsRequest>>>>,
+    connect_permits: Semaphore,
+    /// sockets open right now
+    pub sockets_open: AtomicUsize,
+    stop: watch::Sender<bool>,
+}
+
+/// The number of an op `id` `o<n>`.
+fn op_number(id: &str) -> Option<u64> {
+    id.strip_prefix('o')?.parse().ok()
 }
 
 #[derive(Clone, Copy)]
@@ -110,7 +227,25 @@ enum Source {
 }
 
 impl Ctx {
-    pub fn new(api: Arc<Api>, users: Vec<Account>, rooms: Vec<Room>, run_id: String, filters: Vec<String>) -> Self {
+    pub fn new(
+        api: Arc<Api>,
+        users: Vec<Account>,
+        rooms: Vec<Room>,
+        run_id: String,
+        filters: Vec<String>,
+        ws: WsOptions,
+    ) -> Self {
+        let (ws_ops, ws_inbox) = if ws.send_transport == SendTransport::Ws {
+            users
+                .iter()
+                .map(|_| {
+                    let (tx, rx) = mpsc::channel(SOCKET_QUEUE);
+                    (tx, Mutex::new(Some(rx)))
+                })
+                .unzip()
+        } else {
+            (Vec::new(), Vec::new())
+        };
         Ctx {
             api,
             users,
@@ -121,7 +256,20 @@ impl Ctx {
             tally: Mutex::new(Tally::default()),
             in_flight: AtomicUsize::new(0),
             first_polls: AtomicUsize::new(0),
+            send_transport: ws.send_transport,
+            ws: ws.endpoint,
+            ws_filters: ws.filters,
+            ws_ops,
+            ws_inbox,
+            connect_permits: Semaphore::new(ws.connect_concurrency.max(1)),
+            sockets_open: AtomicUsize::new(0),
+            stop: watch::Sender::new(false),
         }
+    }
+
+    /// Tells receivers and sockets to finish (sockets close with 1000).
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
     }
 
     pub fn tally(&self) -> MutexGuard<'_, Tally> {
@@ -177,14 +325,20 @@ impl Ctx {
         );
         let txn_id = format!("{}-{id}", self.run_id);
         let started = Instant::now();
-        let result = self.api.send_message(&user.access_token, room_id, &txn_id, &Value::Object(content)).await;
+        let result = match self.send_transport {
+            SendTransport::Http => {
+                self.api.send_message(&user.access_token, room_id, &txn_id, &Value::Object(content)).await
+            }
+            SendTransport::Ws => self.ws_send(member, room_id, &txn_id, Value::Object(content)).await,
+        };
         let took = started.elapsed();
         let now = Instant::now();
         if let Err(e) = &result {
-            self.record_error(
-                &format!("send PUT /rooms/{room_id}/send/m.room.message/{txn_id} as {}", user.user_id),
-                e,
-            );
+            let how = match self.send_transport {
+                SendTransport::Http => format!("PUT /rooms/{room_id}/send/m.room.message/{txn_id}"),
+                SendTransport::Ws => format!("ws op send room {room_id} txn {txn_id}"),
+            };
+            self.record_error(&format!("send {how} as {}", user.user_id), e);
         }
         {
             let mut t = self.tally();
@@ -200,6 +354,24 @@ impl Ctx {
             }
         }
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// A `send` op on `member`'s socket: op → `response` (or `error`), at most [`REQUEST_TIMEOUT`].
+    async fn ws_send(&self, member: usize, room_id: &str, txn_id: &str, content: Value) -> Result<(), ReqError> {
+        let Some(queue) = self.ws_ops.get(member) else {
+            return Err(ReqError::Closed("this user has no socket".into()));
+        };
+        let (reply, answer) = oneshot::channel();
+        let op = ws::send_op(room_id, txn_id, content);
+        let exchange = async {
+            queue.send(WsRequest { op, reply }).await.map_err(|_| ReqError::Closed("socket task ended".into()))?;
+            let result = answer.await.map_err(|_| ReqError::Closed("socket task ended before the answer".into()))??;
+            match result.get("event_id").and_then(Value::as_str) {
+                Some(_) => Ok(()),
+                None => Err(ReqError::Decode(format!("send response without event_id: {result}"))),
+            }
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.map_err(|_| ReqError::Timeout)?
     }
 
     /// Benchmark messages of this run in `events` that `me` has not seen yet: (id, latency µs).
@@ -274,35 +446,44 @@ impl Ctx {
         }
     }
 
-    /// One user's long-poll loop; runs until aborted.
+    /// Records what one `/sync` body (a response or a socket's `sync` frame) delivered to `me`,
+    /// fetching the gaps of limited timelines back to `since`, the token it started from.
+    async fn process_sync(&self, me: usize, resp: &SyncResponse, arrived: u64, since: &str, seen: &mut HashSet<u64>) {
+        let mut limited = false;
+        for (room_id, room) in &resp.rooms.join {
+            let (fresh, repeats) = self.collect(me, &room.timeline.events, arrived, seen);
+            self.record_deliveries(&fresh, repeats, Source::Sync);
+            if room.timeline.limited {
+                limited = true;
+                if let Some(prev_batch) = &room.timeline.prev_batch {
+                    self.fill_gap(me, room_id, prev_batch, since, seen).await;
+                }
+            }
+        }
+        let mut t = self.tally();
+        t.syncs += 1;
+        if limited {
+            t.limited_syncs += 1;
+        }
+    }
+
+    /// One user's long-poll loop; runs until stopped or aborted.
     pub async fn receiver(self: Arc<Self>, me: usize, mut since: String) {
         let token = self.users[me].access_token.clone();
         let filter = self.filters[me].clone();
         let mut seen: HashSet<u64> = HashSet::new();
         let mut failures: u32 = 0;
+        let mut stop = self.stop.subscribe();
         self.first_polls.fetch_add(1, Ordering::SeqCst);
         loop {
-            match self.api.sync(&token, &filter, Some(&since), SYNC_TIMEOUT_MS).await {
+            let polled = tokio::select! {
+                polled = self.api.sync(&token, &filter, Some(&since), SYNC_TIMEOUT_MS) => polled,
+                _ = stop.changed() => return,
+            };
+            match polled {
                 Ok((resp, arrived)) => {
                     failures = 0;
-                    let mut limited = false;
-                    for (room_id, room) in &resp.rooms.join {
-                        let (fresh, repeats) = self.collect(me, &room.timeline.events, arrived, &mut seen);
-                        self.record_deliveries(&fresh, repeats, Source::Sync);
-                        if room.timeline.limited {
-                            limited = true;
-                            if let Some(prev_batch) = &room.timeline.prev_batch {
-                                self.fill_gap(me, room_id, prev_batch, &since, &mut seen).await;
-                            }
-                        }
-                    }
-                    {
-                        let mut t = self.tally();
-                        t.syncs += 1;
-                        if limited {
-                            t.limited_syncs += 1;
-                        }
-                    }
+                    self.process_sync(me, &resp, arrived, &since, &mut seen).await;
                     since = resp.next_batch;
                 }
                 Err(e) => {
@@ -310,6 +491,235 @@ impl Ctx {
                     failures += 1;
                     let backoff = Duration::from_millis(100u64 << failures.min(6)).min(Duration::from_secs(5));
                     tokio::time::sleep(e.retry_after().unwrap_or(backoff).min(Duration::from_secs(10))).await;
+                }
+            }
+        }
+    }
+
+    fn mark_ready(&self, st: &mut SocketState) {
+        if !st.ready {
+            st.ready = true;
+            self.first_polls.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// One user's WebSocket: connects (at most `connect_concurrency` handshakes at once),
+    /// subscribes from `since` when `subscribe` (otherwise only sends), reads `sync` frames and
+    /// acks each, writes queued ops; after a close it reconnects and resumes. Runs until stopped,
+    /// aborted, or the server says the session is logged out (4001).
+    pub async fn socket(self: Arc<Self>, me: usize, since: String, subscribe: bool) {
+        let Some(endpoint) = self.ws.as_ref() else { return };
+        let user = &self.users[me];
+        let mut inbox = self.ws_inbox.get(me).and_then(|m| m.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let mut stop = self.stop.subscribe();
+        let mut st = SocketState {
+            since,
+            seen: HashSet::new(),
+            pending: BTreeMap::new(),
+            next_op: 0,
+            ready: false,
+            failures: 0,
+        };
+        let mut connections: u64 = 0;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let Ok(permit) = self.connect_permits.acquire().await else { return };
+            let connected = tokio::select! {
+                connected = endpoint.connect(&user.access_token) => connected,
+                _ = stop.changed() => return,
+            };
+            let delay = match connected {
+                Ok(mut stream) => {
+                    connections += 1;
+                    if connections > 1 {
+                        self.tally().reconnects += 1;
+                    }
+                    self.sockets_open.fetch_add(1, Ordering::SeqCst);
+                    let ended =
+                        self.connection(me, &mut stream, &mut st, subscribe, &mut inbox, &mut stop, permit).await;
+                    self.sockets_open.fetch_sub(1, Ordering::SeqCst);
+                    drop(stream);
+                    st.failures += 1;
+                    match ended {
+                        Ended::Stopped => return,
+                        Ended::SubscribeFailed => ws::reconnect_delay(None, st.failures + 1),
+                        Ended::Closed { code, resume } => {
+                            let key = code.map_or_else(|| "1006".to_string(), |c| c.to_string());
+                            *self.tally().ws_closes.entry(key).or_default() += 1;
+                            if let Some(resume) = resume {
+                                if resume != st.since {
+                                    self.tally().resume_token_mismatches += 1;
+                                }
+                                // Resume where the server says it stopped; were it not where this
+                                // client stopped, deliveries would show as lost or duplicated.
+                                st.since = resume;
+                            }
+                            if code.is_some_and(ws::is_logged_out) {
+                                let e = ReqError::Closed(format!("closed with {code:?}: logged out"));
+                                self.record_error(&format!("socket of {}", user.user_id), &e);
+                                return;
+                            }
+                            ws::reconnect_delay(code, st.failures)
+                        }
+                    }
+                }
+                Err(e) => {
+                    drop(permit);
+                    self.record_error(&format!("connect ws {} as {}", endpoint.url(), user.user_id), &e);
+                    st.failures += 1;
+                    e.retry_after().unwrap_or_else(|| ws::reconnect_delay(None, st.failures + 1))
+                }
+            };
+            if !delay.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
+
+    /// Drives one open connection until it ends. `permit` (a handshake slot) is released once the
+    /// socket is ready.
+    #[allow(clippy::too_many_arguments)]
+    async fn connection(
+        &self,
+        me: usize,
+        stream: &mut WsStream,
+        st: &mut SocketState,
+        subscribe: bool,
+        inbox: &mut Option<mpsc::Receiver<WsRequest>>,
+        stop: &mut watch::Receiver<bool>,
+        permit: SemaphorePermit<'_>,
+    ) -> Ended {
+        let user = &self.users[me];
+        let mut permit = Some(permit);
+        let lost = |e: &dyn std::fmt::Display| {
+            self.record_error(&format!("socket of {}", user.user_id), &ReqError::Transport(e.to_string()));
+            Ended::Closed { code: None, resume: None }
+        };
+        if subscribe {
+            let op = ws::subscribe_op(SUBSCRIBE_ID, Some(&st.since), &self.ws_filters[me]);
+            if let Err(e) = stream.send(Message::text(op)).await {
+                return lost(&e);
+            }
+        } else {
+            self.mark_ready(st);
+            drop(permit.take());
+        }
+        // Ops the previous connection did not answer: again (a send keeps its txn_id).
+        st.pending.retain(|_, (_, reply)| !reply.is_closed());
+        for (text, _) in st.pending.values() {
+            if let Err(e) = stream.send(Message::text(text.clone())).await {
+                return lost(&e);
+            }
+        }
+        let mut closing: (Option<u16>, Option<String>) = (None, None);
+        loop {
+            tokio::select! {
+                message = stream.next() => {
+                    let message = match message {
+                        Some(Ok(message)) => message,
+                        Some(Err(e)) => {
+                            if closing.0.is_none() {
+                                return lost(&e);
+                            }
+                            return Ended::Closed { code: closing.0, resume: closing.1 };
+                        }
+                        None => return Ended::Closed { code: closing.0, resume: closing.1 },
+                    };
+                    let text = match message {
+                        Message::Text(text) => text,
+                        Message::Close(frame) => {
+                            let code = closing.0.or(frame.map(|f| u16::from(f.code)));
+                            return Ended::Closed { code, resume: closing.1 };
+                        }
+                        // Pings are answered by the library; nothing else is expected.
+                        _ => continue,
+                    };
+                    let arrived = now_us();
+                    let frame: ServerFrame = match serde_json::from_str(text.as_str()) {
+                        Ok(frame) => frame,
+                        Err(e) => {
+                            let e = ReqError::Decode(format!("{e}; frame starts {:?}", truncate(text.as_str(), 300)));
+                            self.record_error(&format!("frame to {}", user.user_id), &e);
+                            continue;
+                        }
+                    };
+                    match frame.kind.as_str() {
+                        "sync" => {
+                            let Some(next_batch) = frame.next_batch else {
+                                let e = ReqError::Decode("sync frame without next_batch".into());
+                                self.record_error(&format!("frame to {}", user.user_id), &e);
+                                continue;
+                            };
+                            if let Some(data) = &frame.data {
+                                Box::pin(self.process_sync(me, data, arrived, &st.since, &mut st.seen)).await;
+                            }
+                            st.since = next_batch;
+                            st.failures = 0;
+                            self.mark_ready(st);
+                            drop(permit.take());
+                            if let Err(e) = stream.send(Message::text(ws::ack_op(&st.since))).await {
+                                return lost(&e);
+                            }
+                            self.tally().acks += 1;
+                        }
+                        "response" => {
+                            if let Some(n) = frame.id.as_deref().and_then(op_number)
+                                && let Some((_, reply)) = st.pending.remove(&n)
+                            {
+                                let _ = reply.send(Ok(frame.result.unwrap_or_default()));
+                            }
+                        }
+                        "error" => {
+                            let e = frame.op_error();
+                            match frame.id.as_deref() {
+                                Some(SUBSCRIBE_ID) => {
+                                    self.record_error(&format!("subscribe since={} as {}", st.since, user.user_id), &e);
+                                    return Ended::SubscribeFailed;
+                                }
+                                Some(id) => match op_number(id).and_then(|n| st.pending.remove(&n)) {
+                                    Some((_, reply)) => {
+                                        let _ = reply.send(Err(e));
+                                    }
+                                    None => self.record_error(&format!("ws answer to unknown op {id} of {}", user.user_id), &e),
+                                },
+                                // Errors of ops without id (ack) and connection-level errors.
+                                None => self.record_error(&format!("ws (ack or connection) of {}", user.user_id), &e),
+                            }
+                        }
+                        "closing" => closing = (frame.code, frame.resume_token),
+                        _ => {}
+                    }
+                }
+                request = async {
+                    match inbox.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let Some(request) = request else {
+                        *inbox = None;
+                        continue;
+                    };
+                    let n = st.next_op;
+                    st.next_op += 1;
+                    let mut op = request.op;
+                    op.insert("id".into(), json!(format!("o{n}")));
+                    let text = Value::Object(op).to_string();
+                    let written = stream.send(Message::text(text.clone())).await;
+                    st.pending.insert(n, (text, request.reply));
+                    if let Err(e) = written {
+                        return lost(&e);
+                    }
+                }
+                _ = stop.changed() => {
+                    let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), stream.close(Some(frame))).await;
+                    return Ended::Stopped;
                 }
             }
         }

@@ -8,7 +8,7 @@ use tokio::task::JoinSet;
 
 use serde_json::Value;
 
-use crate::matrix::{Account, Api, ReqError, enc};
+use crate::matrix::{Account, Api, ReqError};
 use crate::plan::Plan;
 
 /// Gives up on one setup step after this many attempts or this long, whichever comes first.
@@ -187,7 +187,7 @@ pub async fn build(
     Ok(World { users, rooms, since, timings })
 }
 
-/// Uploads `filter` for every user; returns each user's percent-encoded filter ID.
+/// Uploads `filter` for every user; returns each user's filter ID.
 pub async fn upload_filters(
     api: Arc<Api>,
     users: &[Account],
@@ -200,8 +200,7 @@ pub async fn upload_filters(
         async move {
             let user = &users[u];
             let what = format!("upload filter for {}", user.user_id);
-            let id = retrying(&what, || api.upload_filter(&user.access_token, &user.user_id, &filter)).await?;
-            Ok(enc(&id))
+            retrying(&what, || api.upload_filter(&user.access_token, &user.user_id, &filter)).await
         }
     })
     .await
