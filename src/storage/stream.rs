@@ -5,7 +5,7 @@
 //! one transaction. Positions are assigned by the caller (the single stream writer), in order, so
 //! a committed batch is always a contiguous run of positions.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 
@@ -173,9 +173,12 @@ fn multi_row_insert(prefix: &str, columns: usize, rows: usize) -> String {
 }
 
 /// Applies one stream write inside a transaction.
+/// `tip`: whether this is the room's last event in the batch (only its forward extremities
+/// are written; earlier ones would be replaced in the same transaction).
 macro_rules! apply_write {
-    ($tx:expr, $pos:expr, $write:expr) => {{
+    ($tx:expr, $pos:expr, $write:expr, $tip:expr) => {{
         let pos: i64 = $pos;
+        let tip: bool = $tip;
         match $write {
             StreamWrite::Event(e) => {
                 let pdu = &e.pdu;
@@ -267,16 +270,18 @@ macro_rules! apply_write {
                     .execute(&mut *$tx)
                     .await?;
                 }
-                sqlx::query("DELETE FROM room_forward_extremities WHERE room_id = $1")
-                    .bind(room)
-                    .execute(&mut *$tx)
-                    .await?;
-                for extremity in &e.forward_extremities {
-                    sqlx::query("INSERT INTO room_forward_extremities (room_id, event_id) VALUES ($1, $2)")
+                if tip {
+                    sqlx::query("DELETE FROM room_forward_extremities WHERE room_id = $1")
                         .bind(room)
-                        .bind(extremity.as_str())
                         .execute(&mut *$tx)
                         .await?;
+                    for extremity in &e.forward_extremities {
+                        sqlx::query("INSERT INTO room_forward_extremities (room_id, event_id) VALUES ($1, $2)")
+                            .bind(room)
+                            .bind(extremity.as_str())
+                            .execute(&mut *$tx)
+                            .await?;
+                    }
                 }
                 if let Some((user, device, txn)) = &e.txn {
                     sqlx::query(
@@ -299,24 +304,8 @@ macro_rules! apply_write {
                         .await?;
                 }
             }
-            StreamWrite::Receipt(r) => {
-                sqlx::query(
-                    "INSERT INTO receipts (room_id, receipt_type, user_id, thread_id, event_id, event_pos, ts, stream_pos)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                     ON CONFLICT (room_id, receipt_type, user_id, thread_id) DO UPDATE SET event_id = EXCLUDED.event_id,
-                        event_pos = EXCLUDED.event_pos, ts = EXCLUDED.ts, stream_pos = EXCLUDED.stream_pos",
-                )
-                .bind(r.room_id.as_str())
-                .bind(&r.receipt_type)
-                .bind(r.user_id.as_str())
-                .bind(&r.thread_id)
-                .bind(r.event_id.as_str())
-                .bind(r.event_pos)
-                .bind(r.ts)
-                .bind(pos)
-                .execute(&mut *$tx)
-                .await?;
-            }
+            // Written together after the batch's other writes, by `write_receipts!`.
+            StreamWrite::Receipt(_) => {}
             StreamWrite::AccountData { user_id, room_id, data_type, content } => {
                 sqlx::query(
                     "INSERT INTO account_data (user_id, room_id, data_type, content, stream_pos) VALUES ($1, $2, $3, $4, $5)
@@ -355,14 +344,67 @@ macro_rules! apply_write {
     }};
 }
 
+/// Upserts a batch's receipts with multi-row statements: a message in a room of N members brings
+/// up to N delivered receipts, and one statement each was most of the writer's work. Only the
+/// latest receipt per key is written (the table keeps one row per key).
+macro_rules! write_receipts {
+    ($tx:expr, $receipts:expr) => {{
+        let receipts: &[(i64, &ReceiptWrite)] = $receipts;
+        for chunk in receipts.chunks(ENTRIES_PER_INSERT) {
+            let sql = multi_row_insert(
+                "INSERT INTO receipts (room_id, receipt_type, user_id, thread_id, event_id, event_pos, ts, stream_pos) VALUES ",
+                8,
+                chunk.len(),
+            ) + " ON CONFLICT (room_id, receipt_type, user_id, thread_id) DO UPDATE SET event_id = EXCLUDED.event_id,
+                    event_pos = EXCLUDED.event_pos, ts = EXCLUDED.ts, stream_pos = EXCLUDED.stream_pos";
+            // Only placeholders are generated; every value is bound.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (pos, r) in chunk {
+                query = query
+                    .bind(r.room_id.as_str())
+                    .bind(&r.receipt_type)
+                    .bind(r.user_id.as_str())
+                    .bind(&r.thread_id)
+                    .bind(r.event_id.as_str())
+                    .bind(r.event_pos)
+                    .bind(r.ts)
+                    .bind(*pos);
+            }
+            query.execute(&mut *$tx).await?;
+        }
+    }};
+}
+
 impl Db {
     /// Commits `writes` in one transaction; `writes[i]` gets position `first_pos + i`.
     pub async fn commit_stream_batch(&self, first_pos: i64, writes: &[&StreamWrite]) -> StorageResult<()> {
+        // The latest receipt per (room, type, user, thread), in position order.
+        let mut latest: HashMap<(&str, &str, &str, &str), (i64, &ReceiptWrite)> = HashMap::new();
+        for (offset, write) in writes.iter().enumerate() {
+            if let StreamWrite::Receipt(r) = write {
+                let key = (r.room_id.as_str(), r.receipt_type.as_str(), r.user_id.as_str(), r.thread_id.as_str());
+                latest.insert(key, (first_pos + offset as i64, r));
+            }
+        }
+        let mut receipts: Vec<(i64, &ReceiptWrite)> = latest.into_values().collect();
+        receipts.sort_by_key(|(pos, _)| *pos);
+        // Each room's last event in the batch: the forward extremities after it are the room's.
+        let mut tips: HashMap<&str, usize> = HashMap::new();
+        for (index, write) in writes.iter().enumerate() {
+            if let StreamWrite::Event(e) = write {
+                tips.insert(e.pdu.room_id.as_str(), index);
+            }
+        }
         on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
             for (offset, write) in writes.iter().enumerate() {
-                apply_write!(tx, first_pos + offset as i64, *write);
+                let tip = match write {
+                    StreamWrite::Event(e) => tips.get(e.pdu.room_id.as_str()) == Some(&offset),
+                    _ => false,
+                };
+                apply_write!(tx, first_pos + offset as i64, *write, tip);
             }
+            write_receipts!(tx, &receipts);
             tx.commit().await?;
         });
         Ok(())
