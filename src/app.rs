@@ -161,7 +161,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         Duration::from_secs(presence_config.offline_after_secs),
     );
     let notifications = Arc::new(Notifications::new(rooms.clone()));
-    let receipts = Arc::new(Receipts::new(rooms.clone(), streams.clone(), config.delivered_receipts.enabled));
+    let receipts = Arc::new(Receipts::new(rooms.clone(), streams.clone(), &config.delivered_receipts));
     let sync = Arc::new(Sync::new(rooms.clone(), typing.clone(), presence.clone(), notifications, receipts.clone()));
     let account_data = Arc::new(AccountData::new(db.clone(), streams.clone()));
 

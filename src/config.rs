@@ -158,11 +158,14 @@ impl Default for WebSocketConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveredReceiptsConfig {
     pub enabled: bool,
+    /// Rooms with more joined members record no delivered receipts: every message would bring
+    /// one receipt per member, each shown to every member.
+    pub max_room_members: u64,
 }
 
 impl Default for DeliveredReceiptsConfig {
     fn default() -> Self {
-        DeliveredReceiptsConfig { enabled: true }
+        DeliveredReceiptsConfig { enabled: true, max_room_members: 100 }
     }
 }
 

@@ -6,6 +6,7 @@ use ruma::{EventId, RoomId, UserId};
 use serde_json::json;
 
 use crate::{
+    config::DeliveredReceiptsConfig,
     error::{Error, Result},
     matrix::pdu::Pdu,
     service::{now_ms, rooms::Rooms, stream::Streams, sync::Delivered},
@@ -34,14 +35,32 @@ pub struct Receipts {
     rooms: Arc<Rooms>,
     streams: Arc<Streams>,
     delivered_enabled: bool,
+    /// Rooms with more joined members record no delivered receipts.
+    delivered_max_members: u64,
     /// Per user: whether they record delivered receipts, and the account-data position read at.
     settings: parking_lot::Mutex<lru::LruCache<ruma::OwnedUserId, (i64, bool)>>,
 }
 
 impl Receipts {
-    pub fn new(rooms: Arc<Rooms>, streams: Arc<Streams>, delivered_enabled: bool) -> Receipts {
+    pub fn new(rooms: Arc<Rooms>, streams: Arc<Streams>, config: &DeliveredReceiptsConfig) -> Receipts {
         let settings = parking_lot::Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(100_000).unwrap()));
-        Receipts { rooms, streams, delivered_enabled, settings }
+        Receipts {
+            rooms,
+            streams,
+            delivered_enabled: config.enabled,
+            delivered_max_members: config.max_room_members,
+            settings,
+        }
+    }
+
+    /// The most joined members a room may have to record delivered receipts, when they are on.
+    pub fn delivered_room_limit(&self) -> Option<u64> {
+        self.delivered_enabled.then_some(self.delivered_max_members)
+    }
+
+    /// Whether the room is small enough to record delivered receipts in.
+    fn delivered_recorded_in(&self, room_id: &RoomId) -> bool {
+        self.streams.member_counts(room_id).0 <= self.delivered_max_members
     }
 
     /// Whether `user` records and shows delivered receipts (on unless they turned it off).
@@ -79,7 +98,9 @@ impl Receipts {
         }
         let mut writes = Vec::new();
         for ((room_id, thread), item) in latest {
-            if self.streams.delivered_pos(user, room_id, thread) >= item.stream_pos {
+            if self.streams.delivered_pos(user, room_id, thread) >= item.stream_pos
+                || !self.delivered_recorded_in(room_id)
+            {
                 continue;
             }
             writes.push(StreamWrite::Receipt(ReceiptWrite {
@@ -131,8 +152,10 @@ impl Receipts {
         if !matches!(receipt_type, READ | READ_PRIVATE | DELIVERED) {
             return Err(Error::InvalidParam(format!("unknown receipt type {receipt_type}")));
         }
-        if receipt_type == DELIVERED && !self.delivered_enabled_for(user).await? {
-            // Turned off: accepted, and nothing recorded (as the spec page says).
+        if receipt_type == DELIVERED
+            && (!self.delivered_enabled_for(user).await? || !self.delivered_recorded_in(room_id))
+        {
+            // Turned off, or a room too big: accepted, and nothing recorded (as the spec page says).
             return Ok(());
         }
         let thread_id = match thread_id {

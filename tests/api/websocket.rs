@@ -315,7 +315,7 @@ backend_tests! {
     }
 
     async fn slow_consumers_are_closed_with_a_resume_token_and_others_are_unaffected(backend) {
-        let server = std::sync::Arc::new(TestServer::start_with(backend, "[websocket]\noutbound_buffer_frames = 4\noutbound_buffer_bytes = 65536\n").await);
+        let server = std::sync::Arc::new(TestServer::start_with(backend, "[websocket]\noutbound_buffer_frames = 8\noutbound_buffer_bytes = 262144\n").await);
         let (alice, bob, room) = two_users_in_a_room(&server).await;
         let carol = server.register("carol").await;
         server.join(&carol, &room).await;
@@ -323,8 +323,11 @@ backend_tests! {
         let first = slow.subscribe(None, Some(json!({"room": {"timeline": {"limit": 1}}}))).await;
         let mut fast = Ws::connect(&server, Some(&carol.access_token)).await;
         fast.subscribe(None, None).await;
+        // Small buffers, but room for a few of these frames so a client that reads keeps up; bob
+        // reads nothing, so once the kernel's socket buffers (a few MiB on loopback) are full his
+        // queue fills and he is closed.
         let padding = "x".repeat(30_000);
-        let total = 300;
+        let total = 400;
         let sender = {
             let (server, alice, room, padding) = (server.clone(), alice.clone(), room.clone(), padding.clone());
             tokio::spawn(async move {
@@ -404,6 +407,30 @@ backend_tests! {
         server.sync(&bob, Some(&next), None, 0).await;
         let view = server.sync(&alice, None, None, 0).await;
         assert!(!receipt(&view, &first) && !receipt(&view, &second), "{view}");
+    }
+
+    async fn rooms_above_the_member_limit_record_no_delivered_receipts(backend) {
+        let server = TestServer::start_with(backend, "[delivered_receipts]\nmax_room_members = 2\n").await;
+        let (_, capabilities) = server.get("/_matrix/client/v3/capabilities", Some(&server.register("reader").await.access_token)).await;
+        assert_eq!(capabilities["capabilities"]["org.hearth.delivered_receipts"]["max_room_members"], 2, "{capabilities}");
+        let (alice, bob, small) = two_users_in_a_room(&server).await;
+        let big = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+        server.join(&bob, &big).await;
+        let carol = server.register("carol").await;
+        server.join(&carol, &big).await;
+        let delivered = |s: &Value, room: &str, event: &str| s["rooms"]["join"][room]["ephemeral"]["events"].as_array().is_some_and(|events| {
+            events.iter().any(|e| e["type"] == "m.receipt" && e["content"][event]["org.hearth.delivered"].get(&bob.user_id).is_some())
+        });
+        let since = server.sync(&bob, None, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+        let in_big = server.send_text(&alice, &big, "to three").await;
+        let in_small = server.send_text(&alice, &small, "to two").await;
+        let (_, next) = server.sync_until(&bob, Some(since), |s| !timeline(s, &big).is_empty() && !timeline(s, &small).is_empty()).await;
+        server.sync(&bob, Some(&next), None, 0).await;
+        // An explicit delivered receipt in the big room is accepted and dropped too.
+        let (status, _) = server.post(&format!("/_matrix/client/v3/rooms/{}/receipt/org.hearth.delivered/{}", enc(&big), enc(&in_big)), Some(&bob.access_token), json!({})).await;
+        assert_eq!(status, 200);
+        let (view, _) = server.sync_until(&alice, None, |s| delivered(s, &small, &in_small)).await;
+        assert!(!delivered(&view, &big, &in_big), "three members are above the limit of two: {view}");
     }
 
     async fn a_receipt_from_one_device_reaches_the_others(backend) {
