@@ -135,7 +135,9 @@ class Server:
             db = "sqlite" if self.backend == "sqlite" else f"postgres:{PG_DB['synapse']}"
             # Same SQLite durability as Hearth (WAL, synchronous=NORMAL: a commit survives a crash
             # of the process, not of the machine); see benches/synapse/README.md.
-            env = dict(os.environ, SYNAPSE_SQLITE_SYNCHRONOUS="NORMAL")
+            env = dict(os.environ)
+            if self.backend == "sqlite":
+                env["SYNAPSE_SQLITE_SYNCHRONOUS"] = "NORMAL"
             run([str(SYNAPSE_RUN), "start", str(self.dir), str(self.port), db], env=env)
             self.pid = int((self.dir / "synapse.pid").read_text().strip())
             return

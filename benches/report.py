@@ -185,6 +185,11 @@ def plot_sweep(results: Path, plots: Path, backend: str) -> str | None:
     return name
 
 
+def socket_figures(result: dict | None) -> dict:
+    """The sockets scenario's own measurements (loadgen nests them under "sockets")."""
+    return (result or {}).get("sockets") or {}
+
+
 def plot_memory(results: Path, plots: Path) -> str | None:
     bars = []
     for backend in BACKENDS:
@@ -192,8 +197,8 @@ def plot_memory(results: Path, plots: Path) -> str | None:
             r = load(results, backend, "idle", server)
             if r and r.get("rss_per_user_kib"):
                 bars.append((f"{server.capitalize()}\n{backend}", r["rss_per_user_kib"], COLOURS[server]))
-    sockets = load(results, "sqlite", "sockets", "hearth")
-    if sockets and sockets.get("rss_per_socket_kib"):
+    sockets = socket_figures(load(results, "sqlite", "sockets", "hearth"))
+    if sockets.get("rss_per_socket_kib"):
         bars.append(("Hearth\nWebSocket", sockets["rss_per_socket_kib"], COLOURS["hearth-ws"]))
     if not bars:
         return None
@@ -324,12 +329,14 @@ def write(results: Path, plots: Path, out: Path) -> None:
     if sockets or memory:
         parts += ["## Memory per idle user", ""]
         if sockets:
+            figures = socket_figures(sockets)
             parts += [
-                f"(f) {sockets['parameters']['users']:,} idle WebSockets held open on Hearth: "
-                f"**{fmt(sockets.get('rss_per_socket_kib'))} KiB per socket** "
-                f"(server RSS {fmt(sockets.get('server_rss_mib_before_setup'))} MiB before the sockets, "
-                f"{fmt(sockets.get('server_rss_mib_max'))} MiB with all of them open). Synapse has no WebSocket "
-                "transport; compare with its memory per long-polling user above.",
+                f"(f) {figures.get('ready', 0):,} of {figures.get('sockets', 0):,} idle subscribed WebSockets "
+                f"held open on Hearth: **{fmt(figures.get('rss_per_socket_kib'))} KiB per socket** "
+                f"(server RSS {fmt(figures.get('server_rss_mib_before_sockets'))} MiB before the sockets, "
+                f"{fmt(figures.get('server_rss_mib_after_sockets'))} MiB with all of them open, "
+                f"{fmt(figures.get('server_rss_mib_after_close'))} MiB 10 s after closing them). Synapse has no "
+                "WebSocket transport; compare with its memory per long-polling user above.",
                 "",
             ]
         if memory:
