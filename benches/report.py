@@ -341,6 +341,10 @@ def write(results: Path, plots: Path, out: Path) -> None:
             ]
         if memory:
             parts += [f"![memory per idle user](benches/plots/{memory})", ""]
+    # What the people who ran it noticed (hand-written, kept with the results it describes).
+    notes = results / "NOTES.md"
+    if notes.exists():
+        parts += ["## Reading this run", "", notes.read_text().strip(), ""]
     cmds = commands(results)
     if cmds:
         parts += [
