@@ -546,6 +546,15 @@ impl TestServer {
 }
 
 /// Timeline events of `room_id` in a sync response.
+/// alice creates a public room and bob joins it.
+pub async fn two_users_in_a_room(server: &TestServer) -> (Account, Account, String) {
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    server.join(&bob, &room).await;
+    (alice, bob, room)
+}
+
 pub fn timeline<'a>(sync: &'a Value, room_id: &str) -> Vec<&'a Value> {
     sync["rooms"]["join"][room_id]["timeline"]["events"].as_array().map(|a| a.iter().collect()).unwrap_or_default()
 }

@@ -3,18 +3,10 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{Account, TestServer, assert_error, backend_tests, enc};
+use crate::harness::{Account, TestServer, assert_error, backend_tests, enc, two_users_in_a_room};
 
 fn room_path(room: &str, rest: &str) -> String {
     format!("/_matrix/client/v3/rooms/{}/{rest}", enc(room))
-}
-
-async fn two_users_in_a_room(server: &TestServer) -> (Account, Account, String) {
-    let alice = server.register("alice").await;
-    let bob = server.register("bob").await;
-    let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
-    server.join(&bob, &room).await;
-    (alice, bob, room)
 }
 
 async fn get_event(server: &TestServer, account: &Account, room: &str, event_id: &str) -> (reqwest::StatusCode, Value) {

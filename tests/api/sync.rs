@@ -5,15 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Account, TestServer, backend_tests, enc, message_ids, timeline};
-
-async fn two_users_in_a_room(server: &TestServer) -> (Account, Account, String) {
-    let alice = server.register("alice").await;
-    let bob = server.register("bob").await;
-    let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
-    server.join(&bob, &room).await;
-    (alice, bob, room)
-}
+use crate::harness::{TestServer, backend_tests, enc, message_ids, timeline, two_users_in_a_room};
 
 fn ephemeral<'a>(sync: &'a Value, room: &str, event_type: &str) -> Option<&'a Value> {
     sync["rooms"]["join"][room]["ephemeral"]["events"].as_array()?.iter().find(|e| e["type"] == event_type)

@@ -12,7 +12,7 @@ use tokio_tungstenite::{
     tungstenite::{Message, client::IntoClientRequest},
 };
 
-use crate::harness::{Account, TestServer, backend_tests, enc, message_ids, timeline};
+use crate::harness::{TestServer, backend_tests, enc, message_ids, timeline, two_users_in_a_room};
 
 const PATH: &str = "/_matrix/client/unstable/org.hearth.ws/v1/connect";
 
@@ -168,14 +168,6 @@ fn bodies(events: &[Value]) -> Vec<String> {
         .filter(|e| e["type"] == "m.room.message")
         .map(|e| e["content"]["body"].as_str().unwrap().to_owned())
         .collect()
-}
-
-async fn two_users_in_a_room(server: &TestServer) -> (Account, Account, String) {
-    let alice = server.register("alice").await;
-    let bob = server.register("bob").await;
-    let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
-    server.join(&bob, &room).await;
-    (alice, bob, room)
 }
 
 fn send_op(room: &str, txn: &str, body: &str) -> Value {
