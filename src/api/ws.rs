@@ -20,7 +20,7 @@ use std::{
 use axum::{
     extract::{
         ConnectInfo, State,
-        ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade},
+        ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection},
     },
     http::{HeaderMap, header},
     response::{IntoResponse, Response},
@@ -49,6 +49,11 @@ use crate::{
 pub const SUBPROTOCOL: &str = "org.hearth.ws.v1";
 /// Largest client frame.
 const MAX_CLIENT_FRAME: usize = 64 * 1024;
+/// Largest client message the socket reads in full. Messages over `MAX_CLIENT_FRAME` but under
+/// this are read and then refused (1009), which leaves the connection clean for the `closing`
+/// frame and the close handshake; larger ones make the WebSocket layer give up mid-message, and
+/// closing a socket with unread data resets it, losing what was sent last.
+const READ_LIMIT: usize = 256 * 1024;
 /// Starting size of a socket's read buffer. tungstenite's default (128 KiB, allocated up front)
 /// would make every idle socket cost that much; client frames are small and the buffer grows
 /// for the rare large one. Writes go straight out (write buffer 0): every frame is flushed
@@ -78,8 +83,14 @@ type Pending = Arc<Mutex<VecDeque<(StreamToken, Vec<Delivered>)>>>;
 struct Close {
     code: u16,
     reason: &'static str,
-    /// Send a `closing` frame with the resume token first.
-    announce: bool,
+}
+
+impl Close {
+    /// Whether a `closing` frame goes first: before every close the server starts, but not in
+    /// reply to the client's own close (1000), after which the client expects nothing more.
+    fn announced(&self) -> bool {
+        self.code != 1000
+    }
 }
 
 /// Everything the connections of this server share.
@@ -123,7 +134,7 @@ impl WsHub {
         connections.push_back((id, close));
         while connections.len() > self.config.max_connections_per_device {
             if let Some((_, oldest)) = connections.pop_front() {
-                let _ = oldest.send(Some(Close { code: 4029, reason: "too many connections", announce: true }));
+                let _ = oldest.send(Some(Close { code: 4029, reason: "too many connections" }));
             }
         }
     }
@@ -146,13 +157,24 @@ pub async fn connect(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     uri: axum::http::Uri,
-    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if !app.ws.enabled() {
         return Error::Unrecognized.into_response();
     }
-    let Ok(upgrade) = upgrade else {
-        return Error::Unknown("Not a WebSocket upgrade request".to_owned()).into_response_with(400, "M_UNRECOGNIZED");
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(WebSocketUpgradeRejection::InvalidWebSocketVersionHeader(_)) => {
+            // RFC 6455 §4.2.2: name the version this server speaks, so the client can retry with it.
+            let mut response = Error::Unknown("Only WebSocket version 13 is supported".to_owned())
+                .into_response_with(426, "M_UNRECOGNIZED");
+            response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, header::HeaderValue::from_static("13"));
+            return response;
+        }
+        Err(_) => {
+            return Error::Unknown("Not a WebSocket upgrade request".to_owned())
+                .into_response_with(400, "M_UNRECOGNIZED");
+        }
     };
     let offered = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -180,8 +202,8 @@ pub async fn connect(
     };
     upgrade
         .protocols([SUBPROTOCOL])
-        .max_message_size(MAX_CLIENT_FRAME)
-        .max_frame_size(MAX_CLIENT_FRAME)
+        .max_message_size(READ_LIMIT)
+        .max_frame_size(READ_LIMIT)
         .read_buffer_size(SOCKET_BUFFER)
         .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
@@ -203,7 +225,12 @@ impl IntoResponseWith for Error {
 
 /// Something for the writer to put on the wire.
 enum Outbound {
-    Frame(String),
+    /// A JSON frame; `sync` tells `sync` frames from answers (only the former are held to the
+    /// byte bound, §11.1).
+    Frame {
+        text: String,
+        sync: bool,
+    },
     Ping,
     Close(Close, Option<String>),
 }
@@ -255,22 +282,28 @@ impl Connection {
         let config = &self.app.ws.config;
         let (out_tx, mut out_rx) = mpsc::channel::<Outbound>(config.outbound_buffer_frames);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let queued_syncs = Arc::new(AtomicUsize::new(0));
         let (close_tx, mut close_rx) = watch::channel::<Option<Close>>(None);
 
         // Writer: owns the sending half; frames leave in queue order.
-        let writer_bytes = queued_bytes.clone();
+        let (writer_bytes, writer_syncs) = (queued_bytes.clone(), queued_syncs.clone());
         let writer = tokio::spawn(async move {
             while let Some(item) = out_rx.recv().await {
                 let result = match item {
-                    Outbound::Frame(text) => {
+                    Outbound::Frame { text, sync } => {
                         let len = text.len();
+                        // A frame counts as queued until it is written out, so a large one being
+                        // written still holds its place in the bound.
                         let sent = sink.send(Message::Text(Utf8Bytes::from(text))).await;
                         writer_bytes.fetch_sub(len, Ordering::Relaxed);
+                        if sync {
+                            writer_syncs.fetch_sub(1, Ordering::Relaxed);
+                        }
                         sent
                     }
                     Outbound::Ping => sink.send(Message::Ping(Default::default())).await,
                     Outbound::Close(close, resume) => {
-                        if close.announce {
+                        if close.announced() {
                             let mut frame = json!({"type": "closing", "code": close.code, "reason": close.reason});
                             if let Some(resume) = resume {
                                 frame["resume_token"] = json!(resume);
@@ -289,11 +322,15 @@ impl Connection {
             }
         });
 
-        let outbound =
-            Outbound2 { tx: out_tx.clone(), bytes: queued_bytes.clone(), limit: config.outbound_buffer_bytes };
+        let outbound = Outbound2 {
+            tx: out_tx.clone(),
+            bytes: queued_bytes.clone(),
+            syncs: queued_syncs.clone(),
+            limit: config.outbound_buffer_bytes,
+        };
         let mut shutdown = self.app.ws.shutdown.subscribe();
         let close = if origin_refused {
-            Some(Close { code: 1008, reason: "origin not allowed", announce: false })
+            Some(Close { code: 1008, reason: "origin not allowed" })
         } else {
             // Authenticate with the header, if one was sent.
             let mut early_close = None;
@@ -305,7 +342,7 @@ impl Connection {
                 }
                 Some(None) => {
                     outbound.error(None, "M_MISSING_TOKEN", "Malformed Authorization header", Map::new()).await;
-                    early_close = Some(Close { code: 4001, reason: "M_MISSING_TOKEN", announce: false });
+                    early_close = Some(Close { code: 4001, reason: "M_MISSING_TOKEN" });
                 }
                 None => {}
             }
@@ -329,13 +366,22 @@ impl Connection {
             }
         }
         if let Some(close) = close {
+            tracing::debug!(
+                connection = self.id,
+                code = close.code,
+                reason = close.reason,
+                "websocket closed by the server"
+            );
             let resume = if close.code == 4001 { None } else { self.last_sent.lock().map(|t| t.to_string()) };
             // Let what is queued drain (a slow consumer gets its chance), then close.
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, out_tx.send(Outbound::Close(close, resume))).await;
         }
         drop(out_tx);
         drop(outbound);
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, writer).await;
+        // Keep reading (and ignoring) until the client answers the close, so the socket is not
+        // closed with unread data: that would reset it and lose the last frames sent.
+        let reads = async { while let Some(Ok(_)) = stream.next().await {} };
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, futures_util::future::join(writer, reads)).await;
     }
 
     /// Reads frames until something closes the connection; returns the close to perform (None
@@ -364,22 +410,25 @@ impl Connection {
                         Some(Err(err)) => return Some(protocol_close(&err)),
                     };
                     match message {
+                        Message::Text(text) if text.len() > MAX_CLIENT_FRAME => {
+                            return Some(Close { code: 1009, reason: "frame too large" });
+                        }
                         Message::Text(text) => {
                             if let Some(close) = self.handle_text(text.as_str(), outbound, close_tx.clone()).await {
                                 return Some(close);
                             }
                         }
-                        Message::Binary(_) => return Some(Close { code: 1003, reason: "binary frames are not supported", announce: false }),
+                        Message::Binary(_) => return Some(Close { code: 1003, reason: "binary frames are not supported" }),
                         Message::Ping(_) | Message::Pong(_) => {}
-                        Message::Close(_) => return Some(Close { code: 1000, reason: "", announce: false }),
+                        Message::Close(_) => return Some(Close { code: 1000, reason: "" }),
                     }
                 }
                 () = tokio::time::sleep_until(auth_deadline), if self.authed.is_none() => {
                     outbound.error(None, "M_MISSING_TOKEN", "No auth op within 10 seconds", Map::new()).await;
-                    return Some(Close { code: 4003, reason: "authentication timeout", announce: false });
+                    return Some(Close { code: 4003, reason: "authentication timeout" });
                 }
                 () = tokio::time::sleep_until(idle_deadline) => {
-                    return Some(Close { code: 4004, reason: "idle timeout", announce: true });
+                    return Some(Close { code: 4004, reason: "idle timeout" });
                 }
                 _ = ping.tick() => {
                     outbound.control(Outbound::Ping).await;
@@ -396,7 +445,7 @@ impl Connection {
                 }
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {
-                        return Some(Close { code: 1001, reason: "server shutting down", announce: true });
+                        return Some(Close { code: 1001, reason: "server shutting down" });
                     }
                 }
             }
@@ -410,14 +459,14 @@ impl Connection {
             let mut extra = Map::new();
             extra.insert("soft_logout".into(), json!(true));
             outbound.error(None, "M_UNKNOWN_TOKEN", "Access token expired", extra).await;
-            return Some(Close { code: 4002, reason: "M_UNKNOWN_TOKEN", announce: true });
+            return Some(Close { code: 4002, reason: "M_UNKNOWN_TOKEN" });
         }
         match self.app.users.device_exists(&authed.user_id, &authed.device_id).await {
             Ok(false) => {
                 let mut extra = Map::new();
                 extra.insert("soft_logout".into(), json!(false));
                 outbound.error(None, "M_UNKNOWN_TOKEN", "This session was logged out", extra).await;
-                Some(Close { code: 4001, reason: "M_UNKNOWN_TOKEN", announce: true })
+                Some(Close { code: 4001, reason: "M_UNKNOWN_TOKEN" })
             }
             _ => None,
         }
@@ -457,15 +506,11 @@ impl Connection {
                 let mut extra = Map::new();
                 extra.insert("soft_logout".into(), json!(soft_logout));
                 outbound.error(id, "M_UNKNOWN_TOKEN", "Unknown or expired access token", extra).await;
-                Err(Close {
-                    code: if soft_logout { 4002 } else { 4001 },
-                    reason: "M_UNKNOWN_TOKEN",
-                    announce: soft_logout,
-                })
+                Err(Close { code: if soft_logout { 4002 } else { 4001 }, reason: "M_UNKNOWN_TOKEN" })
             }
             Err(err) => {
                 outbound.error(id, "M_UNKNOWN", &err.to_string(), Map::new()).await;
-                Err(Close { code: 1011, reason: "internal error", announce: false })
+                Err(Close { code: 1011, reason: "internal error" })
             }
         }
     }
@@ -501,11 +546,11 @@ impl Connection {
         if self.authed.is_none() {
             if op != "auth" {
                 outbound.error(id, "M_MISSING_TOKEN", "Authenticate first", Map::new()).await;
-                return Some(Close { code: 4001, reason: "M_MISSING_TOKEN", announce: false });
+                return Some(Close { code: 4001, reason: "M_MISSING_TOKEN" });
             }
             let Some(token) = frame.get("access_token").and_then(Value::as_str) else {
                 outbound.error(id, "M_MISSING_TOKEN", "`access_token` is required", Map::new()).await;
-                return Some(Close { code: 4001, reason: "M_MISSING_TOKEN", announce: false });
+                return Some(Close { code: 4001, reason: "M_MISSING_TOKEN" });
             };
             return self.authenticate(outbound, token.to_owned(), id, close_tx).await.err();
         }
@@ -552,11 +597,11 @@ impl Connection {
     async fn not_an_op(&mut self, outbound: &Outbound2, errcode: &str, message: &str) -> Option<Close> {
         if self.authed.is_none() {
             outbound.error(None, "M_MISSING_TOKEN", "Authenticate first", Map::new()).await;
-            return Some(Close { code: 4001, reason: "M_MISSING_TOKEN", announce: false });
+            return Some(Close { code: 4001, reason: "M_MISSING_TOKEN" });
         }
         outbound.error(None, errcode, message, Map::new()).await;
         self.non_ops += 1;
-        (self.non_ops >= MAX_NON_OPS).then_some(Close { code: 4000, reason: "protocol error", announce: true })
+        (self.non_ops >= MAX_NON_OPS).then_some(Close { code: 4000, reason: "protocol error" })
     }
 
     fn authed(&self) -> &Authed {
@@ -632,11 +677,16 @@ impl Connection {
             previous.abort();
         }
         self.pending.lock().clear();
+        // Until its first frame is queued, the new subscription resumes from its own `since`
+        // (absent for an initial sync), not from the old subscription's last frame.
+        *self.last_sent.lock() = since;
         outbound.response(id, json!({"next_batch": first.next_batch})).await;
-        let guard = self.app.presence.sync_started(&authed.user_id, &set_presence);
         if !outbound.try_sync_frame(&first, &self.pending, &self.last_sent) {
-            return Some(Close { code: 4008, reason: "slow consumer", announce: true });
+            return Some(Close { code: 4008, reason: "slow consumer" });
         }
+        // Counts as syncing from its first frame: a subscription refused for a full buffer never
+        // touched presence.
+        let guard = self.app.presence.sync_started(&authed.user_id, &set_presence);
         let producer = Producer {
             app: self.app.clone(),
             request: SyncRequest { since: Some(first.token), full_state: false, ..request },
@@ -771,6 +821,10 @@ impl Connection {
             return Err(OpError::new("M_INVALID_PARAM", "presence must be online, unavailable or offline".to_owned()));
         }
         let status_msg = frame.get("status_msg").and_then(Value::as_str).map(str::to_owned);
+        if status_msg.as_ref().is_some_and(|msg| msg.len() > 1024) {
+            // The limit of `PUT /presence/{userId}/status`.
+            return Err(OpError::new("M_INVALID_PARAM", "status_msg is too long".to_owned()));
+        }
         self.app.presence.set(&authed.user_id, state, status_msg);
         Ok(json!({}))
     }
@@ -795,11 +849,11 @@ fn event_id_of(frame: &Map<String, Value>, field: &str) -> Result<Option<ruma::O
 fn protocol_close(err: &axum::Error) -> Close {
     let text = err.to_string();
     if text.contains("Space limit exceeded") || text.contains("too long") || text.contains("Capacity") {
-        Close { code: 1009, reason: "frame too large", announce: false }
+        Close { code: 1009, reason: "frame too large" }
     } else if text.contains("UTF-8") || text.contains("utf-8") || text.contains("Utf8") {
-        Close { code: 1007, reason: "invalid utf-8", announce: false }
+        Close { code: 1007, reason: "invalid utf-8" }
     } else {
-        Close { code: 1002, reason: "websocket protocol error", announce: false }
+        Close { code: 1002, reason: "websocket protocol error" }
     }
 }
 
@@ -839,7 +893,10 @@ impl From<Error> for OpError {
 #[derive(Clone)]
 struct Outbound2 {
     tx: mpsc::Sender<Outbound>,
+    /// Bytes of the frames queued and not yet written.
     bytes: Arc<AtomicUsize>,
+    /// `sync` frames queued and not yet written.
+    syncs: Arc<AtomicUsize>,
     limit: usize,
 }
 
@@ -848,7 +905,7 @@ impl Outbound2 {
     async fn frame(&self, value: Value) {
         let text = value.to_string();
         self.bytes.fetch_add(text.len(), Ordering::Relaxed);
-        let _ = self.tx.send(Outbound::Frame(text)).await;
+        let _ = self.tx.send(Outbound::Frame { text, sync: false }).await;
     }
 
     async fn control(&self, item: Outbound) {
@@ -874,8 +931,12 @@ impl Outbound2 {
         self.frame(frame).await;
     }
 
-    /// Queues a `sync` frame without waiting; false if the client is too slow to take it (the
-    /// byte bound is ignored for a frame into an empty buffer, so large initial syncs work).
+    /// Queues a `sync` frame without waiting; false if the client is too slow to take it.
+    ///
+    /// The byte bound holds only while another `sync` frame is still waiting: a frame behind
+    /// nothing but answers (the `response` to `subscribe`, say) is taken whatever its size, so a
+    /// first frame larger than the bound (a big initial sync or catch-up) is always delivered
+    /// instead of failing the same way on every resume.
     fn try_sync_frame(
         &self,
         response: &crate::service::sync::SyncResponse,
@@ -888,14 +949,16 @@ impl Outbound2 {
             object.insert("next_batch".into(), json!(response.next_batch));
         }
         let text = json!({"type": "sync", "next_batch": response.next_batch, "data": data}).to_string();
+        let len = text.len();
         let queued = self.bytes.load(Ordering::Relaxed);
-        if queued > 0 && queued + text.len() > self.limit {
+        if self.syncs.load(Ordering::Relaxed) > 0 && queued + len > self.limit {
             return false;
         }
-        let len = text.len();
         self.bytes.fetch_add(len, Ordering::Relaxed);
-        if self.tx.try_send(Outbound::Frame(text)).is_err() {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        if self.tx.try_send(Outbound::Frame { text, sync: true }).is_err() {
             self.bytes.fetch_sub(len, Ordering::Relaxed);
+            self.syncs.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
         pending.lock().push_back((response.token, response.delivered.clone()));
@@ -944,7 +1007,7 @@ impl Producer {
                 Ok(response) => response,
                 Err(err) => {
                     tracing::warn!(%err, "websocket subscription failed");
-                    self.request_close(Close { code: 1011, reason: "internal error", announce: true });
+                    self.request_close(Close { code: 1011, reason: "internal error" });
                     return;
                 }
             };
@@ -962,7 +1025,7 @@ impl Producer {
                 self.outbound.try_sync_frame(&response, &self.pending, &self.last_sent)
             };
             if !queued {
-                self.request_close(Close { code: 4008, reason: "slow consumer", announce: true });
+                self.request_close(Close { code: 4008, reason: "slow consumer" });
                 return;
             }
             self.request.since = Some(response.token);

@@ -111,7 +111,7 @@ impl Receipts {
                 event_id: item.event_id.clone(),
                 event_pos: item.stream_pos,
                 ts: now_ms(),
-                wake_only: Some(item.sender.clone()),
+                wake_only: Some(vec![item.sender.clone(), user.to_owned()]),
             }));
         }
         if !writes.is_empty() {
@@ -179,7 +179,7 @@ impl Receipts {
                 event_id: event_id.to_owned(),
                 event_pos: event.stream_pos,
                 ts: now_ms(),
-                wake_only: (receipt_type == DELIVERED).then(|| event.pdu.sender.clone()),
+                wake_only: (receipt_type == DELIVERED).then(|| vec![event.pdu.sender.clone(), user.to_owned()]),
             })])
             .await?;
         Ok(())

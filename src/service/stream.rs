@@ -625,7 +625,7 @@ impl Streams {
                     if receipt.receipt_type == "m.read.private" {
                         wake.users.insert(receipt.user_id.clone());
                     } else if let Some(only) = &receipt.wake_only {
-                        wake.users.insert(only.clone());
+                        wake.users.extend(only.iter().cloned());
                     } else {
                         wake.rooms.insert(receipt.room_id.clone());
                     }

@@ -572,10 +572,8 @@ impl Sync {
                 continue;
             }
             if receipt.receipt_type == crate::service::receipts::DELIVERED {
-                // A user's own delivered receipts tell their client nothing.
-                if receipt.user_id == user {
-                    continue;
-                }
+                // Shown to everyone in the room, the user's own devices included (their other
+                // devices learn what already arrived), unless the user opted out.
                 let hidden = match opted_out.get(&receipt.user_id) {
                     Some(hidden) => *hidden,
                     None => {

@@ -69,9 +69,10 @@ pub struct ReceiptWrite {
     pub event_id: OwnedEventId,
     pub event_pos: i64,
     pub ts: i64,
-    /// Not stored: for delivered receipts, the sender of the receipted event, the one user who
-    /// is woken for it (everyone else sees it with their next sync).
-    pub wake_only: Option<OwnedUserId>,
+    /// Not stored: for delivered receipts, the users woken for it (the receipted event's sender,
+    /// who is waiting for it, and the receipt's user, whose other devices show it); everyone
+    /// else in the room sees it with their next sync. `None` wakes the whole room.
+    pub wake_only: Option<Vec<OwnedUserId>>,
 }
 
 #[derive(Debug, Clone)]

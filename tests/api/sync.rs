@@ -33,7 +33,10 @@ backend_tests! {
     async fn long_poll_returns_when_an_event_arrives(backend) {
         let server = TestServer::start(backend).await;
         let (alice, bob, room) = two_users_in_a_room(&server).await;
-        let since = server.sync(&bob, None, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+        let initial = server.sync(&bob, None, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+        // Confirming the initial sync records bob's delivered receipt for alice's events, which
+        // his own devices see too: that answer comes at once, so take it before the long-poll.
+        let since = server.sync(&bob, Some(&initial), None, 0).await["next_batch"].as_str().unwrap().to_owned();
         let started = Instant::now();
         let waiter = {
             let url = server.url(&format!("/_matrix/client/v3/sync?timeout=30000&since={}", enc(&since)));
@@ -205,6 +208,31 @@ backend_tests! {
         let data = sync["rooms"]["join"][&room]["account_data"]["events"].as_array().unwrap();
         assert!(data.iter().any(|e| e["type"] == "m.fully_read" && e["content"]["event_id"] == second), "{data:?}");
         crate::harness::assert_error(&server.post(&receipt("m.read", "$nope"), Some(&bob.access_token), json!({})).await, 404, "M_NOT_FOUND");
+    }
+
+    async fn own_delivered_receipts_on_the_users_other_devices_and_initial_sync(backend) {
+        let server = TestServer::start(backend).await;
+        let (alice, bob, room) = two_users_in_a_room(&server).await;
+        let (_, laptop) = server.login("bob", &bob.password, json!({"device_id": "LAPTOP"})).await;
+        let laptop = crate::harness::Account {
+            access_token: laptop["access_token"].as_str().unwrap().to_owned(),
+            device_id: "LAPTOP".to_owned(),
+            ..bob.clone()
+        };
+        let delivered = |s: &Value, event: &str| {
+            ephemeral(s, &room, "m.receipt").is_some_and(|r| r["content"][event]["org.hearth.delivered"].get(&bob.user_id).is_some())
+        };
+        let phone_since = server.sync(&bob, None, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+        let laptop_since = server.sync(&laptop, None, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+        let event = server.send_text(&alice, &room, "to the phone").await;
+        let (_, next) = server.sync_until(&bob, Some(phone_since), |s| message_ids(&timeline(s, &room)).contains(&event)).await;
+        // The phone's next request confirms the response, and its answer holds the receipt at once.
+        let confirmed = server.sync(&bob, Some(&next), None, 0).await;
+        assert!(delivered(&confirmed, &event), "{confirmed}");
+        // The laptop, which never received the event, is told it reached the phone.
+        server.sync_until(&laptop, Some(laptop_since), |s| delivered(s, &event)).await;
+        let initial = server.sync(&laptop, None, None, 0).await;
+        assert!(delivered(&initial, &event), "{initial}");
     }
 
     async fn presence_follows_syncing_and_is_shared_with_room_members(backend) {

@@ -9,7 +9,14 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream,
-    tungstenite::{Message, client::IntoClientRequest},
+    tungstenite::{
+        Message,
+        client::IntoClientRequest,
+        protocol::frame::{
+            Frame,
+            coding::{Data, OpCode},
+        },
+    },
 };
 
 use crate::harness::{TestServer, backend_tests, enc, message_ids, timeline, two_users_in_a_room};
@@ -44,6 +51,23 @@ impl Ws {
         }
         let (socket, response) = tokio_tungstenite::connect_async(request).await.expect("websocket upgrade");
         assert_eq!(response.headers()["sec-websocket-protocol"], "org.hearth.ws.v1");
+        Ws { socket, next_id: 0, backlog: Default::default() }
+    }
+
+    /// Like `connect`, with a receive buffer of a few KiB: a client that does not read then
+    /// stalls the server's writer on the first large frame (the kernel's autotuned buffers would
+    /// otherwise take many MiB).
+    async fn connect_small_window(server: &TestServer, token: &str) -> Ws {
+        let url = server.url(PATH).replace("http://", "ws://");
+        let mut request = url.into_client_request().unwrap();
+        request.headers_mut().insert("Sec-WebSocket-Protocol", "org.hearth.ws.v1".parse().unwrap());
+        request.headers_mut().insert("Authorization", format!("Bearer {token}").parse().unwrap());
+        let address = server.base_url.trim_start_matches("http://").parse().unwrap();
+        let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+        tcp.set_recv_buffer_size(16 * 1024).unwrap();
+        let stream = tcp.connect(address).await.unwrap();
+        let (socket, _) =
+            tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)).await.expect("websocket upgrade");
         Ws { socket, next_id: 0, backlog: Default::default() }
     }
 
@@ -168,6 +192,50 @@ fn bodies(events: &[Value]) -> Vec<String> {
         .filter(|e| e["type"] == "m.room.message")
         .map(|e| e["content"]["body"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// Padding state events (`org.example.padding`) in a room's `state` and `timeline` of a sync body.
+fn padding_events(data: &Value, room: &str) -> usize {
+    ["state", "timeline"]
+        .iter()
+        .filter_map(|section| data["rooms"]["join"][room][section]["events"].as_array())
+        .flatten()
+        .filter(|e| e["type"] == "org.example.padding")
+        .count()
+}
+
+/// Whether a sync body holds an `org.hearth.delivered` receipt of `user` at `event`.
+fn has_delivered(data: &Value, room: &str, event: &str, user: &str) -> bool {
+    data["rooms"]["join"][room]["ephemeral"]["events"].as_array().is_some_and(|events| {
+        events
+            .iter()
+            .any(|e| e["type"] == "m.receipt" && e["content"][event]["org.hearth.delivered"].get(user).is_some())
+    })
+}
+
+impl Ws {
+    /// Reads sync frames until one holds `user`'s delivered receipt at `event`.
+    async fn until_delivered(&mut self, room: &str, event: &str, user: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "no delivered receipt of {user} at {event}");
+            let frame = self.frame().await;
+            if frame["type"] == "sync" && has_delivered(&frame["data"], room, event, user) {
+                return;
+            }
+        }
+    }
+}
+
+/// A close with `code` and `reason`, announced by a `closing` frame that repeats them.
+#[track_caller]
+fn assert_closing(closed: &Closed, code: u16, reason: &str) {
+    assert_eq!((closed.code, closed.reason.as_str()), (code, reason), "{closed:?}");
+    let closing = closed.closing.as_ref().unwrap_or_else(|| panic!("no closing frame: {closed:?}"));
+    assert_eq!((closing["code"].as_u64(), closing["reason"].as_str()), (Some(u64::from(code)), Some(reason)));
+    if code == 4001 {
+        assert!(closing.get("resume_token").is_none(), "{closing}");
+    }
 }
 
 fn send_op(room: &str, txn: &str, body: &str) -> Value {
@@ -477,12 +545,20 @@ backend_tests! {
         let mut ws = Ws::connect(&server, None).await;
         ws.op(json!({"op": "ping"})).await;
         assert_eq!(ws.frame().await["errcode"], "M_MISSING_TOKEN");
-        assert_eq!(ws.closed().await.code, 4001);
-        // A bad token.
+        let closed = ws.closed().await;
+        assert_eq!(closed.code, 4001);
+        assert_closing(&closed, 4001, "M_MISSING_TOKEN");
+        // A bad token, in the header and in an auth op: error, closing (no resume_token), 4001.
         let mut ws = Ws::connect(&server, Some("hat_nonsense")).await;
         let error = ws.frame().await;
         assert_eq!((error["errcode"].as_str(), error["soft_logout"].as_bool()), (Some("M_UNKNOWN_TOKEN"), Some(false)));
-        assert_eq!(ws.closed().await.code, 4001);
+        let closed = ws.closed().await;
+        assert_eq!(closed.code, 4001);
+        assert_closing(&closed, 4001, "M_UNKNOWN_TOKEN");
+        let mut ws = Ws::connect(&server, None).await;
+        let id = ws.op(json!({"op": "auth", "access_token": "hat_nonsense"})).await;
+        assert_eq!(ws.answer(&id).await["errcode"], "M_UNKNOWN_TOKEN");
+        assert_closing(&ws.closed().await, 4001, "M_UNKNOWN_TOKEN");
         // Malformed frames and unknown ops get errors; the connection stays.
         let mut ws = Ws::connect(&server, Some(&alice.access_token)).await;
         ws.send_raw(Message::Text("{not json".into())).await;
@@ -500,18 +576,48 @@ backend_tests! {
         assert_eq!(ws.answer(&id).await["errcode"], "M_INVALID_PARAM", "nothing was sent to ack yet");
         let id = ws.op(json!({"op": "ping"})).await;
         assert_eq!(ws.answer(&id).await["type"], "response");
-        // Ten frames in a row that are not ops close it (4000).
+        // Ten frames in a row that are not ops close it (4000), each answered, the tenth too; an
+        // unknown op is an op, and starts the count again.
+        for _ in 0..9 {
+            ws.send_raw(Message::Text("\"just a string\"".into())).await;
+        }
+        ws.op(json!({"op": "teleport"})).await;
+        for _ in 0..9 {
+            ws.send_raw(Message::Text("\"just a string\"".into())).await;
+        }
+        let id = ws.op(json!({"op": "ping"})).await;
+        let mut errors = 0;
+        loop {
+            let frame = ws.frame().await;
+            if frame["id"] == id.as_str() {
+                break;
+            }
+            errors += 1;
+        }
+        assert_eq!(errors, 19, "9 errors, the unknown op's, 9 more; still open");
         for _ in 0..10 {
             ws.send_raw(Message::Text("\"just a string\"".into())).await;
         }
-        assert_eq!(ws.closed().await.code, 4000);
-        // Binary frames: 1003. Oversized frames: 1009.
+        for _ in 0..10 {
+            assert_eq!(ws.frame().await["errcode"], "M_BAD_JSON");
+        }
+        assert_closing(&ws.closed().await, 4000, "protocol error");
+        // Binary frames: 1003. Invalid UTF-8: 1007. Oversized frames: 1009. Each after `closing`,
+        // with the subscription's resume token.
         let mut ws = Ws::connect(&server, Some(&alice.access_token)).await;
+        let first = ws.subscribe(None, None).await;
         ws.send_raw(Message::Binary(vec![1, 2, 3].into())).await;
-        assert_eq!(ws.closed().await.code, 1003);
+        let closed = ws.closed().await;
+        assert_closing(&closed, 1003, "binary frames are not supported");
+        let last = closed.last_token.clone().unwrap_or_else(|| first["next_batch"].as_str().unwrap().to_owned());
+        assert_eq!(closed.closing.as_ref().unwrap()["resume_token"], last.as_str());
+        let mut ws = Ws::connect(&server, Some(&alice.access_token)).await;
+        let invalid = Frame::message(vec![b'"', 0xff, 0xfe, b'"'], OpCode::Data(Data::Text), true);
+        ws.send_raw(Message::Frame(invalid)).await;
+        assert_closing(&ws.closed().await, 1007, "invalid utf-8");
         let mut ws = Ws::connect(&server, Some(&alice.access_token)).await;
         ws.send_raw(Message::Text("x".repeat(70_000).into())).await;
-        assert_eq!(ws.closed().await.code, 1009);
+        assert_closing(&ws.closed().await, 1009, "frame too large");
         // Handshake refusals are plain HTTP errors.
         let url = server.url(PATH);
         let response = server.http.get(&url).header("Connection", "Upgrade").header("Upgrade", "websocket")
@@ -521,6 +627,134 @@ backend_tests! {
             .header("Sec-WebSocket-Version", "13").header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
             .header("Sec-WebSocket-Protocol", "org.hearth.ws.v1").send().await.unwrap();
         assert_eq!(response.status(), 400, "tokens never go in the URL");
+    }
+
+    async fn sync_frames_larger_than_the_byte_bound_are_delivered(backend) {
+        // The default bound (4 MiB) against a room whose state is about 10 MiB.
+        let server = TestServer::start(backend).await;
+        let (alice, bob, room) = two_users_in_a_room(&server).await;
+        let before = server.sync(&bob, None, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+        const PADDING: usize = 175;
+        let pad = "p".repeat(60_000);
+        for i in 0..PADDING {
+            let (status, body) = server.set_state(&alice, &room, "org.example.padding", &format!("k{i}"), json!({"pad": pad})).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        // A fresh device's initial sync: one frame of over 10 MiB, right behind the subscribe
+        // response, instead of 4008 on every attempt.
+        let mut fresh = Ws::connect(&server, Some(&bob.access_token)).await;
+        let first = fresh.subscribe(None, None).await;
+        assert!(first.to_string().len() > 10 * 1024 * 1024, "{} bytes", first.to_string().len());
+        assert_eq!(padding_events(&first["data"], &room), PADDING);
+        // A catch-up over the bound (a limited timeline carries the state it skipped) likewise.
+        let mut resumed = Ws::connect(&server, Some(&bob.access_token)).await;
+        let catch_up = resumed.subscribe(Some(&before), Some(json!({"room": {"timeline": {"limit": 5}}}))).await;
+        assert!(catch_up.to_string().len() > 4 * 1024 * 1024);
+        assert_eq!(padding_events(&catch_up["data"], &room), PADDING);
+        let id = resumed.op(json!({"op": "ping"})).await;
+        assert_eq!(resumed.answer(&id).await["type"], "response", "the connection stays open");
+
+        // A subscription whose first frame finds the buffer full (behind the previous
+        // subscription's 10 MiB frame, which a client that does not read leaves there) is closed
+        // with 4008, and `closing` names its own `since`: nothing of it was queued.
+        let mut stalled = Ws::connect_small_window(&server, &bob.access_token).await;
+        stalled.send_raw(Message::Text(json!({"op": "subscribe", "id": "old"}).to_string().into())).await;
+        stalled.send_raw(Message::Text(json!({"op": "subscribe", "id": "new", "since": before}).to_string().into())).await;
+        // Wait for the server's decision without reading the socket, so the old frame stays in
+        // the way; then read everything.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !server.log_lines().iter().any(|line| line.contains("websocket closed by the server") && line.contains("4008")) {
+            assert!(Instant::now() < deadline, "the second subscribe was not refused");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut types = Vec::new();
+        let closed = loop {
+            match tokio::time::timeout(Duration::from_secs(30), stalled.socket.next()).await.unwrap() {
+                Some(Ok(Message::Text(text))) => {
+                    let frame: Value = serde_json::from_str(&text).unwrap();
+                    types.push(format!("{} {}", frame["type"].as_str().unwrap(), frame["id"].as_str().unwrap_or("")));
+                    if frame["type"] == "closing" {
+                        break frame;
+                    }
+                }
+                Some(Ok(_)) => {}
+                other => panic!("expected frames, got {other:?} after {types:?}"),
+            }
+        };
+        assert_eq!(types, vec!["response old", "sync ", "response new", "closing "]);
+        assert_eq!(closed["code"], 4008);
+        assert_eq!(closed["resume_token"], before.as_str(), "{closed}");
+    }
+
+    async fn own_delivered_receipts_reach_every_device_of_the_user(backend) {
+        let server = TestServer::start(backend).await;
+        let (alice, bob, room) = two_users_in_a_room(&server).await;
+        let (_, laptop) = server.login("bob", &bob.password, json!({"device_id": "LAPTOP"})).await;
+        let laptop = crate::harness::Account {
+            access_token: laptop["access_token"].as_str().unwrap().to_owned(),
+            device_id: "LAPTOP".to_owned(),
+            ..bob.clone()
+        };
+        let (_, tablet) = server.login("bob", &bob.password, json!({"device_id": "TABLET"})).await;
+        let tablet = crate::harness::Account {
+            access_token: tablet["access_token"].as_str().unwrap().to_owned(),
+            device_id: "TABLET".to_owned(),
+            ..bob.clone()
+        };
+        let mut phone = Ws::connect(&server, Some(&bob.access_token)).await;
+        phone.subscribe(None, None).await;
+        let mut lap = Ws::connect(&server, Some(&laptop.access_token)).await;
+        lap.subscribe(None, None).await;
+        let tablet_since = server.sync(&tablet, None, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+        let event = server.send_text(&alice, &room, "for bob's phone").await;
+        // Only the phone confirms it.
+        let mut seen = Vec::new();
+        let token = phone.timeline_until(&room, &mut seen, |seen| messages(seen).contains(&event)).await;
+        let ack = phone.op(json!({"op": "ack", "next_batch": token})).await;
+        assert_eq!(phone.answer(&ack).await["type"], "response");
+        // The acking device gets its own receipt too (it is the user's receipt, not the device's).
+        phone.until_delivered(&room, &event, &bob.user_id).await;
+        // His other devices: over the socket, over /sync, and in an initial /sync.
+        lap.until_delivered(&room, &event, &bob.user_id).await;
+        server.sync_until(&tablet, Some(tablet_since), |s| has_delivered(s, &room, &event, &bob.user_id)).await;
+        let initial = server.sync(&tablet, None, None, 0).await;
+        assert!(has_delivered(&initial, &room, &event, &bob.user_id), "{initial}");
+        // And the sender, as before.
+        let (_, _) = server.sync_until(&alice, None, |s| has_delivered(s, &room, &event, &bob.user_id)).await;
+    }
+
+    async fn the_426_answer_names_the_websocket_version(backend) {
+        let server = TestServer::start(backend).await;
+        let upgrade = |version: &'static str| {
+            server.http.get(server.url(PATH)).header("Connection", "Upgrade").header("Upgrade", "websocket")
+                .header("Sec-WebSocket-Version", version).header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+                .header("Sec-WebSocket-Protocol", "org.hearth.ws.v1").send()
+        };
+        let response = upgrade("8").await.unwrap();
+        assert_eq!(response.status(), 426);
+        assert_eq!(response.headers()["sec-websocket-version"], "13");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["errcode"], "M_UNRECOGNIZED", "{body}");
+    }
+
+    async fn presence_ops_win_over_set_presence(backend) {
+        let server = TestServer::start(backend).await;
+        let (alice, bob, _) = two_users_in_a_room(&server).await;
+        let presence = format!("/_matrix/client/v3/presence/{}/status", enc(&bob.user_id));
+        let mut ws = Ws::connect(&server, Some(&bob.access_token)).await;
+        ws.subscribe(None, None).await;
+        assert_eq!(server.get(&presence, Some(&alice.access_token)).await.1["presence"], "online");
+        let id = ws.op(json!({"op": "presence", "presence": "unavailable", "status_msg": "away"})).await;
+        assert_eq!(ws.answer(&id).await["type"], "response");
+        assert_eq!(server.get(&presence, Some(&alice.access_token)).await.1["presence"], "unavailable");
+        // Another subscription with the default set_presence (online) leaves the explicit state.
+        let mut other = Ws::connect(&server, Some(&bob.access_token)).await;
+        other.subscribe(None, None).await;
+        let (_, state) = server.get(&presence, Some(&alice.access_token)).await;
+        assert_eq!((state["presence"].as_str(), state["status_msg"].as_str()), (Some("unavailable"), Some("away")));
+        // Too long a status message is refused as over HTTP.
+        let id = ws.op(json!({"op": "presence", "presence": "online", "status_msg": "x".repeat(1025)})).await;
+        assert_eq!(ws.answer(&id).await["errcode"], "M_INVALID_PARAM");
     }
 
     async fn shutdown_tells_sockets_where_to_resume(backend) {
