@@ -726,39 +726,72 @@ async fn writer_task(streams: Arc<Streams>, mut receiver: mpsc::Receiver<Job>, m
     }
 }
 
-/// A position in the streams as clients see it: `s{stream}_{ephemeral}`. Pagination tokens use
-/// the same form (their ephemeral part is ignored).
+/// A position in the streams as clients see it: `s{stream}_{ephemeral}`, or
+/// `s{stream}_{ephemeral}_{to_device}` when the device's to-device messages were delivered only
+/// up to `to_device` (a sync delivers at most a page of them; the next one continues from there,
+/// and only what was delivered is deleted). Pagination tokens use the same form (their ephemeral
+/// and to-device parts are ignored).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StreamToken {
     pub stream: i64,
     pub ephemeral: i64,
+    /// How far to-device messages were delivered, when that is short of `stream`.
+    to_device: Option<i64>,
 }
 
 impl StreamToken {
     pub fn new(stream: i64, ephemeral: i64) -> Self {
-        StreamToken { stream, ephemeral }
+        StreamToken { stream, ephemeral, to_device: None }
     }
 
-    /// Parses `s{stream}_{ephemeral}` (or a bare stream position).
+    /// This token with to-device messages delivered only up to `pos` (ignored unless it is short
+    /// of the stream position).
+    pub fn with_to_device(self, pos: i64) -> Self {
+        StreamToken { to_device: (pos < self.stream).then_some(pos), ..self }
+    }
+
+    /// How far the device's to-device messages were delivered.
+    pub fn to_device(&self) -> i64 {
+        self.to_device.unwrap_or(self.stream)
+    }
+
+    /// Whether this token lies at or after `other` in every paged stream (the ephemeral counter
+    /// is not a delivery and does not count). Tokens of one device's syncs are totally ordered.
+    pub fn reaches(&self, other: &StreamToken) -> bool {
+        (self.stream, self.to_device()) >= (other.stream, other.to_device())
+    }
+
+    /// Parses `s{stream}_{ephemeral}[_{to_device}]` (or a bare stream position).
     pub fn parse(token: &str) -> Result<StreamToken> {
         let invalid = || Error::InvalidParam(format!("invalid token: {token}"));
         let body = token.strip_prefix('s').unwrap_or(token);
-        let (stream, ephemeral) = match body.split_once('_') {
-            Some((stream, ephemeral)) => (stream, ephemeral),
-            None => (body, "0"),
+        let mut parts = body.split('_');
+        let mut number = |default: Option<&str>| -> Result<Option<i64>> {
+            match parts.next().or(default) {
+                None => Ok(None),
+                Some(part) => match part.parse::<i64>() {
+                    Ok(value) if value >= 0 => Ok(Some(value)),
+                    _ => Err(invalid()),
+                },
+            }
         };
-        let stream: i64 = stream.parse().map_err(|_| invalid())?;
-        let ephemeral: i64 = ephemeral.parse().map_err(|_| invalid())?;
-        if stream < 0 || ephemeral < 0 {
+        let stream = number(None)?.ok_or_else(invalid)?;
+        let ephemeral = number(Some("0"))?.unwrap_or(0);
+        let to_device = number(None)?;
+        if parts.next().is_some() || to_device.is_some_and(|pos| pos >= stream) {
             return Err(invalid());
         }
-        Ok(StreamToken { stream, ephemeral })
+        Ok(StreamToken { stream, ephemeral, to_device })
     }
 }
 
 impl std::fmt::Display for StreamToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "s{}_{}", self.stream, self.ephemeral)
+        write!(f, "s{}_{}", self.stream, self.ephemeral)?;
+        if let Some(to_device) = self.to_device {
+            write!(f, "_{to_device}")?;
+        }
+        Ok(())
     }
 }
 
@@ -771,9 +804,27 @@ mod tests {
         let token = StreamToken::new(42, 1_700_000_000_123);
         assert_eq!(StreamToken::parse(&token.to_string()).unwrap(), token);
         assert_eq!(StreamToken::parse("17").unwrap(), StreamToken::new(17, 0));
-        for bad in ["", "s", "sx_1", "s1_x", "s-1_0", "t1-2", "s1_2_3"] {
+        for bad in ["", "s", "sx_1", "s1_x", "s-1_0", "t1-2", "s1_2_3_4", "s1_2_x", "s5_2_5", "s5_2_9", "s5_2_-1"] {
             assert!(StreamToken::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_lagging_to_device_position_is_carried_and_only_then() {
+        let whole = StreamToken::new(42, 7);
+        assert_eq!(whole.to_string(), "s42_7");
+        assert_eq!(whole.to_device(), 42);
+        assert_eq!(whole.with_to_device(42), whole);
+        assert_eq!(whole.with_to_device(50), whole);
+        let paged = whole.with_to_device(30);
+        assert_eq!(paged.to_string(), "s42_7_30");
+        assert_eq!(paged.to_device(), 30);
+        assert_eq!(StreamToken::parse("s42_7_30").unwrap(), paged);
+        // Old two-part tokens still parse, with everything delivered.
+        assert_eq!(StreamToken::parse("s42_7").unwrap().to_device(), 42);
+        // Later pages of the same stream position come after earlier ones.
+        assert!(whole.reaches(&paged) && !paged.reaches(&whole));
+        assert!(whole.with_to_device(35).reaches(&paged));
     }
 
     #[test]
