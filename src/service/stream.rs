@@ -188,6 +188,8 @@ pub struct Streams {
     pub notifier: Notifier,
     ephemeral: AtomicI64,
     shutting_down: std::sync::atomic::AtomicBool,
+    /// Set when the writer task has ended (it never should).
+    writer_stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Streams {
@@ -204,6 +206,7 @@ impl Streams {
             notifier: Notifier::default(),
             ephemeral: AtomicI64::new(now_ms()),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            writer_stopped: std::sync::atomic::AtomicBool::new(false),
         });
         streams.load_views().await?;
         tokio::spawn(writer_task(streams.clone(), receiver, position));
@@ -665,8 +668,90 @@ pub struct Wake {
     pub rooms: HashSet<OwnedRoomId>,
 }
 
+/// Where the stream stands after a commit reported an error, judged from the highest position
+/// stored: an error can come after the database committed (a connection dropped before COMMIT
+/// was answered), so the batch may have landed after all.
+#[derive(Debug, PartialEq, Eq)]
+enum AfterFailure {
+    /// The batch is in the database: treat it as committed.
+    Committed,
+    /// Nothing of it is: the positions stay free.
+    NotCommitted,
+    /// The stored position is neither (something else wrote to the stream): continue after it.
+    Moved(i64),
+}
+
+fn after_failure(position: i64, batch_len: usize, stored: i64) -> AfterFailure {
+    if stored == position + batch_len as i64 {
+        AfterFailure::Committed
+    } else if stored == position {
+        AfterFailure::NotCommitted
+    } else {
+        AfterFailure::Moved(stored)
+    }
+}
+
+/// Marks the writer as stopped when its task ends, however it ends (a panic included).
+struct WriterAlive(Arc<Streams>);
+
+impl Drop for WriterAlive {
+    fn drop(&mut self) {
+        self.0.writer_stopped.store(true, Ordering::SeqCst);
+        tracing::error!("the stream writer has stopped; writes fail until the server restarts");
+    }
+}
+
+impl Streams {
+    /// Whether the stream writer task is running (`/health` reports it).
+    pub fn is_writer_running(&self) -> bool {
+        !self.writer_stopped.load(Ordering::SeqCst)
+    }
+
+    /// The highest stream position in the database, retried until the database answers: the
+    /// writer cannot hand out positions without knowing it.
+    async fn stored_position(&self) -> i64 {
+        let mut delay = std::time::Duration::from_millis(50);
+        loop {
+            match self.db.max_stream_pos().await {
+                Ok(position) => return position,
+                Err(err) => {
+                    tracing::warn!(%err, "cannot read the stream position; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Commits one batch at `position + 1…`; on an error, re-reads the stored position and
+    /// finds out whether the batch committed anyway. Returns the new position and whether the
+    /// batch is committed (views applied, position published, waiters woken).
+    async fn commit_batch(&self, position: i64, writes: &[&StreamWrite]) -> (i64, Result<()>) {
+        let first = position + 1;
+        if let Err(err) = self.db.commit_stream_batch(first, writes).await {
+            let stored = self.stored_position().await;
+            match after_failure(position, writes.len(), stored) {
+                AfterFailure::Committed => {
+                    tracing::warn!(%err, "a stream commit reported an error but is stored; keeping it");
+                }
+                AfterFailure::NotCommitted => return (position, Err(err.into())),
+                AfterFailure::Moved(stored) => {
+                    tracing::error!(%err, position, stored, "the stored stream position moved under the writer");
+                    return (stored.max(position), Err(err.into()));
+                }
+            }
+        }
+        let wake = self.apply(first, writes);
+        let position = position + writes.len() as i64;
+        self.published.send_replace(position);
+        self.wake(&wake);
+        (position, Ok(()))
+    }
+}
+
 /// Drains the queue: batches jobs, commits, updates views, publishes, wakes.
 async fn writer_task(streams: Arc<Streams>, mut receiver: mpsc::Receiver<Job>, mut position: i64) {
+    let _alive = WriterAlive(streams.clone());
     let mut jobs: Vec<Job> = Vec::new();
     while let Some(job) = receiver.recv().await {
         jobs.push(job);
@@ -682,13 +767,11 @@ async fn writer_task(streams: Arc<Streams>, mut receiver: mpsc::Receiver<Job>, m
         }
         let batch: Vec<&StreamWrite> = jobs.iter().flat_map(|job| job.writes.iter()).collect();
         let first = position + 1;
-        match streams.db.commit_stream_batch(first, &batch).await {
+        let (after, result) = streams.commit_batch(position, &batch).await;
+        drop(batch);
+        position = after;
+        match result {
             Ok(()) => {
-                let wake = streams.apply(first, &batch);
-                position += batch.len() as i64;
-                drop(batch);
-                streams.published.send_replace(position);
-                streams.wake(&wake);
                 let mut end = first - 1;
                 for job in jobs.drain(..) {
                     end += job.writes.len() as i64;
@@ -698,28 +781,17 @@ async fn writer_task(streams: Arc<Streams>, mut receiver: mpsc::Receiver<Job>, m
             Err(err) if jobs.len() > 1 => {
                 // One bad write must not fail its neighbours: retry each job on its own.
                 tracing::warn!(%err, "stream batch failed; retrying its jobs one by one");
-                drop(batch);
                 for job in jobs.drain(..) {
                     let writes: Vec<&StreamWrite> = job.writes.iter().collect();
-                    let first = position + 1;
-                    match streams.db.commit_stream_batch(first, &writes).await {
-                        Ok(()) => {
-                            let wake = streams.apply(first, &writes);
-                            position += writes.len() as i64;
-                            streams.published.send_replace(position);
-                            streams.wake(&wake);
-                            let _ = job.reply.send(Ok(position));
-                        }
-                        Err(err) => {
-                            let _ = job.reply.send(Err(err.into()));
-                        }
-                    }
+                    let (after, result) = streams.commit_batch(position, &writes).await;
+                    position = after;
+                    let _ = job.reply.send(result.map(|()| position));
                 }
             }
             Err(err) => {
-                drop(batch);
+                let message = err.to_string();
                 for job in jobs.drain(..) {
-                    let _ = job.reply.send(Err(Error::Internal(err.to_string())));
+                    let _ = job.reply.send(Err(Error::Internal(message.clone())));
                 }
             }
         }
@@ -825,6 +897,13 @@ mod tests {
         // Later pages of the same stream position come after earlier ones.
         assert!(whole.reaches(&paged) && !paged.reaches(&whole));
         assert!(whole.with_to_device(35).reaches(&paged));
+    }
+
+    #[test]
+    fn a_failed_commit_is_judged_by_the_stored_position() {
+        assert_eq!(after_failure(10, 3, 13), AfterFailure::Committed);
+        assert_eq!(after_failure(10, 3, 10), AfterFailure::NotCommitted);
+        assert_eq!(after_failure(10, 3, 20), AfterFailure::Moved(20));
     }
 
     #[test]

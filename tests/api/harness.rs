@@ -520,6 +520,11 @@ impl TestServer {
         }
     }
 
+    /// The PostgreSQL URL of this server's database (None on SQLite).
+    pub fn postgres_url(&self) -> Option<String> {
+        self.database.as_ref().map(PgDatabase::url)
+    }
+
     /// The stored PDU JSON of an event, read straight from the database.
     pub async fn stored_pdu(&self, event_id: &str) -> Value {
         let json: String = match &self.database {

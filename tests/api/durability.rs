@@ -1,0 +1,84 @@
+//! Durability: writes survive a dropped database connection, and a second server on the same
+//! database is refused.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Backend, TestServer, enc, message_ids, postgres_available, timeline, two_users_in_a_room};
+
+/// Ends every connection to the test database but this one (what a PostgreSQL restart, a
+/// failover or a network cut does to the server's pool and the stream writer's transaction).
+async fn terminate_connections(url: &str) -> u64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect to the test database");
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("terminate backends");
+    killed.len() as u64
+}
+
+/// Sends a message; the status and, on success, the event ID.
+async fn try_send(server: &TestServer, token: &str, room: &str, txn: String) -> (u16, Option<String>) {
+    let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room));
+    let (status, body) = server.put(&path, Some(token), json!({"msgtype": "m.text", "body": txn})).await;
+    (status.as_u16(), body["event_id"].as_str().map(str::to_owned))
+}
+
+/// PostgreSQL only: SQLite has no connection to drop (the file is opened in-process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_succeed_after_the_database_connections_are_killed() {
+    if !postgres_available().await {
+        return;
+    }
+    let server = TestServer::start(Backend::Postgres).await;
+    let url = server.postgres_url().unwrap();
+    let (alice, bob, room) = two_users_in_a_room(&server).await;
+    let since = server.sync(&bob, None, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+
+    // Kill the connections again and again while messages are being sent, so some kills land
+    // inside the writer's transaction or its commit. A send may fail while its connection dies;
+    // whatever succeeded must be delivered, and every send afterwards must succeed.
+    let mut sent = Vec::new();
+    for round in 0..20 {
+        let sends = (0..8).map(|i| try_send(&server, &alice.access_token, &room, format!("r{round}m{i}")));
+        let (results, killed) = tokio::join!(futures_util::future::join_all(sends), terminate_connections(&url));
+        assert!(killed > 0 || round > 0, "the server holds database connections");
+        for (status, event_id) in results {
+            assert!(status == 200 || status == 500, "a send failed with {status}");
+            sent.extend(event_id);
+        }
+    }
+    let mut after = Vec::new();
+    for i in 0..20 {
+        let (status, event_id) = try_send(&server, &alice.access_token, &room, format!("after{i}")).await;
+        assert_eq!(status, 200, "send {i} after the connections were killed");
+        after.push(event_id.unwrap());
+    }
+    sent.extend(after.iter().cloned());
+    assert_eq!(server.http.get(server.url("/health")).send().await.unwrap().status(), 200);
+
+    // The messages sent afterwards reach bob's sync.
+    let filter = json!({"room": {"timeline": {"limit": 100}}}).to_string();
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut since = Some(since);
+    while !after.iter().all(|id| seen.contains(id)) {
+        assert!(Instant::now() < deadline, "the messages sent after the kills did not all arrive");
+        let response: Value = server.sync(&bob, since.as_deref(), Some(&filter), 2000).await;
+        seen.extend(message_ids(&timeline(&response, &room)));
+        since = response["next_batch"].as_str().map(str::to_owned);
+    }
+    // Every accepted message is in the room's history exactly once.
+    let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1000", enc(&room));
+    let (status, history) = server.get(&path, Some(&bob.access_token)).await;
+    assert_eq!(status, 200, "{history}");
+    let history: Vec<&Value> = history["chunk"].as_array().unwrap().iter().collect();
+    let history = message_ids(&history);
+    for id in &sent {
+        assert_eq!(history.iter().filter(|h| *h == id).count(), 1, "{id} stored once");
+    }
+}
