@@ -12,6 +12,7 @@
 //! network, and takes the current time as a parameter instead of reading a clock.
 
 pub mod accounts;
+pub mod lock;
 pub mod rooms;
 pub mod stream;
 

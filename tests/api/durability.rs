@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Backend, TestServer, enc, message_ids, postgres_available, timeline, two_users_in_a_room};
+use crate::harness::{
+    Backend, TestServer, backend_tests, enc, hearth_command, message_ids, postgres_available, timeline,
+    two_users_in_a_room,
+};
 
 /// Ends every connection to the test database but this one (what a PostgreSQL restart, a
 /// failover or a network cut does to the server's pool and the stream writer's transaction).
@@ -80,5 +83,43 @@ async fn writes_succeed_after_the_database_connections_are_killed() {
     let history = message_ids(&history);
     for id in &sent {
         assert_eq!(history.iter().filter(|h| *h == id).count(), 1, "{id} stored once");
+    }
+}
+
+backend_tests! {
+    async fn a_second_server_on_the_same_database_is_refused_naming_the_holder(backend) {
+        let server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let mut second = hearth_command()
+            .arg("--config")
+            .arg(server.config_path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = second.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = second.kill();
+                let _ = second.wait();
+                panic!("a second server on the same database started");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success(), "{stderr}");
+        assert!(stderr.contains("another Hearth server is running"), "{stderr}");
+        assert!(stderr.contains(&format!("hearth pid {} on ", server.pid())), "the holder is named: {stderr}");
+
+        // The first server carries on, and operator commands still work beside it.
+        let (status, whoami) = server.get("/_matrix/client/v3/account/whoami", Some(&alice.access_token)).await;
+        assert_eq!(status, 200, "{whoami}");
+        let list = server.cli(&["user", "list"], None);
+        assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
+        assert!(String::from_utf8_lossy(&list.stdout).contains(&alice.user_id));
     }
 }

@@ -520,6 +520,11 @@ impl TestServer {
         }
     }
 
+    /// The server's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server is running").id()
+    }
+
     /// The PostgreSQL URL of this server's database (None on SQLite).
     pub fn postgres_url(&self) -> Option<String> {
         self.database.as_ref().map(PgDatabase::url)
