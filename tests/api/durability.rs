@@ -122,4 +122,36 @@ backend_tests! {
         assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
         assert!(String::from_utf8_lossy(&list.stdout).contains(&alice.user_id));
     }
+
+    async fn events_read_while_being_redacted_are_served_redacted_afterwards(backend) {
+        let mut server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let room = server.create_room(&alice, json!({})).await;
+        let mut targets = Vec::new();
+        for round in 0..30 {
+            targets.push(server.send_text(&alice, &room, &format!("secret {round}")).await);
+        }
+        // A fresh process: every first read of an event misses the cache and reads the database.
+        server.restart();
+        for (round, target) in targets.iter().enumerate() {
+            let event_path = format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(target));
+            let redact_path = format!("/_matrix/client/v3/rooms/{}/redact/{}/r{round}", enc(&room), enc(target));
+            // Readers that miss the cache race the redaction's commit.
+            let readers = (0..4).map(|_| async {
+                for _ in 0..10 {
+                    let (status, _) = server.get(&event_path, Some(&alice.access_token)).await;
+                    assert_eq!(status, 200);
+                }
+            });
+            let redact = async {
+                let (status, body) = server.put(&redact_path, Some(&alice.access_token), json!({})).await;
+                assert_eq!(status, 200, "{body}");
+            };
+            tokio::join!(futures_util::future::join_all(readers), redact);
+            let (status, event) = server.get(&event_path, Some(&alice.access_token)).await;
+            assert_eq!(status, 200);
+            assert_eq!(event["content"], json!({}), "round {round}: the redaction was undone: {event}");
+            assert!(event["unsigned"]["redacted_because"].is_object(), "{event}");
+        }
+    }
 }
