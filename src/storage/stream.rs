@@ -38,6 +38,11 @@ pub struct NewRoom {
     pub creator: OwnedUserId,
     pub is_public: bool,
     pub created_ts: i64,
+    /// An alias to claim with the room (the room is not created if the alias is taken).
+    pub alias: Option<String>,
+    /// The room this one replaces (recorded in `room_upgrades`; the room is not created if the
+    /// old room already has a replacement).
+    pub upgrade_of: Option<OwnedRoomId>,
 }
 
 /// One event and everything that must commit with it.
@@ -194,6 +199,28 @@ macro_rules! apply_write {
                     .bind(room_row.created_ts)
                     .execute(&mut *$tx)
                     .await?;
+                    if let Some(alias) = &room_row.alias {
+                        sqlx::query("INSERT INTO room_aliases (alias, room_id, creator, created_ts) VALUES ($1, $2, $3, $4)")
+                            .bind(alias)
+                            .bind(room)
+                            .bind(room_row.creator.as_str())
+                            .bind(room_row.created_ts)
+                            .execute(&mut *$tx)
+                            .await?;
+                    }
+                    if let Some(old_room) = &room_row.upgrade_of {
+                        sqlx::query(
+                            "INSERT INTO room_upgrades (old_room_id, new_room_id, room_version, user_id, created_ts)
+                             VALUES ($1, $2, $3, $4, $5)",
+                        )
+                        .bind(old_room.as_str())
+                        .bind(room)
+                        .bind(&room_row.room_version)
+                        .bind(room_row.creator.as_str())
+                        .bind(room_row.created_ts)
+                        .execute(&mut *$tx)
+                        .await?;
+                    }
                 }
                 if let Some(group) = &e.new_state_group {
                     sqlx::query("INSERT INTO state_groups (id, room_id, prev_group, chain_len) VALUES ($1, $2, $3, $4)")

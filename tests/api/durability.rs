@@ -1,5 +1,6 @@
-//! Durability: writes survive a dropped database connection, and a second server on the same
-//! database is refused.
+//! Durability: writes survive a dropped database connection, a second server on the same
+//! database is refused, redactions stay applied, and multi-step operations (room upgrade,
+//! createRoom with an alias) are never half done or done twice by a race.
 
 use std::time::{Duration, Instant};
 
@@ -153,5 +154,70 @@ backend_tests! {
             assert_eq!(event["content"], json!({}), "round {round}: the redaction was undone: {event}");
             assert!(event["unsigned"]["redacted_because"].is_object(), "{event}");
         }
+    }
+
+    async fn concurrent_upgrades_make_one_replacement_room(backend) {
+        let server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let old = server.create_room(&alice, json!({"room_version": "11"})).await;
+        let path = format!("/_matrix/client/v3/rooms/{}/upgrade", enc(&old));
+        let upgrades = (0..6).map(|_| server.post(&path, Some(&alice.access_token), json!({"new_version": "12"})));
+        let results = futures_util::future::join_all(upgrades).await;
+        let mut replacements: Vec<String> = Vec::new();
+        for (status, body) in &results {
+            assert!(*status == 200 || (400..500).contains(&status.as_u16()), "{status}: {body}");
+            if *status == 200 {
+                replacements.push(body["replacement_room"].as_str().unwrap().to_owned());
+            }
+        }
+        replacements.dedup();
+        assert_eq!(replacements.len(), 1, "one replacement room: {results:?}");
+        let new = &replacements[0];
+        let (status, tombstone) = server
+            .get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.tombstone/", enc(&old)), Some(&alice.access_token))
+            .await;
+        assert_eq!(status, 200, "{tombstone}");
+        assert_eq!(tombstone["replacement_room"], json!(new));
+        let (_, joined) = server.get("/_matrix/client/v3/joined_rooms", Some(&alice.access_token)).await;
+        let mut joined: Vec<String> =
+            joined["joined_rooms"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_owned()).collect();
+        joined.sort();
+        let mut expected = vec![old.clone(), new.clone()];
+        expected.sort();
+        assert_eq!(joined, expected, "no second replacement room was created");
+        // Exactly one tombstone in the old room's history.
+        let (_, history) = server
+            .get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(&old)), Some(&alice.access_token))
+            .await;
+        let tombstones = history["chunk"].as_array().unwrap().iter().filter(|e| e["type"] == "m.room.tombstone").count();
+        assert_eq!(tombstones, 1, "{history}");
+    }
+
+    async fn concurrent_creations_with_one_alias_make_one_room(backend) {
+        let server = TestServer::start(backend).await;
+        let mut users = Vec::new();
+        for i in 0..8 {
+            users.push(server.register(&format!("racer{i}")).await);
+        }
+        let creations = users.iter().map(|user| {
+            server.post("/_matrix/client/v3/createRoom", Some(&user.access_token), json!({"room_alias_name": "contested"}))
+        });
+        let results = futures_util::future::join_all(creations).await;
+        let mut winners = 0;
+        for (user, (status, body)) in users.iter().zip(&results) {
+            let (_, joined) = server.get("/_matrix/client/v3/joined_rooms", Some(&user.access_token)).await;
+            let joined = joined["joined_rooms"].as_array().unwrap().len();
+            if *status == 200 {
+                winners += 1;
+                assert_eq!(joined, 1);
+                let (status, alias) = server.get(&format!("/_matrix/client/v3/directory/room/{}", enc("#contested:localhost")), None).await;
+                assert_eq!(status, 200);
+                assert_eq!(alias["room_id"], body["room_id"]);
+            } else {
+                assert_eq!((status.as_u16(), body["errcode"].as_str()), (400, Some("M_ROOM_IN_USE")), "{body}");
+                assert_eq!(joined, 0, "the loser {} has no orphan room", user.user_id);
+            }
+        }
+        assert_eq!(winners, 1, "{results:?}");
     }
 }

@@ -166,6 +166,8 @@ pub struct Rooms {
     ignored: Mutex<LruCache<OwnedUserId, IgnoreList>>,
     /// This service itself, for the tasks that append (see [`Rooms::commit`]).
     me: std::sync::Weak<Rooms>,
+    /// Per room being upgraded: the lock its upgrade holds (see `create.rs`).
+    upgrades: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Rooms {
@@ -188,6 +190,7 @@ impl Rooms {
             next_group: AtomicI64::new(next_group),
             ignored: Mutex::new(LruCache::new(NonZeroUsize::new(100_000).unwrap())),
             me: me.clone(),
+            upgrades: Mutex::new(HashMap::new()),
         }))
     }
 
