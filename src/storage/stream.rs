@@ -432,12 +432,19 @@ impl Db {
                 apply_write!(tx, first_pos + offset as i64, *write, tip);
             }
             write_receipts!(tx, &receipts);
+            if !writes.is_empty() {
+                sqlx::query("UPDATE stream_high_water SET pos = $1 WHERE id = 1 AND pos < $1")
+                    .bind(first_pos + writes.len() as i64 - 1)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
         });
         Ok(())
     }
 
-    /// The highest stream position stored anywhere (the stream writer resumes after it).
+    /// The highest stream position handed out (the stream writer resumes after it): the high
+    /// water mark, which outlives deleted rows, or the highest stored, whichever is higher.
     pub async fn max_stream_pos(&self) -> StorageResult<i64> {
         let max: Option<i64> = on_reader!(self, pool => {
             sqlx::query_scalar(
@@ -447,6 +454,7 @@ impl Db {
                     UNION ALL SELECT MAX(stream_pos) FROM account_data
                     UNION ALL SELECT MAX(stream_pos) FROM to_device_messages
                     UNION ALL SELECT MAX(stream_pos) FROM device_list_changes
+                    UNION ALL SELECT MAX(pos) FROM stream_high_water
                  ) AS positions",
             )
             .fetch_one(pool)

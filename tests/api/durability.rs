@@ -220,4 +220,24 @@ backend_tests! {
         }
         assert_eq!(winners, 1, "{results:?}");
     }
+
+    async fn positions_are_not_reused_after_a_restart_when_the_last_rows_were_deleted(backend) {
+        // The last write is a to-device message; once confirmed it is deleted. A restart must
+        // still resume after its position, or the next event would get a position the client's
+        // token already passed, and never reach it.
+        // (Delivered receipts off: they would be written after it.)
+        let mut server = TestServer::start_with(backend, "[delivered_receipts]\nenabled = false").await;
+        let (alice, bob, room) = two_users_in_a_room(&server).await;
+        let since = server.sync(&bob, None, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+        let body = json!({"messages": {bob.user_id.clone(): {bob.device_id.clone(): {"k": 1}}}});
+        assert_eq!(server.put("/_matrix/client/v3/sendToDevice/org.example.key/last", Some(&alice.access_token), body).await.0, 200);
+        let (_, token) = server.sync_until(&bob, Some(since), |s| !s["to_device"]["events"].as_array().unwrap().is_empty()).await;
+        // Confirms (deletes) it.
+        let empty = server.sync(&bob, Some(&token), None, 0).await;
+        assert!(empty["to_device"]["events"].as_array().unwrap().is_empty(), "{empty}");
+        server.restart();
+        let event_id = server.send_text(&alice, &room, "after the restart").await;
+        let (sync, _) = server.sync_until(&bob, Some(token), |s| !timeline(s, &room).is_empty()).await;
+        assert_eq!(message_ids(&timeline(&sync, &room)), vec![event_id]);
+    }
 }
