@@ -21,7 +21,10 @@ use crate::{
         sync::Sync,
         users::Users,
     },
-    storage::{Db, DbOptions},
+    storage::{
+        Db, DbOptions,
+        lock::{LockError, ServerLock},
+    },
 };
 
 /// How long in-flight requests get to finish after a shutdown signal.
@@ -64,14 +67,24 @@ fn redact_url(url: &str) -> String {
 /// Runs the homeserver until a shutdown signal.
 pub async fn run(config: Config) -> Result<(), AppError> {
     let started = std::time::Instant::now();
+    // Before the database is opened (and migrated): a second server must not touch it.
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|err| AppError(format!("cannot create data directory {}: {err}", config.data_dir.display())))?;
+    let url = config.database_url();
+    let connect_timeout = Duration::from_secs(config.database.connect_timeout_secs);
+    let mut lock = ServerLock::acquire(&url, &config.data_dir, connect_timeout).await.map_err(|err| match err {
+        LockError::Unreachable(err) => AppError(format!("cannot open database {}: {err}", redact_url(&url))),
+        LockError::Refused(reason) => AppError(reason),
+    })?;
     let db = open_database(&config).await?;
-    let result = serve(&config, db.clone(), started).await;
+    let result = serve(&config, db.clone(), started, &mut lock).await;
     db.close().await;
+    drop(lock);
     tracing::info!("database closed; goodbye");
     result
 }
 
-async fn serve(config: &Config, db: Db, started: std::time::Instant) -> Result<(), AppError> {
+async fn serve(config: &Config, db: Db, started: std::time::Instant, lock: &mut ServerLock) -> Result<(), AppError> {
     let mut listeners = Vec::new();
     for addr in &config.listen {
         let listener =
@@ -119,6 +132,10 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant) -> Result<(
         signal = shutdown_signal() => {
             tracing::info!(signal, "shutting down: finishing in-flight requests");
             Ok(())
+        }
+        reason = lock.lost() => {
+            tracing::error!(%reason, "shutting down");
+            Err(AppError(reason))
         }
         Some(result) = servers.join_next() => {
             match result {

@@ -197,9 +197,16 @@ fn room_routes(mut router: Router<AppState>) -> Router<AppState> {
     router
 }
 
-/// `GET /health`: the process is up and serving.
-async fn health() -> &'static str {
-    "OK"
+/// `GET /health`: the process is up and serving, and its stream writer (through which every
+/// write goes) is running.
+async fn health(
+    axum::extract::State(rooms): axum::extract::State<std::sync::Arc<crate::service::rooms::Rooms>>,
+) -> (http::StatusCode, &'static str) {
+    if rooms.streams.is_writer_running() {
+        (http::StatusCode::OK, "OK")
+    } else {
+        (http::StatusCode::SERVICE_UNAVAILABLE, "the stream writer has stopped")
+    }
 }
 
 async fn unrecognized() -> Error {

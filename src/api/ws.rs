@@ -719,13 +719,13 @@ impl Connection {
         let token = StreamToken::parse(token)?;
         let last = (*self.last_sent.lock())
             .ok_or_else(|| OpError::new("M_INVALID_PARAM", "Nothing was sent to acknowledge".to_owned()))?;
-        if token.stream > last.stream {
+        if !last.reaches(&token) {
             return Err(OpError::new("M_INVALID_PARAM", "That token was not sent on this connection".to_owned()));
         }
         let confirmed: Vec<Delivered> = {
             let mut pending = self.pending.lock();
             let mut confirmed = Vec::new();
-            while pending.front().is_some_and(|(t, _)| t.stream <= token.stream) {
+            while pending.front().is_some_and(|(t, _)| token.reaches(t)) {
                 if let Some((_, delivered)) = pending.pop_front() {
                     confirmed.extend(delivered);
                 }

@@ -188,6 +188,8 @@ pub struct Streams {
     pub notifier: Notifier,
     ephemeral: AtomicI64,
     shutting_down: std::sync::atomic::AtomicBool,
+    /// Set when the writer task has ended (it never should).
+    writer_stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Streams {
@@ -204,6 +206,7 @@ impl Streams {
             notifier: Notifier::default(),
             ephemeral: AtomicI64::new(now_ms()),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            writer_stopped: std::sync::atomic::AtomicBool::new(false),
         });
         streams.load_views().await?;
         tokio::spawn(writer_task(streams.clone(), receiver, position));
@@ -665,8 +668,90 @@ pub struct Wake {
     pub rooms: HashSet<OwnedRoomId>,
 }
 
+/// Where the stream stands after a commit reported an error, judged from the highest position
+/// stored: an error can come after the database committed (a connection dropped before COMMIT
+/// was answered), so the batch may have landed after all.
+#[derive(Debug, PartialEq, Eq)]
+enum AfterFailure {
+    /// The batch is in the database: treat it as committed.
+    Committed,
+    /// Nothing of it is: the positions stay free.
+    NotCommitted,
+    /// The stored position is neither (something else wrote to the stream): continue after it.
+    Moved(i64),
+}
+
+fn after_failure(position: i64, batch_len: usize, stored: i64) -> AfterFailure {
+    if stored == position + batch_len as i64 {
+        AfterFailure::Committed
+    } else if stored == position {
+        AfterFailure::NotCommitted
+    } else {
+        AfterFailure::Moved(stored)
+    }
+}
+
+/// Marks the writer as stopped when its task ends, however it ends (a panic included).
+struct WriterAlive(Arc<Streams>);
+
+impl Drop for WriterAlive {
+    fn drop(&mut self) {
+        self.0.writer_stopped.store(true, Ordering::SeqCst);
+        tracing::error!("the stream writer has stopped; writes fail until the server restarts");
+    }
+}
+
+impl Streams {
+    /// Whether the stream writer task is running (`/health` reports it).
+    pub fn is_writer_running(&self) -> bool {
+        !self.writer_stopped.load(Ordering::SeqCst)
+    }
+
+    /// The highest stream position in the database, retried until the database answers: the
+    /// writer cannot hand out positions without knowing it.
+    async fn stored_position(&self) -> i64 {
+        let mut delay = std::time::Duration::from_millis(50);
+        loop {
+            match self.db.max_stream_pos().await {
+                Ok(position) => return position,
+                Err(err) => {
+                    tracing::warn!(%err, "cannot read the stream position; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Commits one batch at `position + 1…`; on an error, re-reads the stored position and
+    /// finds out whether the batch committed anyway. Returns the new position and whether the
+    /// batch is committed (views applied, position published, waiters woken).
+    async fn commit_batch(&self, position: i64, writes: &[&StreamWrite]) -> (i64, Result<()>) {
+        let first = position + 1;
+        if let Err(err) = self.db.commit_stream_batch(first, writes).await {
+            let stored = self.stored_position().await;
+            match after_failure(position, writes.len(), stored) {
+                AfterFailure::Committed => {
+                    tracing::warn!(%err, "a stream commit reported an error but is stored; keeping it");
+                }
+                AfterFailure::NotCommitted => return (position, Err(err.into())),
+                AfterFailure::Moved(stored) => {
+                    tracing::error!(%err, position, stored, "the stored stream position moved under the writer");
+                    return (stored.max(position), Err(err.into()));
+                }
+            }
+        }
+        let wake = self.apply(first, writes);
+        let position = position + writes.len() as i64;
+        self.published.send_replace(position);
+        self.wake(&wake);
+        (position, Ok(()))
+    }
+}
+
 /// Drains the queue: batches jobs, commits, updates views, publishes, wakes.
 async fn writer_task(streams: Arc<Streams>, mut receiver: mpsc::Receiver<Job>, mut position: i64) {
+    let _alive = WriterAlive(streams.clone());
     let mut jobs: Vec<Job> = Vec::new();
     while let Some(job) = receiver.recv().await {
         jobs.push(job);
@@ -682,13 +767,11 @@ async fn writer_task(streams: Arc<Streams>, mut receiver: mpsc::Receiver<Job>, m
         }
         let batch: Vec<&StreamWrite> = jobs.iter().flat_map(|job| job.writes.iter()).collect();
         let first = position + 1;
-        match streams.db.commit_stream_batch(first, &batch).await {
+        let (after, result) = streams.commit_batch(position, &batch).await;
+        drop(batch);
+        position = after;
+        match result {
             Ok(()) => {
-                let wake = streams.apply(first, &batch);
-                position += batch.len() as i64;
-                drop(batch);
-                streams.published.send_replace(position);
-                streams.wake(&wake);
                 let mut end = first - 1;
                 for job in jobs.drain(..) {
                     end += job.writes.len() as i64;
@@ -698,67 +781,89 @@ async fn writer_task(streams: Arc<Streams>, mut receiver: mpsc::Receiver<Job>, m
             Err(err) if jobs.len() > 1 => {
                 // One bad write must not fail its neighbours: retry each job on its own.
                 tracing::warn!(%err, "stream batch failed; retrying its jobs one by one");
-                drop(batch);
                 for job in jobs.drain(..) {
                     let writes: Vec<&StreamWrite> = job.writes.iter().collect();
-                    let first = position + 1;
-                    match streams.db.commit_stream_batch(first, &writes).await {
-                        Ok(()) => {
-                            let wake = streams.apply(first, &writes);
-                            position += writes.len() as i64;
-                            streams.published.send_replace(position);
-                            streams.wake(&wake);
-                            let _ = job.reply.send(Ok(position));
-                        }
-                        Err(err) => {
-                            let _ = job.reply.send(Err(err.into()));
-                        }
-                    }
+                    let (after, result) = streams.commit_batch(position, &writes).await;
+                    position = after;
+                    let _ = job.reply.send(result.map(|()| position));
                 }
             }
             Err(err) => {
-                drop(batch);
+                let message = err.to_string();
                 for job in jobs.drain(..) {
-                    let _ = job.reply.send(Err(Error::Internal(err.to_string())));
+                    let _ = job.reply.send(Err(Error::Internal(message.clone())));
                 }
             }
         }
     }
 }
 
-/// A position in the streams as clients see it: `s{stream}_{ephemeral}`. Pagination tokens use
-/// the same form (their ephemeral part is ignored).
+/// A position in the streams as clients see it: `s{stream}_{ephemeral}`, or
+/// `s{stream}_{ephemeral}_{to_device}` when the device's to-device messages were delivered only
+/// up to `to_device` (a sync delivers at most a page of them; the next one continues from there,
+/// and only what was delivered is deleted). Pagination tokens use the same form (their ephemeral
+/// and to-device parts are ignored).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StreamToken {
     pub stream: i64,
     pub ephemeral: i64,
+    /// How far to-device messages were delivered, when that is short of `stream`.
+    to_device: Option<i64>,
 }
 
 impl StreamToken {
     pub fn new(stream: i64, ephemeral: i64) -> Self {
-        StreamToken { stream, ephemeral }
+        StreamToken { stream, ephemeral, to_device: None }
     }
 
-    /// Parses `s{stream}_{ephemeral}` (or a bare stream position).
+    /// This token with to-device messages delivered only up to `pos` (ignored unless it is short
+    /// of the stream position).
+    pub fn with_to_device(self, pos: i64) -> Self {
+        StreamToken { to_device: (pos < self.stream).then_some(pos), ..self }
+    }
+
+    /// How far the device's to-device messages were delivered.
+    pub fn to_device(&self) -> i64 {
+        self.to_device.unwrap_or(self.stream)
+    }
+
+    /// Whether this token lies at or after `other` in every paged stream (the ephemeral counter
+    /// is not a delivery and does not count). Tokens of one device's syncs are totally ordered.
+    pub fn reaches(&self, other: &StreamToken) -> bool {
+        (self.stream, self.to_device()) >= (other.stream, other.to_device())
+    }
+
+    /// Parses `s{stream}_{ephemeral}[_{to_device}]` (or a bare stream position).
     pub fn parse(token: &str) -> Result<StreamToken> {
         let invalid = || Error::InvalidParam(format!("invalid token: {token}"));
         let body = token.strip_prefix('s').unwrap_or(token);
-        let (stream, ephemeral) = match body.split_once('_') {
-            Some((stream, ephemeral)) => (stream, ephemeral),
-            None => (body, "0"),
+        let mut parts = body.split('_');
+        let mut number = |default: Option<&str>| -> Result<Option<i64>> {
+            match parts.next().or(default) {
+                None => Ok(None),
+                Some(part) => match part.parse::<i64>() {
+                    Ok(value) if value >= 0 => Ok(Some(value)),
+                    _ => Err(invalid()),
+                },
+            }
         };
-        let stream: i64 = stream.parse().map_err(|_| invalid())?;
-        let ephemeral: i64 = ephemeral.parse().map_err(|_| invalid())?;
-        if stream < 0 || ephemeral < 0 {
+        let stream = number(None)?.ok_or_else(invalid)?;
+        let ephemeral = number(Some("0"))?.unwrap_or(0);
+        let to_device = number(None)?;
+        if parts.next().is_some() || to_device.is_some_and(|pos| pos >= stream) {
             return Err(invalid());
         }
-        Ok(StreamToken { stream, ephemeral })
+        Ok(StreamToken { stream, ephemeral, to_device })
     }
 }
 
 impl std::fmt::Display for StreamToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "s{}_{}", self.stream, self.ephemeral)
+        write!(f, "s{}_{}", self.stream, self.ephemeral)?;
+        if let Some(to_device) = self.to_device {
+            write!(f, "_{to_device}")?;
+        }
+        Ok(())
     }
 }
 
@@ -771,9 +876,34 @@ mod tests {
         let token = StreamToken::new(42, 1_700_000_000_123);
         assert_eq!(StreamToken::parse(&token.to_string()).unwrap(), token);
         assert_eq!(StreamToken::parse("17").unwrap(), StreamToken::new(17, 0));
-        for bad in ["", "s", "sx_1", "s1_x", "s-1_0", "t1-2", "s1_2_3"] {
+        for bad in ["", "s", "sx_1", "s1_x", "s-1_0", "t1-2", "s1_2_3_4", "s1_2_x", "s5_2_5", "s5_2_9", "s5_2_-1"] {
             assert!(StreamToken::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_lagging_to_device_position_is_carried_and_only_then() {
+        let whole = StreamToken::new(42, 7);
+        assert_eq!(whole.to_string(), "s42_7");
+        assert_eq!(whole.to_device(), 42);
+        assert_eq!(whole.with_to_device(42), whole);
+        assert_eq!(whole.with_to_device(50), whole);
+        let paged = whole.with_to_device(30);
+        assert_eq!(paged.to_string(), "s42_7_30");
+        assert_eq!(paged.to_device(), 30);
+        assert_eq!(StreamToken::parse("s42_7_30").unwrap(), paged);
+        // Old two-part tokens still parse, with everything delivered.
+        assert_eq!(StreamToken::parse("s42_7").unwrap().to_device(), 42);
+        // Later pages of the same stream position come after earlier ones.
+        assert!(whole.reaches(&paged) && !paged.reaches(&whole));
+        assert!(whole.with_to_device(35).reaches(&paged));
+    }
+
+    #[test]
+    fn a_failed_commit_is_judged_by_the_stored_position() {
+        assert_eq!(after_failure(10, 3, 13), AfterFailure::Committed);
+        assert_eq!(after_failure(10, 3, 10), AfterFailure::NotCommitted);
+        assert_eq!(after_failure(10, 3, 20), AfterFailure::Moved(20));
     }
 
     #[test]

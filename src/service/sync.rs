@@ -229,9 +229,11 @@ impl Sync {
         let key = (user.to_owned(), device.to_owned());
         let latest = self.streams.to_device_pos(user, device);
         let deleted = self.to_device_deleted.lock().get(&key).copied();
-        if deleted.is_none_or(|deleted| latest > deleted) && token.stream > deleted.unwrap_or(-1) {
-            self.rooms.db.delete_to_device_upto(user, device, token.stream).await?;
-            self.to_device_deleted.lock().insert(key, token.stream.min(latest).max(deleted.unwrap_or(0)));
+        // Only as far as the token says they were delivered (a sync sends a page at most).
+        let upto = token.to_device();
+        if deleted.is_none_or(|deleted| latest > deleted) && upto > deleted.unwrap_or(-1) {
+            self.rooms.db.delete_to_device_upto(user, device, upto).await?;
+            self.to_device_deleted.lock().insert(key, upto.min(latest).max(deleted.unwrap_or(0)));
         }
         self.receipts.record_delivered(user, delivered).await
     }
@@ -431,22 +433,21 @@ impl Sync {
             }
         }
 
-        // To-device messages for this device.
-        let to_device = if initial || self.streams.to_device_pos(user, &request.device_id) > since.stream {
-            self.rooms
-                .db
-                .to_device_since(
-                    user,
-                    &request.device_id,
-                    if initial { 0 } else { since.stream },
-                    upto,
-                    TO_DEVICE_LIMIT,
-                )
-                .await?
+        // To-device messages for this device, continuing from where the last response stopped.
+        // At most a page per response: the token then says how far they were delivered, so the
+        // next sync continues there and only what was sent is deleted.
+        let to_device_after = if initial { 0 } else { since.to_device() };
+        let to_device = if initial || self.streams.to_device_pos(user, &request.device_id) > to_device_after {
+            self.rooms.db.to_device_since(user, &request.device_id, to_device_after, upto, TO_DEVICE_LIMIT + 1).await?
         } else {
             Vec::new()
         };
-        for message in to_device {
+        if to_device.len() as i64 > TO_DEVICE_LIMIT {
+            let delivered_upto = to_device[TO_DEVICE_LIMIT as usize - 1].stream_pos;
+            response.token = response.token.with_to_device(delivered_upto);
+            response.next_batch = response.token.to_string();
+        }
+        for message in to_device.into_iter().take(TO_DEVICE_LIMIT as usize) {
             let content: Box<RawValue> = RawValue::from_string(message.content).unwrap_or_else(|_| empty_object());
             let event = json!({"type": message.event_type, "sender": message.sender.as_str(), "content": content});
             response.to_device.events.push(serde_json::value::to_raw_value(&event).expect("json"));

@@ -12,6 +12,7 @@
 //! network, and takes the current time as a parameter instead of reading a clock.
 
 pub mod accounts;
+pub mod lock;
 pub mod rooms;
 pub mod stream;
 
@@ -53,10 +54,16 @@ pub(crate) use {on_reader, on_writer};
 const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "accounts", include_str!("../../migrations/sqlite/0001_accounts.sql")),
     (2, "rooms", include_str!("../../migrations/sqlite/0002_rooms.sql")),
+    (5, "upgrades_and_stream_position", include_str!("../../migrations/sqlite/0005_upgrades_and_stream_position.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "accounts", include_str!("../../migrations/postgres/0001_accounts.sql")),
     (2, "rooms", include_str!("../../migrations/postgres/0002_rooms.sql")),
+    (
+        5,
+        "upgrades_and_stream_position",
+        include_str!("../../migrations/postgres/0005_upgrades_and_stream_position.sql"),
+    ),
 ];
 
 /// A storage failure, in terms the service layer can act on.

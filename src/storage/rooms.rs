@@ -575,6 +575,17 @@ impl Db {
         Ok(())
     }
 
+    /// The replacement of an upgraded room and its version, if it has one.
+    pub async fn room_replacement(&self, old_room: &RoomId) -> StorageResult<Option<(OwnedRoomId, String)>> {
+        let row: Option<(String, String)> = on_reader!(self, pool => {
+            sqlx::query_as("SELECT new_room_id, room_version FROM room_upgrades WHERE old_room_id = $1")
+                .bind(old_room.as_str())
+                .fetch_optional(pool)
+                .await?
+        });
+        row.map(|(room, version)| Ok((parse_id(room)?, version))).transpose()
+    }
+
     pub async fn alias(&self, alias: &str) -> StorageResult<Option<(OwnedRoomId, OwnedUserId)>> {
         let row: Option<(String, String)> = on_reader!(self, pool => {
             sqlx::query_as("SELECT room_id, creator FROM room_aliases WHERE alias = $1").bind(alias).fetch_optional(pool).await?

@@ -38,6 +38,11 @@ pub struct NewRoom {
     pub creator: OwnedUserId,
     pub is_public: bool,
     pub created_ts: i64,
+    /// An alias to claim with the room (the room is not created if the alias is taken).
+    pub alias: Option<String>,
+    /// The room this one replaces (recorded in `room_upgrades`; the room is not created if the
+    /// old room already has a replacement).
+    pub upgrade_of: Option<OwnedRoomId>,
 }
 
 /// One event and everything that must commit with it.
@@ -195,6 +200,28 @@ macro_rules! apply_write {
                     .bind(room_row.created_ts)
                     .execute(&mut *$tx)
                     .await?;
+                    if let Some(alias) = &room_row.alias {
+                        sqlx::query("INSERT INTO room_aliases (alias, room_id, creator, created_ts) VALUES ($1, $2, $3, $4)")
+                            .bind(alias)
+                            .bind(room)
+                            .bind(room_row.creator.as_str())
+                            .bind(room_row.created_ts)
+                            .execute(&mut *$tx)
+                            .await?;
+                    }
+                    if let Some(old_room) = &room_row.upgrade_of {
+                        sqlx::query(
+                            "INSERT INTO room_upgrades (old_room_id, new_room_id, room_version, user_id, created_ts)
+                             VALUES ($1, $2, $3, $4, $5)",
+                        )
+                        .bind(old_room.as_str())
+                        .bind(room)
+                        .bind(&room_row.room_version)
+                        .bind(room_row.creator.as_str())
+                        .bind(room_row.created_ts)
+                        .execute(&mut *$tx)
+                        .await?;
+                    }
                 }
                 if let Some(group) = &e.new_state_group {
                     sqlx::query("INSERT INTO state_groups (id, room_id, prev_group, chain_len) VALUES ($1, $2, $3, $4)")
@@ -406,12 +433,19 @@ impl Db {
                 apply_write!(tx, first_pos + offset as i64, *write, tip);
             }
             write_receipts!(tx, &receipts);
+            if !writes.is_empty() {
+                sqlx::query("UPDATE stream_high_water SET pos = $1 WHERE id = 1 AND pos < $1")
+                    .bind(first_pos + writes.len() as i64 - 1)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
         });
         Ok(())
     }
 
-    /// The highest stream position stored anywhere (the stream writer resumes after it).
+    /// The highest stream position handed out (the stream writer resumes after it): the high
+    /// water mark, which outlives deleted rows, or the highest stored, whichever is higher.
     pub async fn max_stream_pos(&self) -> StorageResult<i64> {
         let max: Option<i64> = on_reader!(self, pool => {
             sqlx::query_scalar(
@@ -421,6 +455,7 @@ impl Db {
                     UNION ALL SELECT MAX(stream_pos) FROM account_data
                     UNION ALL SELECT MAX(stream_pos) FROM to_device_messages
                     UNION ALL SELECT MAX(stream_pos) FROM device_list_changes
+                    UNION ALL SELECT MAX(pos) FROM stream_high_water
                  ) AS positions",
             )
             .fetch_one(pool)

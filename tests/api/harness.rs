@@ -520,6 +520,16 @@ impl TestServer {
         }
     }
 
+    /// The server's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server is running").id()
+    }
+
+    /// The PostgreSQL URL of this server's database (None on SQLite).
+    pub fn postgres_url(&self) -> Option<String> {
+        self.database.as_ref().map(PgDatabase::url)
+    }
+
     /// The stored PDU JSON of an event, read straight from the database.
     pub async fn stored_pdu(&self, event_id: &str) -> Value {
         let json: String = match &self.database {

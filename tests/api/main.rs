@@ -9,6 +9,7 @@ mod cli;
 mod concurrency;
 mod devices;
 mod directory;
+mod durability;
 mod foundation;
 mod login;
 mod membership;

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::harness::{TestServer, backend_tests, enc, message_ids, timeline, two_users_in_a_room};
@@ -313,6 +314,47 @@ backend_tests! {
         server.sync(&bob, Some(&next), None, 0).await;
         let again = server.sync(&bob, Some(&since), None, 0).await;
         assert!(again["to_device"]["events"].as_array().unwrap().is_empty(), "{again}");
+    }
+
+    async fn to_device_messages_past_one_sync_page_are_all_delivered_exactly_once(backend) {
+        // One sync delivers at most 10,000 to-device messages; the rest must wait for the next
+        // sync, not be deleted by it.
+        const TOTAL: usize = 10_001;
+        let server = TestServer::start(backend).await;
+        let (alice, bob, _room) = two_users_in_a_room(&server).await;
+        let since = server.sync(&bob, None, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+        let sends = futures_util::stream::iter(0..TOTAL).map(|n| {
+            let body = json!({"messages": {bob.user_id.clone(): {bob.device_id.clone(): {"n": n}}}});
+            let server = &server;
+            let token = alice.access_token.clone();
+            async move {
+                let path = format!("/_matrix/client/v3/sendToDevice/org.example.key/bulk{n}");
+                let (status, response) = server.put(&path, Some(&token), body).await;
+                assert_eq!(status, 200, "sendToDevice {n}: {response}");
+            }
+        });
+        sends.buffer_unordered(32).collect::<Vec<()>>().await;
+
+        let mut seen = vec![0u32; TOTAL];
+        let mut received = 0;
+        let mut since = since;
+        let mut syncs = 0;
+        while received < TOTAL {
+            syncs += 1;
+            assert!(syncs <= 10, "{received} of {TOTAL} to-device messages after {syncs} syncs");
+            // A long timeout: a sync with messages left to deliver must answer at once anyway.
+            let response = server.sync(&bob, Some(&since), None, 30_000).await;
+            for event in response["to_device"]["events"].as_array().unwrap() {
+                seen[event["content"]["n"].as_u64().unwrap() as usize] += 1;
+                received += 1;
+            }
+            since = response["next_batch"].as_str().unwrap().to_owned();
+        }
+        assert!(syncs >= 2, "all {TOTAL} came in one sync; the page limit was not exercised");
+        assert!(seen.iter().all(|&count| count == 1), "every message exactly once");
+        // Confirming the last response deletes them all; nothing comes again.
+        let after = server.sync(&bob, Some(&since), None, 0).await;
+        assert!(after["to_device"]["events"].as_array().unwrap().is_empty(), "{after}");
     }
 
     async fn device_lists_report_new_devices_of_room_members(backend) {

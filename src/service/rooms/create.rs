@@ -118,6 +118,17 @@ impl Rooms {
 
     /// `POST /createRoom`.
     pub async fn create_room(&self, creator: &UserId, request: CreateRoom) -> Result<OwnedRoomId> {
+        self.create_room_replacing(creator, request, None).await
+    }
+
+    /// Creates a room; with `upgrade_of`, as the replacement of that room (recorded in the same
+    /// transaction, and refused if it already has one).
+    async fn create_room_replacing(
+        &self,
+        creator: &UserId,
+        request: CreateRoom,
+        upgrade_of: Option<&RoomId>,
+    ) -> Result<OwnedRoomId> {
         let version = request.room_version.clone().unwrap_or(room_version::DEFAULT);
         let rules = room_version::rules(&version).ok_or(Error::UnsupportedRoomVersion)?;
         let preset = request.preset.unwrap_or(if request.is_public { Preset::PublicChat } else { Preset::PrivateChat });
@@ -280,15 +291,21 @@ impl Rooms {
             creator: creator.to_owned(),
             is_public: request.is_public,
             created_ts: now,
+            // Claimed in the room's own transaction: a race for the alias creates one room, and
+            // the loser's room is never created (the check above is only the fast answer).
+            alias: alias.as_ref().map(|a| a.to_string()),
+            upgrade_of: upgrade_of.map(ToOwned::to_owned),
         };
         // The create event is rebuilt with the timestamp its room ID was derived from.
         let result = self.append_at(&handle, events, Some(new_room), now).await;
         if let Err(err) = result {
             self.handles.lock().remove(&room_id);
+            if let Some(alias) = &alias
+                && self.db.alias(alias.as_str()).await?.is_some()
+            {
+                return Err(Error::RoomInUse("Room alias already taken".into()));
+            }
             return Err(err);
-        }
-        if let Some(alias) = alias {
-            self.db.create_alias(alias.as_str(), &room_id, creator, now).await?;
         }
         tracing::info!(%room_id, %creator, %version, "created a room");
         Ok(room_id)
@@ -306,6 +323,13 @@ impl Rooms {
         self.commit(handle, events, new_room, Some(now)).await
     }
 
+    /// The lock one upgrade of `room_id` holds (entries nobody holds are dropped as we go).
+    fn upgrade_lock(&self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.upgrades.lock();
+        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        locks.entry(room_id.to_owned()).or_default().clone()
+    }
+
     /// `POST /rooms/{roomId}/upgrade`: tombstones the room and creates its replacement.
     pub async fn upgrade_room(
         &self,
@@ -315,6 +339,11 @@ impl Rooms {
     ) -> Result<OwnedRoomId> {
         let rules = room_version::rules(&new_version).ok_or(Error::UnsupportedRoomVersion)?;
         let old = self.handle(old_room).await?;
+        // One upgrade of a room at a time (across processes, `room_upgrades` allows a single
+        // replacement). A retry, or a request that waited here, finishes the upgrade already made
+        // instead of making a second replacement.
+        let lock = self.upgrade_lock(old_room);
+        let _upgrading = lock.lock().await;
         if self.streams.membership(user, old_room).as_deref() != Some("join") {
             return Err(Error::forbidden("You are not in this room"));
         }
@@ -322,6 +351,14 @@ impl Rooms {
         let levels = self.power_levels_at(&old, group).await?;
         if levels.user_level(user) < levels.event_level("m.room.tombstone", true) {
             return Err(Error::forbidden("You may not upgrade this room"));
+        }
+        if let Some((new_room, version)) = self.db.room_replacement(old_room).await? {
+            if version != new_version.as_str() {
+                return Err(Error::InvalidParam(format!("This room has already been replaced by {new_room}")));
+            }
+            let is_public = self.db.room(old_room).await?.is_some_and(|r| r.is_public);
+            self.finish_upgrade(user, &old, &new_room, &levels, is_public).await?;
+            return Ok(new_room);
         }
         let old_create = self
             .state_event_at(group, "m.room.create", "")
@@ -369,8 +406,6 @@ impl Rooms {
         {
             users.remove(user.as_str());
         }
-        let aliases = self.db.room_aliases(old_room).await?;
-        let canonical = self.current_state_content(old_room, "m.room.canonical_alias", "").await?;
         let is_public = self.db.room(old_room).await?.is_some_and(|r| r.is_public);
         let request = CreateRoom {
             preset: Some(if join_rule_public { Preset::PublicChat } else { Preset::PrivateChat }),
@@ -378,59 +413,92 @@ impl Rooms {
             initial_state,
             creation_content: Some(creation),
             power_level_content_override: power_override,
-            room_version: Some(new_version),
+            room_version: Some(new_version.clone()),
             ..CreateRoom::default()
         };
-        let new_room = self.create_room(user, request).await?;
-        let new_handle = self.handle(&new_room).await?;
+        let new_room = match self.create_room_replacing(user, request, Some(old_room)).await {
+            Ok(new_room) => new_room,
+            // Another process replaced it meanwhile: finish that upgrade rather than fail.
+            Err(err) => match self.db.room_replacement(old_room).await? {
+                Some((new_room, version)) if version == new_version.as_str() => new_room,
+                _ => return Err(err),
+            },
+        };
+        self.finish_upgrade(user, &old, &new_room, &levels, is_public).await?;
+        Ok(new_room)
+    }
 
+    /// The steps of an upgrade after the replacement room exists. Each is skipped when already
+    /// done, so an upgrade interrupted midway (a crash) completes when it is retried.
+    async fn finish_upgrade(
+        &self,
+        user: &UserId,
+        old: &Arc<super::RoomHandle>,
+        new_room: &RoomId,
+        levels: &super::PowerLevels,
+        is_public: bool,
+    ) -> Result<()> {
+        let old_room = &old.room_id;
+        let new_handle = self.handle(new_room).await?;
         // Bans carry over.
-        let mut bans = Vec::new();
         for member in self.db.room_memberships(old_room).await? {
-            if member.membership == "ban" {
-                bans.push(NewEvent::new(
-                    user,
-                    "m.room.member",
-                    Some(member.user_id.as_str()),
-                    json!({"membership": "ban"}),
-                )?);
+            if member.membership != "ban"
+                || self.db.membership(new_room, &member.user_id).await?.is_some_and(|m| m.membership == "ban")
+            {
+                continue;
             }
-        }
-        if !bans.is_empty() {
+            let ban =
+                NewEvent::new(user, "m.room.member", Some(member.user_id.as_str()), json!({"membership": "ban"}))?;
             // Best effort: a ban the upgrader has no power for in the new room is skipped.
-            for ban in bans {
-                if let Err(err) = self.append(&new_handle, vec![ban], None).await {
-                    tracing::debug!(%err, "ban not carried over to the upgraded room");
-                }
+            if let Err(err) = self.append(&new_handle, vec![ban], None).await {
+                tracing::debug!(%err, "ban not carried over to the upgraded room");
             }
         }
         // Aliases and the canonical alias move to the new room.
-        self.db.repoint_aliases(old_room, &new_room).await?;
+        self.db.repoint_aliases(old_room, new_room).await?;
+        let canonical = self.current_state_content(old_room, "m.room.canonical_alias", "").await?;
         if let Some(canonical) = canonical
             && (canonical.get("alias").is_some() || canonical.get("alt_aliases").is_some())
         {
-            self.append(&new_handle, vec![NewEvent::new(user, "m.room.canonical_alias", Some(""), canonical)?], None)
+            if self.current_state_content(new_room, "m.room.canonical_alias", "").await?.as_ref() != Some(&canonical) {
+                self.append(
+                    &new_handle,
+                    vec![NewEvent::new(user, "m.room.canonical_alias", Some(""), canonical)?],
+                    None,
+                )
                 .await?;
-            self.append(&old, vec![NewEvent::new(user, "m.room.canonical_alias", Some(""), json!({}))?], None).await?;
+            }
+            self.append(old, vec![NewEvent::new(user, "m.room.canonical_alias", Some(""), json!({}))?], None).await?;
         }
-        let _ = aliases;
         // The tombstone, then stop the old room from being used.
-        let tombstone = json!({"body": "This room has been replaced", "replacement_room": new_room.as_str()});
-        self.append(&old, vec![NewEvent::new(user, "m.room.tombstone", Some(""), tombstone)?], None).await?;
-        let mut restricted = levels.content().as_object().cloned().unwrap_or_default();
+        let tombstoned = self
+            .current_state_content(old_room, "m.room.tombstone", "")
+            .await?
+            .is_some_and(|t| t.get("replacement_room").and_then(Value::as_str) == Some(new_room.as_str()));
+        if !tombstoned {
+            let tombstone = json!({"body": "This room has been replaced", "replacement_room": new_room.as_str()});
+            self.append(old, vec![NewEvent::new(user, "m.room.tombstone", Some(""), tombstone)?], None).await?;
+        }
+        let current = levels.content().as_object().cloned().unwrap_or_default();
+        let mut restricted = current.clone();
         let users_default = restricted.get("users_default").and_then(Value::as_i64).unwrap_or(0);
         let floor = json!((users_default + 1).max(50));
         restricted.insert("events_default".into(), floor.clone());
         restricted.insert("invite".into(), floor);
-        if let Err(err) = self
-            .append(&old, vec![NewEvent::new(user, "m.room.power_levels", Some(""), Value::Object(restricted))?], None)
-            .await
+        if restricted != current
+            && let Err(err) = self
+                .append(
+                    old,
+                    vec![NewEvent::new(user, "m.room.power_levels", Some(""), Value::Object(restricted))?],
+                    None,
+                )
+                .await
         {
             tracing::debug!(%err, "could not restrict the old room after an upgrade");
         }
         if is_public {
             self.db.set_room_public(old_room, false).await?;
         }
-        Ok(new_room)
+        Ok(())
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod create;
 pub mod directory;
+mod event_cache;
 pub mod history;
 pub mod membership;
 pub mod send;
@@ -157,7 +158,7 @@ pub struct Rooms {
     keys: Arc<ServerKeys>,
     pub streams: Arc<Streams>,
     handles: Mutex<HashMap<OwnedRoomId, Arc<RoomHandle>>>,
-    events: Mutex<LruCache<OwnedEventId, Arc<StoredEvent>>>,
+    events: Mutex<event_cache::EventCache>,
     groups: Mutex<LruCache<i64, Arc<GroupData>>>,
     full_states: Mutex<LruCache<i64, Arc<StateMap>>>,
     next_group: AtomicI64,
@@ -165,6 +166,8 @@ pub struct Rooms {
     ignored: Mutex<LruCache<OwnedUserId, IgnoreList>>,
     /// This service itself, for the tasks that append (see [`Rooms::commit`]).
     me: std::sync::Weak<Rooms>,
+    /// Per room being upgraded: the lock its upgrade holds (see `create.rs`).
+    upgrades: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Rooms {
@@ -181,12 +184,13 @@ impl Rooms {
             keys,
             streams,
             handles: Mutex::new(HashMap::new()),
-            events: Mutex::new(LruCache::new(NonZeroUsize::new(EVENT_CACHE_SIZE).unwrap())),
+            events: Mutex::new(event_cache::EventCache::new(EVENT_CACHE_SIZE)),
             groups: Mutex::new(LruCache::new(NonZeroUsize::new(GROUP_CACHE_SIZE).unwrap())),
             full_states: Mutex::new(LruCache::new(NonZeroUsize::new(FULL_STATE_CACHE_SIZE).unwrap())),
             next_group: AtomicI64::new(next_group),
             ignored: Mutex::new(LruCache::new(NonZeroUsize::new(100_000).unwrap())),
             me: me.clone(),
+            upgrades: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -233,12 +237,16 @@ impl Rooms {
 
     /// Fetches an event by ID (cache, then database).
     pub async fn event(&self, event_id: &EventId) -> Result<Option<Arc<StoredEvent>>> {
-        if let Some(event) = self.events.lock().get(event_id) {
-            return Ok(Some(event.clone()));
-        }
+        let generation = {
+            let mut cache = self.events.lock();
+            if let Some(event) = cache.get(event_id) {
+                return Ok(Some(event));
+            }
+            cache.generation()
+        };
         let Some(row) = self.db.event(event_id).await? else { return Ok(None) };
         let event = Arc::new(StoredEvent::from_row(row)?);
-        self.events.lock().put(event_id.to_owned(), event.clone());
+        self.events.lock().insert_read(generation, event.clone());
         Ok(Some(event))
     }
 
@@ -248,13 +256,13 @@ impl Rooms {
         rows.into_iter()
             .map(|row| {
                 if let Some(event) = cache.get(&row.event_id)
-                    && event.redacted_by == row.redacted_by
+                    && (event.redacted_by == row.redacted_by || event.redacted_by.is_some())
                 {
-                    return Ok(event.clone());
+                    // A cached redacted form is newer than an unredacted row.
+                    return Ok(event);
                 }
-                let id = row.event_id.clone();
                 let event = Arc::new(StoredEvent::from_row(row)?);
-                cache.put(id, event.clone());
+                cache.insert(event.clone());
                 Ok(event)
             })
             .collect()
@@ -662,14 +670,14 @@ impl Rooms {
             let StreamWrite::Event(write) = write else { continue };
             positions.insert(write.pdu.event_id.clone(), pos);
             if let Some((target, _)) = &write.redaction_target {
-                cache.pop(target);
+                cache.redacted(target);
             }
         }
         for event in stored {
             let event = match positions.get(&event.pdu.event_id) {
                 Some(&stream_pos) => {
                     let event = Arc::new(StoredEvent { stream_pos, ..(*event).clone() });
-                    cache.put(event.pdu.event_id.clone(), event.clone());
+                    cache.insert(event.clone());
                     event
                 }
                 None => event,
