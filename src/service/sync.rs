@@ -648,7 +648,10 @@ impl Sync {
                 events: self.rooms.serve(user, Some(&request.device_id), &state, Format::WithoutRoomId).await?,
             },
             timeline: Timeline {
-                events: self.rooms.serve(user, Some(&request.device_id), &events, Format::WithoutRoomId).await?,
+                events: self
+                    .rooms
+                    .serve_timeline(user, Some(&request.device_id), &events, Format::WithoutRoomId, upto)
+                    .await?,
                 limited,
                 prev_batch: Some(prev_batch),
             },
@@ -791,7 +794,10 @@ impl Sync {
                 events: self.rooms.serve(user, Some(&request.device_id), &state, Format::WithoutRoomId).await?,
             },
             timeline: Timeline {
-                events: self.rooms.serve(user, Some(&request.device_id), &events, Format::WithoutRoomId).await?,
+                events: self
+                    .rooms
+                    .serve_timeline(user, Some(&request.device_id), &events, Format::WithoutRoomId, left_at)
+                    .await?,
                 limited,
                 prev_batch,
             },
