@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{TestServer, backend_tests, enc, message_ids, timeline, two_users_in_a_room};
+use crate::harness::{Backend, TestServer, backend_tests, enc, message_ids, timeline, two_users_in_a_room};
 
 fn ephemeral<'a>(sync: &'a Value, room: &str, event_type: &str) -> Option<&'a Value> {
     sync["rooms"]["join"][room]["ephemeral"]["events"].as_array()?.iter().find(|e| e["type"] == event_type)
@@ -296,4 +296,33 @@ backend_tests! {
         assert_eq!(sync["device_lists"]["changed"], json!([alice.user_id]));
         assert_eq!(sync["device_one_time_keys_count"]["signed_curve25519"], 0);
     }
+
+    async fn unread_counts_leave_out_ignored_users(backend) {
+        unread_counts_leave_out_ignored_users(backend).await
+    }
+}
+
+fn notification_count(sync: &Value, room: &str) -> u64 {
+    sync["rooms"]["join"][room]["unread_notifications"]["notification_count"].as_u64().unwrap()
+}
+
+/// Events from users one ignores are shown nowhere, so they are not unread either — also the
+/// ones counted before the ignore.
+async fn unread_counts_leave_out_ignored_users(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, bob, room) = two_users_in_a_room(&server).await;
+    let carol = server.register("carol").await;
+    server.join(&carol, &room).await;
+    server.send_text(&alice, &room, "one").await;
+    server.send_text(&alice, &room, "two").await;
+    server.send_text(&carol, &room, "three").await;
+    assert_eq!(notification_count(&server.sync(&bob, None, None, 0).await, &room), 3);
+    let path = format!("/_matrix/client/v3/user/{}/account_data/m.ignored_user_list", enc(&bob.user_id));
+    let (status, body) =
+        server.put(&path, Some(&bob.access_token), json!({"ignored_users": {alice.user_id.clone(): {}}})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(notification_count(&server.sync(&bob, None, None, 0).await, &room), 1);
+    server.send_text(&alice, &room, "four").await;
+    server.send_text(&carol, &room, "five").await;
+    assert_eq!(notification_count(&server.sync(&bob, None, None, 0).await, &room), 2);
 }
