@@ -120,7 +120,7 @@ impl Rooms {
         if self.world_readable(room_id).await? {
             return Ok(ReadAccess { upto: now, membership });
         }
-        // The spec's `/forget`: "the user will not be able to retrieve history of the room".
+        // `POST /forget`: "a user will no longer be able to retrieve history for this room".
         if current.as_ref().is_none_or(|m| m.forgotten) {
             return Err(Error::forbidden("You are not in this room"));
         }
