@@ -5,7 +5,11 @@
 //! costs nothing per member until that member looks. Results are cached per (user, room) and
 //! extended incrementally.
 
-use std::{collections::BTreeMap, num::NonZeroUsize, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashSet},
+    num::NonZeroUsize,
+    sync::Arc,
+};
 
 use lru::LruCache;
 use parking_lot::Mutex;
@@ -33,11 +37,13 @@ pub struct UnreadCounts {
     pub highlights: u64,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Cached {
     read_pos: i64,
     evaluated_upto: i64,
     counts: UnreadCounts,
+    /// The ignore list the counts were made with: a change recounts from the read receipt.
+    ignored: Arc<HashSet<OwnedUserId>>,
 }
 
 pub struct Notifications {
@@ -50,13 +56,21 @@ impl Notifications {
         Notifications { rooms, cache: Mutex::new(LruCache::new(NonZeroUsize::new(200_000).unwrap())) }
     }
 
-    /// Counts for `user` in `room_id` over events up to `upto`.
+    /// Counts for `user` in `room_id` over events up to `upto`. Events from users `user`
+    /// ignores never count: the client shows them nowhere.
     pub async fn unread(&self, user: &UserId, room_id: &RoomId, upto: i64) -> Result<UnreadCounts> {
         let read_pos = self.rooms.streams.read_pos(user, room_id);
+        let ignored = self.rooms.ignored_users(user).await?;
         let key = (user.to_owned(), room_id.to_owned());
-        let cached = self.cache.lock().get(&key).copied();
+        let cached = self.cache.lock().get(&key).cloned();
         let (mut counts, from) = match cached {
-            Some(c) if c.read_pos == read_pos && c.evaluated_upto <= upto => (c.counts, c.evaluated_upto),
+            Some(c)
+                if c.read_pos == read_pos
+                    && c.evaluated_upto <= upto
+                    && (Arc::ptr_eq(&c.ignored, &ignored) || c.ignored == ignored) =>
+            {
+                (c.counts, c.evaluated_upto)
+            }
             _ => (UnreadCounts::default(), read_pos),
         };
         if from < upto {
@@ -79,7 +93,10 @@ impl Notifications {
             if !events.is_empty() {
                 let context = self.context(user, room_id).await?;
                 let ruleset = Ruleset::server_default(user);
-                for event in events.iter().filter(|e| e.pdu.sender != user && e.redacted_by.is_none()) {
+                let counted = events
+                    .iter()
+                    .filter(|e| e.pdu.sender != user && e.redacted_by.is_none() && !ignored.contains(&e.pdu.sender));
+                for event in counted {
                     let json = client_event::to_client(&event.pdu, Format::WithoutRoomId, &Unsigned::default());
                     let raw: Raw<Value> = Raw::from_json(json);
                     let actions = ruleset.get_actions(&raw, &context).await;
@@ -92,7 +109,7 @@ impl Notifications {
                 }
             }
         }
-        self.cache.lock().put(key, Cached { read_pos, evaluated_upto: upto, counts });
+        self.cache.lock().put(key, Cached { read_pos, evaluated_upto: upto, counts, ignored });
         Ok(counts)
     }
 

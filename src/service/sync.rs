@@ -85,6 +85,10 @@ pub struct JoinedRoom {
     pub ephemeral: EventList,
     pub account_data: EventList,
     pub unread_notifications: UnreadNotifications,
+    /// Membership changes of this response's member events after `since` (not serialised): who
+    /// newly shares the room or no longer does, for `device_lists`.
+    #[serde(skip)]
+    pub member_changes: Vec<(OwnedUserId, String)>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -371,6 +375,9 @@ impl Sync {
         };
 
         let mut newly_shared = HashSet::new();
+        // Users who may no longer share a room with `user`: members of rooms they left, and
+        // members seen leaving rooms they are in.
+        let mut maybe_unshared = HashSet::new();
         for (room_id, membership, membership_pos) in &memberships {
             let newly = !initial && *membership_pos > since.stream;
             match membership.as_str() {
@@ -396,7 +403,14 @@ impl Sync {
                     if newly {
                         newly_shared.extend(self.streams.members(room_id, "join"));
                     }
-                    if let Some(room) = room {
+                    if let Some(mut room) = room {
+                        for (member, membership) in std::mem::take(&mut room.member_changes) {
+                            match membership.as_str() {
+                                "join" => _ = newly_shared.insert(member),
+                                "leave" | "ban" => _ = maybe_unshared.insert(member),
+                                _ => {}
+                            }
+                        }
                         response.rooms.join.insert(room_id.clone(), room);
                     }
                 }
@@ -415,6 +429,9 @@ impl Sync {
                 "leave" | "ban" if (newly && !initial) || (initial && room_filter.include_leave) => {
                     if self.rooms.db.membership(room_id, user).await?.is_some_and(|m| m.forgotten) {
                         continue;
+                    }
+                    if newly {
+                        maybe_unshared.extend(self.streams.members(room_id, "join"));
                     }
                     let data = room_account_data.remove(room_id).unwrap_or_default();
                     let room = self.left_room(request, room_id, since, *membership_pos, data, &ignored).await?;
@@ -453,8 +470,14 @@ impl Sync {
             response.to_device.events.push(serde_json::value::to_raw_value(&event).expect("json"));
         }
 
-        // Device lists of people sharing rooms.
-        if !initial && (self.streams.device_change_pos() > since.stream || !newly_shared.is_empty()) {
+        // Device lists: `changed` has the people sharing a room whose devices changed and those
+        // who newly share one; `left` those who shared one and no longer do (the client stops
+        // tracking their devices).
+        if !initial
+            && (self.streams.device_change_pos() > since.stream
+                || !newly_shared.is_empty()
+                || !maybe_unshared.is_empty())
+        {
             let sharing = self.streams.users_sharing_rooms(user);
             let changes = if self.streams.device_change_pos() > since.stream {
                 self.rooms.db.device_list_changes_since(since.stream, upto).await?
@@ -462,10 +485,14 @@ impl Sync {
                 Vec::new()
             };
             let mut changed: HashSet<OwnedUserId> = changes.into_iter().filter(|u| sharing.contains(u)).collect();
-            changed.extend(newly_shared.into_iter().filter(|u| u != user));
+            changed.extend(newly_shared.into_iter().filter(|u| u != user && self.streams.share_a_room(user, u)));
             let mut changed: Vec<_> = changed.into_iter().collect();
             changed.sort();
             response.device_lists.changed = changed;
+            let mut left: Vec<_> =
+                maybe_unshared.into_iter().filter(|u| u != user && !self.streams.share_a_room(user, u)).collect();
+            left.sort();
+            response.device_lists.left = left;
         }
         Ok(response)
     }
@@ -634,6 +661,22 @@ impl Sync {
             Some(first) => StreamToken::new(first.stream_pos - 1, 0).to_string(),
             None => StreamToken::new(upto, 0).to_string(),
         };
+        let member_changes = if fresh {
+            Vec::new()
+        } else {
+            events
+                .iter()
+                .chain(state.iter())
+                .filter(|e| {
+                    e.stream_pos > since.stream && e.pdu.event_type == ruma::events::TimelineEventType::RoomMember
+                })
+                .filter_map(|e| {
+                    let member = UserId::parse(e.pdu.state_key.as_deref()?).ok()?;
+                    let membership = e.pdu.content_value().get("membership")?.as_str()?.to_owned();
+                    Some((member, membership))
+                })
+                .collect()
+        };
         delivered.extend(events.iter().filter(|e| e.pdu.sender != user).map(|e| Delivered {
             room_id: room_id.to_owned(),
             event_id: e.pdu.event_id.clone(),
@@ -647,7 +690,10 @@ impl Sync {
                 events: self.rooms.serve(user, Some(&request.device_id), &state, Format::WithoutRoomId).await?,
             },
             timeline: Timeline {
-                events: self.rooms.serve(user, Some(&request.device_id), &events, Format::WithoutRoomId).await?,
+                events: self
+                    .rooms
+                    .serve_timeline(user, Some(&request.device_id), &events, Format::WithoutRoomId, upto)
+                    .await?,
                 limited,
                 prev_batch: Some(prev_batch),
             },
@@ -657,6 +703,7 @@ impl Sync {
                 notification_count: unread.notifications,
                 highlight_count: unread.highlights,
             },
+            member_changes,
         }))
     }
 
@@ -790,7 +837,10 @@ impl Sync {
                 events: self.rooms.serve(user, Some(&request.device_id), &state, Format::WithoutRoomId).await?,
             },
             timeline: Timeline {
-                events: self.rooms.serve(user, Some(&request.device_id), &events, Format::WithoutRoomId).await?,
+                events: self
+                    .rooms
+                    .serve_timeline(user, Some(&request.device_id), &events, Format::WithoutRoomId, left_at)
+                    .await?,
                 limited,
                 prev_batch,
             },

@@ -316,26 +316,40 @@ impl Db {
             .collect()
     }
 
-    /// Per thread root among `roots`: reply count, position of the latest reply, and whether
-    /// `viewer` replied.
+    /// Per thread root among `roots`: count and position of the latest of its replies up to
+    /// `upto` not sent by one of `excluded` (the viewer's ignored users), and whether `viewer`
+    /// replied.
     pub async fn thread_summaries(
         &self,
         roots: &[&EventId],
         viewer: &UserId,
+        upto: i64,
+        excluded: &[&UserId],
     ) -> StorageResult<Vec<(OwnedEventId, i64, i64, bool)>> {
         if roots.is_empty() {
             return Ok(Vec::new());
         }
-        let placeholders = (2..=roots.len() + 1).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        let placeholders = (3..roots.len() + 3).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        let not_excluded = if excluded.is_empty() {
+            String::new()
+        } else {
+            let first = roots.len() + 3;
+            let list = (first..first + excluded.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            format!("AND sender NOT IN ({list})")
+        };
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT relates_to, COUNT(*), MAX(stream_pos), MAX(CASE WHEN sender = $1 THEN 1 ELSE 0 END) FROM events
              WHERE relates_to IN ({placeholders}) AND rel_type = 'm.thread' AND NOT soft_failed AND redacted_by IS NULL
+               AND stream_pos <= $2 {not_excluded}
              GROUP BY relates_to"
         ));
         let rows: Vec<(String, i64, i64, i32)> = on_reader!(self, pool => {
-            let mut query = sqlx::query_as(sql).bind(viewer.as_str());
+            let mut query = sqlx::query_as(sql).bind(viewer.as_str()).bind(upto);
             for root in roots {
                 query = query.bind(root.as_str());
+            }
+            for sender in excluded {
+                query = query.bind(sender.as_str());
             }
             query.fetch_all(pool).await?
         });
@@ -363,6 +377,20 @@ impl Db {
             .await?
         });
         rows.into_iter().map(|(id, pos)| Ok((parse_id(id)?, pos))).collect()
+    }
+
+    /// A user's member events in a room (their membership history), newest first, at most
+    /// `limit`.
+    pub async fn member_events(&self, room_id: &RoomId, user_id: &UserId, limit: i64) -> StorageResult<Vec<EventRow>> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE room_id = $1 AND event_type = 'm.room.member' AND state_key = $2 AND NOT soft_failed
+             ORDER BY stream_pos DESC LIMIT $3"
+        ));
+        let rows: Vec<EventTuple> = on_reader!(self, pool => {
+            sqlx::query_as(sql).bind(room_id.as_str()).bind(user_id.as_str()).bind(limit).fetch_all(pool).await?
+        });
+        rows.into_iter().map(event_row).collect()
     }
 
     /// Events of a room closest to `ts`: the first at or after it (forward) or at or before it.

@@ -1,9 +1,9 @@
 //! Membership: invite, join (ID and alias), leave, kick, ban, unban, knock, restricted joins,
 //! forget, member lists and profile propagation.
 
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::harness::{TestServer, assert_error, backend_tests, enc};
+use crate::harness::{Account, Backend, TestServer, assert_error, backend_tests, enc};
 
 fn path(room: &str, action: &str) -> String {
     format!("/_matrix/client/v3/rooms/{}/{action}", enc(room))
@@ -189,5 +189,118 @@ backend_tests! {
         let auth = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "bob"}, "password": bob.password, "session": challenge["session"]});
         assert_eq!(server.post("/_matrix/client/v3/account/deactivate", Some(&bob.access_token), json!({"auth": auth})).await.0, 200);
         assert_eq!(membership_of(&server, &alice.access_token, &room, &bob.user_id).await.as_deref(), Some("leave"));
+    }
+
+    async fn state_and_members_are_refused_to_users_who_never_joined(backend) {
+        state_and_members_are_refused_to_users_who_never_joined(backend).await
+    }
+
+    async fn departed_users_read_state_as_of_their_leave(backend) {
+        departed_users_read_state_as_of_their_leave(backend).await
+    }
+}
+
+/// The three reads of a room's state, as `(status, body)`.
+async fn state_reads(server: &TestServer, who: &Account, room: &str, owner: &str) -> [(reqwest::StatusCode, Value); 3] {
+    let token = Some(who.access_token.as_str());
+    [
+        server.get(&path(room, "state"), token).await,
+        server.get(&format!("{}/{}", path(room, "state/m.room.member"), enc(owner)), token).await,
+        server.get(&path(room, "members"), token).await,
+    ]
+}
+
+/// Invitees and knockers get the stripped state of their sync only; a ban does not make a
+/// stranger a former member.
+async fn state_and_members_are_refused_to_users_who_never_joined(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = server.register("alice").await;
+    let knocker = server.register("knocker").await;
+    let invitee = server.register("invitee").await;
+    let banned = server.register("banned").await;
+    let room = server
+        .create_room(
+            &alice,
+            json!({"initial_state": [{"type": "m.room.join_rules", "content": {"join_rule": "knock"}}]}),
+        )
+        .await;
+    server.send_text(&alice, &room, "members only").await;
+    let (status, body) =
+        server.post(&format!("/_matrix/client/v3/knock/{}", enc(&room)), Some(&knocker.access_token), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    server.invite(&alice, &room, &invitee.user_id).await;
+    let (status, body) =
+        server.post(&path(&room, "ban"), Some(&alice.access_token), json!({"user_id": banned.user_id})).await;
+    assert_eq!(status, 200, "{body}");
+    for who in [&knocker, &invitee, &banned] {
+        for read in state_reads(&server, who, &room, &alice.user_id).await {
+            assert_error(&read, 403, "M_FORBIDDEN");
+        }
+        let messages = server.get(&format!("{}?dir=b", path(&room, "messages")), Some(&who.access_token)).await;
+        assert_error(&messages, 403, "M_FORBIDDEN");
+    }
+    // The invitee still sees the room's stripped state in their sync.
+    let (sync, _) = server.sync_until(&invitee, None, |s| s["rooms"]["invite"].get(&room).is_some()).await;
+    assert!(
+        sync["rooms"]["invite"][&room]["invite_state"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "m.room.join_rules")
+    );
+}
+
+fn topic_of(state: &Value) -> Option<&str> {
+    state.as_array().unwrap().iter().find(|e| e["type"] == "m.room.topic").and_then(|e| e["content"]["topic"].as_str())
+}
+
+fn member_ids(members: &Value) -> Vec<&str> {
+    let mut ids: Vec<&str> =
+        members["chunk"].as_array().unwrap().iter().map(|e| e["state_key"].as_str().unwrap()).collect();
+    ids.sort();
+    ids
+}
+
+/// A user who left (or was banned after joining) reads the state as it was when their stay
+/// ended, not later changes — also after being invited back; after forgetting, nothing.
+async fn departed_users_read_state_as_of_their_leave(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let dave = server.register("dave").await;
+    let carol = server.register("carol").await;
+    let room = server.create_room(&alice, json!({"preset": "public_chat", "topic": "first"})).await;
+    server.join(&bob, &room).await;
+    server.join(&dave, &room).await;
+    assert_eq!(server.post(&path(&room, "leave"), Some(&bob.access_token), json!({})).await.0, 200);
+    assert_eq!(
+        server.post(&path(&room, "ban"), Some(&alice.access_token), json!({"user_id": dave.user_id})).await.0,
+        200
+    );
+    let (status, body) = server.set_state(&alice, &room, "m.room.topic", "", json!({"topic": "second"})).await;
+    assert_eq!(status, 200, "{body}");
+    server.join(&carol, &room).await;
+    server.invite(&alice, &room, &bob.user_id).await;
+    for (who, own) in [(&bob, "leave"), (&dave, "ban")] {
+        let [all, alice_member, members] = state_reads(&server, who, &room, &alice.user_id).await;
+        assert_eq!(all.0, 200, "{}", all.1);
+        assert_eq!(topic_of(&all.1), Some("first"), "{}", all.1);
+        assert_eq!(alice_member.0, 200, "{}", alice_member.1);
+        let (status, topic) = server.get(&path(&room, "state/m.room.topic"), Some(&who.access_token)).await;
+        assert_eq!((status.as_u16(), topic["topic"].as_str()), (200, Some("first")), "{topic}");
+        assert_eq!(members.0, 200, "{}", members.1);
+        let mut expected = vec![alice.user_id.as_str(), bob.user_id.as_str(), dave.user_id.as_str()];
+        expected.sort();
+        assert_eq!(member_ids(&members.1), expected, "carol joined after: {}", members.1);
+        let own_event = members.1["chunk"].as_array().unwrap().iter().find(|e| e["state_key"] == who.user_id).unwrap();
+        assert_eq!(own_event["content"]["membership"], own);
+    }
+    // Those in the room see the current state.
+    let (_, current) = server.get(&path(&room, "state"), Some(&carol.access_token)).await;
+    assert_eq!(topic_of(&current), Some("second"));
+    // A forgotten room is no longer readable.
+    assert_eq!(server.post(&path(&room, "forget"), Some(&dave.access_token), json!({})).await.0, 200);
+    for read in state_reads(&server, &dave, &room, &alice.user_id).await {
+        assert_error(&read, 403, "M_FORBIDDEN");
     }
 }

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{Account, TestServer, assert_error, backend_tests, enc, two_users_in_a_room};
+use crate::harness::{Account, Backend, TestServer, assert_error, backend_tests, enc, two_users_in_a_room};
 
 fn room_path(room: &str, rest: &str) -> String {
     format!("/_matrix/client/v3/rooms/{}/{rest}", enc(room))
@@ -338,4 +338,148 @@ backend_tests! {
         let sync = server.sync(&bob, None, None, 0).await;
         assert!(sync["rooms"]["invite"].get(&private).is_none(), "{sync}");
     }
+
+    async fn bundled_aggregations_pass_visibility_and_ignore_checks(backend) {
+        bundled_aggregations_pass_visibility_and_ignore_checks(backend).await
+    }
+
+    async fn history_visibility_change_is_visible_under_the_more_permissive_value(backend) {
+        history_visibility_change_is_visible_under_the_more_permissive_value(backend).await
+    }
+
+    async fn unsigned_membership_is_the_viewers_membership_at_each_event(backend) {
+        unsigned_membership_is_the_viewers_membership_at_each_event(backend).await
+    }
+}
+
+fn thread_reply(root: &str, body: &str) -> Value {
+    json!({"msgtype": "m.text", "body": body, "m.relates_to": {"rel_type": "m.thread", "event_id": root}})
+}
+
+fn edit_of(original: &str, body: &str) -> Value {
+    json!({"msgtype": "m.text", "body": format!("* {body}"), "m.new_content": {"msgtype": "m.text", "body": body},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": original}})
+}
+
+async fn ignore(server: &TestServer, who: &Account, ignored: &Account) {
+    let path = format!("/_matrix/client/v3/user/{}/account_data/m.ignored_user_list", enc(&who.user_id));
+    let (status, body) =
+        server.put(&path, Some(&who.access_token), json!({"ignored_users": {ignored.user_id.clone(): {}}})).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The latest edit and a thread's latest event are bundled only if the viewer could see them
+/// on their own: not from an ignored user, not after the viewer left.
+async fn bundled_aggregations_pass_visibility_and_ignore_checks(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, bob, room) = two_users_in_a_room(&server).await;
+    let dave = server.register("dave").await;
+    let erin = server.register("erin").await;
+    server.join(&dave, &room).await;
+    server.join(&erin, &room).await;
+    ignore(&server, &dave, &alice).await;
+    // Ignored: alice's edit and alice's (latest) thread reply.
+    let root = server.send_text(&alice, &room, "root").await;
+    server.send(&alice, &room, "m.room.message", edit_of(&root, "root, edited")).await;
+    let bobs_reply = server.send(&bob, &room, "m.room.message", thread_reply(&root, "bob's reply")).await;
+    server.send(&alice, &room, "m.room.message", thread_reply(&root, "alice's reply")).await;
+    let (status, event) = get_event(&server, &dave, &room, &root).await;
+    assert_eq!(status, 200, "{event}");
+    let relations = &event["unsigned"]["m.relations"];
+    assert!(relations.get("m.replace").is_none(), "an ignored user's edit is bundled: {event}");
+    assert_eq!(relations["m.thread"]["latest_event"]["event_id"], bobs_reply, "{event}");
+    assert_eq!(relations["m.thread"]["count"], 1, "{event}");
+    // Without the ignore, alice's edit and reply are what others see.
+    let (_, seen_by_bob) = get_event(&server, &bob, &room, &root).await;
+    assert_eq!(seen_by_bob["unsigned"]["m.relations"]["m.replace"]["content"]["body"], "* root, edited");
+    assert_eq!(seen_by_bob["unsigned"]["m.relations"]["m.thread"]["count"], 2);
+    // After leaving: no edit or thread reply made since is bundled.
+    let message = server.send_text(&bob, &room, "before erin left").await;
+    assert_eq!(server.post(&room_path(&room, "leave"), Some(&erin.access_token), json!({})).await.0, 200);
+    server.send(&bob, &room, "m.room.message", edit_of(&message, "edited after erin left")).await;
+    server.send(&bob, &room, "m.room.message", thread_reply(&message, "reply after erin left")).await;
+    let page = messages(&server, &erin, &room, "dir=b&limit=50").await;
+    let served =
+        page["chunk"].as_array().unwrap().iter().find(|e| e["event_id"] == message).expect("erin saw the message");
+    assert!(served["unsigned"].get("m.relations").is_none(), "later relations bundled: {served}");
+    let (_, single) = get_event(&server, &erin, &room, &message).await;
+    assert!(single["unsigned"].get("m.relations").is_none(), "later relations bundled: {single}");
+    let (_, seen_by_bob) = get_event(&server, &bob, &room, &message).await;
+    assert_eq!(seen_by_bob["unsigned"]["m.relations"]["m.thread"]["count"], 1, "{seen_by_bob}");
+}
+
+/// The spec: a user may see an `m.room.history_visibility` event if the value before or after
+/// it lets them.
+async fn history_visibility_change_is_visible_under_the_more_permissive_value(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    server.send_text(&alice, &room, "shared history").await;
+    let (status, change) =
+        server.set_state(&alice, &room, "m.room.history_visibility", "", json!({"history_visibility": "joined"})).await;
+    assert_eq!(status, 200, "{change}");
+    server.send_text(&alice, &room, "for members only").await;
+    server.join(&bob, &room).await;
+    let page = messages(&server, &bob, &room, "dir=b&limit=50").await;
+    assert_eq!(bodies(&page["chunk"]), vec!["shared history"]);
+    let change_id = change["event_id"].as_str().unwrap();
+    assert!(page["chunk"].as_array().unwrap().iter().any(|e| e["event_id"] == change_id), "{page}");
+    assert_eq!(get_event(&server, &bob, &room, change_id).await.0, 200);
+}
+
+fn membership_in<'a>(chunk: &'a Value, event_id: &str) -> &'a Value {
+    let event = chunk
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event_id"] == event_id)
+        .unwrap_or_else(|| panic!("{event_id} missing: {chunk}"));
+    &event["unsigned"]["membership"]
+}
+
+/// `unsigned.membership` (spec v1.11): the requesting user's membership at each event,
+/// including changes the event makes, `leave` before they ever joined.
+async fn unsigned_membership_is_the_viewers_membership_at_each_event(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let before = server.send_text(&alice, &room, "before bob").await;
+    server.invite(&alice, &room, &bob.user_id).await;
+    let while_invited = server.send_text(&alice, &room, "while bob is invited").await;
+    server.join(&bob, &room).await;
+    let after = server.send_text(&alice, &room, "after bob joined").await;
+    let page = messages(&server, &bob, &room, "dir=b&limit=50").await;
+    assert_eq!(*membership_in(&page["chunk"], &before), "leave");
+    assert_eq!(*membership_in(&page["chunk"], &while_invited), "invite");
+    assert_eq!(*membership_in(&page["chunk"], &after), "join");
+    let own_join = page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "m.room.member" && e["state_key"] == bob.user_id && e["content"]["membership"] == "join")
+        .unwrap();
+    assert_eq!(own_join["unsigned"]["membership"], "join", "the event's own change counts");
+    let (_, single) = get_event(&server, &bob, &room, &before).await;
+    assert_eq!(single["unsigned"]["membership"], "leave", "{single}");
+    let (status, context) = server
+        .get(
+            &format!("{}?limit=10", room_path(&room, &format!("context/{}", enc(&while_invited)))),
+            Some(&bob.access_token),
+        )
+        .await;
+    assert_eq!(status, 200, "{context}");
+    assert_eq!(context["event"]["unsigned"]["membership"], "invite");
+    assert_eq!(*membership_in(&context["events_before"], &before), "leave");
+    assert_eq!(*membership_in(&context["events_after"], &after), "join");
+    let sync = server.sync(&bob, None, None, 0).await;
+    let timeline = crate::harness::timeline(&sync, &room);
+    let synced = timeline.iter().find(|e| e["event_id"] == after).expect("in bob's timeline");
+    assert_eq!(synced["unsigned"]["membership"], "join", "{synced}");
+    // After leaving, the leave itself says so.
+    assert_eq!(server.post(&room_path(&room, "leave"), Some(&bob.access_token), json!({})).await.0, 200);
+    let page = messages(&server, &bob, &room, "dir=b&limit=1").await;
+    assert_eq!(page["chunk"][0]["content"]["membership"], "leave");
+    assert_eq!(page["chunk"][0]["unsigned"]["membership"], "leave");
 }

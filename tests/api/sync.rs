@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::harness::{TestServer, backend_tests, enc, message_ids, timeline, two_users_in_a_room};
+use crate::harness::{Backend, TestServer, backend_tests, enc, message_ids, timeline, two_users_in_a_room};
 
 fn ephemeral<'a>(sync: &'a Value, room: &str, event_type: &str) -> Option<&'a Value> {
     sync["rooms"]["join"][room]["ephemeral"]["events"].as_array()?.iter().find(|e| e["type"] == event_type)
@@ -366,4 +366,82 @@ backend_tests! {
         assert_eq!(sync["device_lists"]["changed"], json!([alice.user_id]));
         assert_eq!(sync["device_one_time_keys_count"]["signed_curve25519"], 0);
     }
+
+    async fn unread_counts_leave_out_ignored_users(backend) {
+        unread_counts_leave_out_ignored_users(backend).await
+    }
+
+    async fn device_lists_left_when_no_room_is_shared_any_more(backend) {
+        device_lists_left_when_no_room_is_shared_any_more(backend).await
+    }
+}
+
+fn notification_count(sync: &Value, room: &str) -> u64 {
+    sync["rooms"]["join"][room]["unread_notifications"]["notification_count"].as_u64().unwrap()
+}
+
+/// Events from users one ignores are shown nowhere, so they are not unread either — also the
+/// ones counted before the ignore.
+async fn unread_counts_leave_out_ignored_users(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, bob, room) = two_users_in_a_room(&server).await;
+    let carol = server.register("carol").await;
+    server.join(&carol, &room).await;
+    server.send_text(&alice, &room, "one").await;
+    server.send_text(&alice, &room, "two").await;
+    server.send_text(&carol, &room, "three").await;
+    assert_eq!(notification_count(&server.sync(&bob, None, None, 0).await, &room), 3);
+    let path = format!("/_matrix/client/v3/user/{}/account_data/m.ignored_user_list", enc(&bob.user_id));
+    let (status, body) =
+        server.put(&path, Some(&bob.access_token), json!({"ignored_users": {alice.user_id.clone(): {}}})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(notification_count(&server.sync(&bob, None, None, 0).await, &room), 1);
+    server.send_text(&alice, &room, "four").await;
+    server.send_text(&carol, &room, "five").await;
+    assert_eq!(notification_count(&server.sync(&bob, None, None, 0).await, &room), 2);
+}
+
+fn device_list<'a>(sync: &'a Value, which: &str) -> Vec<&'a str> {
+    sync["device_lists"][which].as_array().unwrap().iter().map(|u| u.as_str().unwrap()).collect()
+}
+
+/// `device_lists.left` names whoever no longer shares a room with the syncing user since the
+/// token; `changed` whoever newly does.
+async fn device_lists_left_when_no_room_is_shared_any_more(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, bob, room) = two_users_in_a_room(&server).await;
+    let carol = server.register("carol").await;
+    let dave = server.register("dave").await;
+    let other = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    server.join(&carol, &room).await;
+    server.join(&carol, &other).await;
+    let alice_since = server.sync(&alice, None, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+    let bob_since = server.sync(&bob, None, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+    // Bob leaves the only room he shares with alice; carol leaves one of two; dave joins.
+    assert_eq!(
+        server
+            .post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), Some(&bob.access_token), json!({}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        server
+            .post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&other)), Some(&carol.access_token), json!({}))
+            .await
+            .0,
+        200
+    );
+    server.join(&dave, &room).await;
+    let dave_joined =
+        |s: &Value| timeline(s, &room).iter().any(|e| e["type"] == "m.room.member" && e["state_key"] == dave.user_id);
+    let (sync, _) = server.sync_until(&alice, Some(alice_since), dave_joined).await;
+    assert_eq!(device_list(&sync, "left"), vec![bob.user_id.as_str()], "{sync}");
+    assert_eq!(device_list(&sync, "changed"), vec![dave.user_id.as_str()], "{sync}");
+    // The user who left sees it the other way round: everyone of that room is gone.
+    let (sync, _) = server.sync_until(&bob, Some(bob_since), |s| s["rooms"]["leave"].get(&room).is_some()).await;
+    let mut expected = vec![alice.user_id.as_str(), carol.user_id.as_str(), dave.user_id.as_str()];
+    expected.sort();
+    assert_eq!(device_list(&sync, "left"), expected, "{sync}");
+    assert!(device_list(&sync, "changed").is_empty(), "{sync}");
 }

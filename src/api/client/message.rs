@@ -94,7 +94,11 @@ pub async fn messages(
         response.state =
             rooms.serve(user, device, &members, Format::WithRoomId).await?.into_iter().map(Raw::from_json).collect();
     }
-    response.chunk =
-        rooms.serve(user, device, &page.events, Format::WithRoomId).await?.into_iter().map(Raw::from_json).collect();
+    response.chunk = rooms
+        .serve_timeline(user, device, &page.events, Format::WithRoomId, page.upto)
+        .await?
+        .into_iter()
+        .map(Raw::from_json)
+        .collect();
     Ok(response.into())
 }

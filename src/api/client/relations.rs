@@ -67,8 +67,9 @@ async fn relations(
             q.recurse,
         )
         .await?;
-    let served =
-        rooms.serve(&authed.user_id, Some(authed.device_id.as_str()), &page.events, Format::WithRoomId).await?;
+    let served = rooms
+        .serve_timeline(&authed.user_id, Some(authed.device_id.as_str()), &page.events, Format::WithRoomId, page.upto)
+        .await?;
     Ok((
         served.into_iter().map(Raw::from_json).collect(),
         page.next.map(|p| StreamToken::new(p, 0).to_string()),
@@ -162,8 +163,9 @@ pub async fn threads(
     let limit = req.limit.map_or(50, |l| u64::from(l) as usize).clamp(1, 100);
     let participated = matches!(req.include, get_threads::v1::IncludeThreads::Participated);
     let page = rooms.threads(&authed.user_id, &req.room_id, participated, from, limit).await?;
-    let served =
-        rooms.serve(&authed.user_id, Some(authed.device_id.as_str()), &page.events, Format::WithRoomId).await?;
+    let served = rooms
+        .serve_timeline(&authed.user_id, Some(authed.device_id.as_str()), &page.events, Format::WithRoomId, page.upto)
+        .await?;
     let mut response = get_threads::v1::Response::new(served.into_iter().map(Raw::from_json).collect());
     response.next_batch = page.next.map(|p| StreamToken::new(p, 0).to_string());
     Ok(response.into())

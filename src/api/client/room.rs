@@ -27,6 +27,7 @@ use crate::{
         rooms::{
             Rooms,
             create::{CreateRoom, Preset},
+            history::Context,
         },
         stream::StreamToken,
     },
@@ -103,9 +104,10 @@ pub async fn event(
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<get_room_event::v3::Request>,
 ) -> ApiResult<get_room_event::v3::Response> {
-    let event = rooms.visible_event(&authed.user_id, &req.room_id, &req.event_id).await?;
-    let mut served =
-        rooms.serve(&authed.user_id, Some(authed.device_id.as_str()), &[event], Format::WithRoomId).await?;
+    let (event, access) = rooms.visible_event_with_access(&authed.user_id, &req.room_id, &req.event_id).await?;
+    let mut served = rooms
+        .serve_timeline(&authed.user_id, Some(authed.device_id.as_str()), &[event], Format::WithRoomId, access.upto)
+        .await?;
     Ok(get_room_event::v3::Response::new(Raw::from_json(served.remove(0))).into())
 }
 
@@ -130,7 +132,7 @@ pub async fn context(
     let limit = u64::from(req.limit).min(100) as usize;
     let user = &authed.user_id;
     let device = Some(authed.device_id.as_str());
-    let (event, before, after, state_group) =
+    let Context { event, before, after, state_group, upto } =
         rooms.context(user, &req.room_id, &req.event_id, limit, Some(&req.filter)).await?;
     let mut response = get_context::v3::Response::new();
     response.start =
@@ -146,11 +148,21 @@ pub async fn context(
     } else {
         rooms.state_events(state_group, None).await?
     };
-    response.event = Some(Raw::from_json(rooms.serve(user, device, &[event], Format::WithRoomId).await?.remove(0)));
-    response.events_before =
-        rooms.serve(user, device, &before.events, Format::WithRoomId).await?.into_iter().map(Raw::from_json).collect();
-    response.events_after =
-        rooms.serve(user, device, &after.events, Format::WithRoomId).await?.into_iter().map(Raw::from_json).collect();
+    // Timeline events: `unsigned.membership` and bundles up to the viewer's read bound.
+    let mut served = rooms.serve_timeline(user, device, &[event], Format::WithRoomId, upto).await?;
+    response.event = served.pop().map(Raw::from_json);
+    response.events_before = rooms
+        .serve_timeline(user, device, &before.events, Format::WithRoomId, upto)
+        .await?
+        .into_iter()
+        .map(Raw::from_json)
+        .collect();
+    response.events_after = rooms
+        .serve_timeline(user, device, &after.events, Format::WithRoomId, upto)
+        .await?
+        .into_iter()
+        .map(Raw::from_json)
+        .collect();
     response.state =
         rooms.serve(user, device, &state, Format::WithRoomId).await?.into_iter().map(Raw::from_json).collect();
     Ok(response.into())

@@ -23,7 +23,7 @@ use crate::{
 /// How far back a user may read a room, and how they are in it.
 #[derive(Debug, Clone)]
 pub struct ReadAccess {
-    /// The last position the user may see (their leave event for left users).
+    /// The last position the user may see (the end of their last stay for users who left).
     pub upto: i64,
     pub membership: Option<String>,
 }
@@ -33,6 +33,43 @@ pub struct Page {
     pub events: Vec<Arc<StoredEvent>>,
     /// Position to continue from, when there may be more.
     pub next: Option<i64>,
+    /// The viewer's read bound the page was read under: what is served with its events (bundled
+    /// edits, thread summaries) stops there too.
+    pub upto: i64,
+}
+
+/// `/context`: the event, the pages around it, the state group its state comes from and the
+/// viewer's read bound.
+pub struct Context {
+    pub event: Arc<StoredEvent>,
+    pub before: Page,
+    pub after: Page,
+    pub state_group: i64,
+    pub upto: i64,
+}
+
+/// At most this many of a user's membership changes in one room are looked through to find
+/// their last stay (a user who changed membership more often than that in one room reads it
+/// as if they never joined, until they join again).
+const MEMBERSHIP_HISTORY_LIMIT: i64 = 1000;
+
+/// A user's membership in a member event's content (`leave` when unreadable).
+fn membership_of(event: &StoredEvent) -> String {
+    event.pdu.content_value().get("membership").and_then(Value::as_str).unwrap_or("leave").to_owned()
+}
+
+/// The history visibility rules of the Client-Server API ("Room History Visibility", server
+/// behaviour), for one value of `m.room.history_visibility` and the viewer's membership at the
+/// event. `ever_joined`: the viewer joined the room at some point (the callers bound what they
+/// read by the end of the viewer's stay, so "joined after the event was sent" reduces to this).
+fn visibility_allows(visibility: &str, membership: Option<&str>, ever_joined: bool) -> bool {
+    match (visibility, membership) {
+        ("world_readable", _) | (_, Some("join")) => true,
+        ("invited", Some("invite")) => true,
+        ("joined" | "invited", _) => false,
+        // `shared`, and any value not understood, which counts as `shared`.
+        _ => ever_joined,
+    }
 }
 
 impl Rooms {
@@ -68,30 +105,83 @@ impl Rooms {
             .unwrap_or(false))
     }
 
-    /// What `viewer` may read in `room_id`: everything up to now while joined, up to their leave
-    /// afterwards, nothing (403) if they never were in a non-world-readable room.
+    /// What `viewer` may read in `room_id`: everything up to now while joined (or when the room
+    /// is world readable), up to the end of their last stay after they left, were kicked or
+    /// banned; nothing (403) for users who never joined — invitees and knockers see the stripped
+    /// state of their sync's `invite`/`knock` section only — or who forgot the room.
     pub async fn read_access(&self, viewer: &UserId, room_id: &RoomId) -> Result<ReadAccess> {
         self.handle(room_id).await?;
         let now = self.streams.position();
-        match self.db.membership(room_id, viewer).await? {
-            Some(m) if m.membership == "join" => Ok(ReadAccess { upto: now, membership: Some(m.membership) }),
-            Some(m) => {
-                let upto = if self.world_readable(room_id).await? { now } else { m.stream_pos };
-                Ok(ReadAccess { upto, membership: Some(m.membership) })
-            }
-            None if self.world_readable(room_id).await? => Ok(ReadAccess { upto: now, membership: None }),
+        let current = self.db.membership(room_id, viewer).await?;
+        if current.as_ref().is_some_and(|m| m.membership == "join") {
+            return Ok(ReadAccess { upto: now, membership: Some("join".to_owned()) });
+        }
+        let membership = current.as_ref().map(|m| m.membership.clone());
+        if self.world_readable(room_id).await? {
+            return Ok(ReadAccess { upto: now, membership });
+        }
+        // `POST /forget`: "a user will no longer be able to retrieve history for this room".
+        if current.as_ref().is_none_or(|m| m.forgotten) {
+            return Err(Error::forbidden("You are not in this room"));
+        }
+        match self.end_of_last_stay(room_id, viewer).await? {
+            Some(upto) => Ok(ReadAccess { upto, membership }),
             None => Err(Error::forbidden("You are not in this room")),
         }
     }
 
+    /// Where `user`'s last stay in the room ended: the position of the membership event that
+    /// followed their latest join (now if they are joined), `None` if they never joined.
+    async fn end_of_last_stay(&self, room_id: &RoomId, user: &UserId) -> Result<Option<i64>> {
+        let rows = self.db.member_events(room_id, user, MEMBERSHIP_HISTORY_LIMIT).await?;
+        let mut ended_at = None;
+        for event in self.events_from_rows(rows)? {
+            if membership_of(&event) == "join" {
+                return Ok(Some(ended_at.unwrap_or_else(|| self.streams.position())));
+            }
+            ended_at = Some(event.stream_pos);
+        }
+        Ok(None)
+    }
+
+    /// The value of `m.room.history_visibility` in a state group (`shared` when unset).
+    async fn visibility_at(&self, group: i64, cache: &mut HashMap<i64, String>) -> Result<String> {
+        if let Some(v) = cache.get(&group) {
+            return Ok(v.clone());
+        }
+        let v = self
+            .state_event_at(group, "m.room.history_visibility", "")
+            .await?
+            .and_then(|e| e.pdu.content_value().get("history_visibility").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| "shared".to_owned());
+        cache.insert(group, v.clone());
+        Ok(v)
+    }
+
+    /// `viewer`'s membership in a state group, if they have one.
+    async fn membership_at(
+        &self,
+        viewer: &UserId,
+        group: i64,
+        cache: &mut HashMap<i64, Option<String>>,
+    ) -> Result<Option<String>> {
+        if let Some(m) = cache.get(&group) {
+            return Ok(m.clone());
+        }
+        let m = self.state_event_at(group, "m.room.member", viewer.as_str()).await?.map(|e| membership_of(&e));
+        cache.insert(group, m.clone());
+        Ok(m)
+    }
+
     /// Keeps the events `viewer` may see (history visibility at each event; ignored senders out).
+    /// Callers bound the range by the viewer's [`ReadAccess::upto`].
     pub async fn filter_visible(
         &self,
         viewer: &UserId,
         events: Vec<Arc<StoredEvent>>,
         ignored: &HashSet<OwnedUserId>,
     ) -> Result<Vec<Arc<StoredEvent>>> {
-        let mut currently_joined: HashMap<ruma::OwnedRoomId, bool> = HashMap::new();
+        let mut ever_joined: HashMap<ruma::OwnedRoomId, bool> = HashMap::new();
         let mut visibility_cache: HashMap<i64, String> = HashMap::new();
         let mut membership_cache: HashMap<i64, Option<String>> = HashMap::new();
         let mut visible = Vec::with_capacity(events.len());
@@ -106,44 +196,33 @@ impl Rooms {
                 visible.push(event);
                 continue;
             }
-            let group = event.state_after;
-            let visibility = match visibility_cache.get(&group) {
-                Some(v) => v.clone(),
-                None => {
-                    let v = self
-                        .state_event_at(group, "m.room.history_visibility", "")
-                        .await?
-                        .and_then(|e| {
-                            e.pdu.content_value().get("history_visibility").and_then(Value::as_str).map(str::to_owned)
-                        })
-                        .unwrap_or_else(|| "shared".to_owned());
-                    visibility_cache.insert(group, v.clone());
-                    v
-                }
-            };
-            if visibility == "world_readable" {
+            let mut visibilities = vec![self.visibility_at(event.state_after, &mut visibility_cache).await?];
+            // A visibility change is visible to whoever the value before or after it lets see it.
+            if event.pdu.event_type == ruma::events::TimelineEventType::RoomHistoryVisibility
+                && event.pdu.state_key.as_deref() == Some("")
+            {
+                visibilities.push(self.visibility_at(event.state_before, &mut visibility_cache).await?);
+            }
+            if visibilities.iter().any(|v| v == "world_readable") {
                 visible.push(event);
                 continue;
             }
-            let membership = match membership_cache.get(&group) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = self.state_event_at(group, "m.room.member", viewer.as_str()).await?.and_then(|e| {
-                        e.pdu.content_value().get("membership").and_then(Value::as_str).map(str::to_owned)
-                    });
-                    membership_cache.insert(group, m.clone());
-                    m
-                }
-            };
-            let allowed = match membership.as_deref() {
-                Some("join") => true,
-                Some("invite") => {
-                    visibility == "invited"
-                        || visibility == "shared"
-                            && self.is_joined_now(viewer, &event.pdu.room_id, &mut currently_joined)
-                }
-                _ => visibility == "shared" && self.is_joined_now(viewer, &event.pdu.room_id, &mut currently_joined),
-            };
+            let membership = self.membership_at(viewer, event.state_after, &mut membership_cache).await?;
+            let allows =
+                |joined: bool| visibilities.iter().any(|v| visibility_allows(v, membership.as_deref(), joined));
+            // Whether the viewer ever joined matters only when membership alone does not decide.
+            let allowed = allows(false)
+                || allows(true) && {
+                    match ever_joined.get(&event.pdu.room_id) {
+                        Some(joined) => *joined,
+                        None => {
+                            let joined = self.streams.membership(viewer, &event.pdu.room_id).as_deref() == Some("join")
+                                || self.end_of_last_stay(&event.pdu.room_id, viewer).await?.is_some();
+                            ever_joined.insert(event.pdu.room_id.clone(), joined);
+                            joined
+                        }
+                    }
+                };
             if allowed {
                 visible.push(event);
             }
@@ -151,21 +230,35 @@ impl Rooms {
         Ok(visible)
     }
 
-    fn is_joined_now(&self, viewer: &UserId, room_id: &RoomId, cache: &mut HashMap<ruma::OwnedRoomId, bool>) -> bool {
-        *cache
-            .entry(room_id.to_owned())
-            .or_insert_with(|| self.streams.membership(viewer, room_id).as_deref() == Some("join"))
-    }
-
-    /// Serves events to `viewer` (on `device`): client format, `unsigned` (age, the sender
-    /// device's transaction ID, previous state content, redaction cause) and bundled
-    /// aggregations (edits, thread summaries, references).
+    /// Serves state events to `viewer` (on `device`): client format and `unsigned` (age, the
+    /// sender device's transaction ID, previous state content, redaction cause). Timeline events
+    /// go through [`Rooms::serve_timeline`].
     pub async fn serve(
         &self,
         viewer: &UserId,
         device: Option<&str>,
         events: &[Arc<StoredEvent>],
         format: Format,
+    ) -> Result<Vec<Box<RawValue>>> {
+        let now = now_ms();
+        let mut served = Vec::with_capacity(events.len());
+        for event in events {
+            served.push(self.serve_one(viewer, device, event, format, now, None, None).await?);
+        }
+        Ok(served)
+    }
+
+    /// Serves timeline events to `viewer` (on `device`) who may read up to `upto`: as
+    /// [`Rooms::serve`], plus the viewer's membership at each event (`unsigned.membership`) and
+    /// bundled aggregations (latest edit, thread summary, references) made only of related
+    /// events the viewer may see at or before `upto`.
+    pub async fn serve_timeline(
+        &self,
+        viewer: &UserId,
+        device: Option<&str>,
+        events: &[Arc<StoredEvent>],
+        format: Format,
+        upto: i64,
     ) -> Result<Vec<Box<RawValue>>> {
         let now = now_ms();
         // Only events older than their room's latest relation can have one bundled.
@@ -175,17 +268,21 @@ impl Rooms {
             .filter(|e| e.stream_pos < self.streams.latest_relation(&e.pdu.room_id))
             .map(|e| &*e.pdu.event_id)
             .collect();
-        let relations = self.bundled_relations(viewer, device, &targets, format).await?;
+        let relations = self.bundled_relations(viewer, device, &targets, format, upto).await?;
+        let mut memberships = HashMap::new();
         let mut served = Vec::with_capacity(events.len());
         for event in events {
-            served.push(
-                self.serve_one(viewer, device, event, format, now, relations.get(&event.pdu.event_id).map(|r| &**r))
-                    .await?,
-            );
+            // "The requesting user's m.room.member state at the point of the event, including any
+            // changes caused by the event", `leave` when they had none (spec v1.11).
+            let membership = self.membership_at(viewer, event.state_after, &mut memberships).await?;
+            let membership = membership.as_deref().unwrap_or("leave");
+            let bundle = relations.get(&event.pdu.event_id).map(|r| &**r);
+            served.push(self.serve_one(viewer, device, event, format, now, bundle, Some(membership)).await?);
         }
         Ok(served)
     }
 
+    #[allow(clippy::too_many_arguments)] // The parts of one served event; private.
     async fn serve_one(
         &self,
         viewer: &UserId,
@@ -194,6 +291,7 @@ impl Rooms {
         format: Format,
         now: i64,
         relations: Option<&RawValue>,
+        membership: Option<&str>,
     ) -> Result<Box<RawValue>> {
         let txn = if event.pdu.sender != viewer || device.is_none() {
             None
@@ -224,30 +322,46 @@ impl Rooms {
             replaces_state: event.replaces_state.as_deref(),
             redacted_because: redacted_because.as_deref(),
             relations,
-            membership: None,
+            membership,
         };
         Ok(client_event::to_client(&event.pdu, format, &unsigned))
     }
 
-    /// `unsigned.m.relations` for each of `targets` that has edits, a thread or references.
+    /// `unsigned.m.relations` for each of `targets` that has edits, a thread or references
+    /// `viewer` may see: at or before `upto`, visible to them, not from a user they ignore — the
+    /// checks the related events themselves pass when served.
     async fn bundled_relations(
         &self,
         viewer: &UserId,
         device: Option<&str>,
         targets: &[&EventId],
         format: Format,
+        upto: i64,
     ) -> Result<HashMap<OwnedEventId, Box<RawValue>>> {
         let mut bundles: HashMap<OwnedEventId, serde_json::Map<String, Value>> = HashMap::new();
         if targets.is_empty() {
             return Ok(HashMap::new());
         }
-        let related = self.db.edits_and_references(targets).await?;
+        let ignored = self.ignored_users(viewer).await?;
+        let mut related = Vec::new();
+        for (target, rel_type, row) in self.db.edits_and_references(targets).await? {
+            if row.stream_pos <= upto {
+                related.push((target, rel_type, self.events_from_rows(vec![row])?.remove(0)));
+            }
+        }
+        let candidates = related.iter().map(|(_, _, event)| event.clone()).collect();
+        let visible: HashSet<OwnedEventId> = self
+            .filter_visible(viewer, candidates, &ignored)
+            .await?
+            .into_iter()
+            .map(|e| e.pdu.event_id.clone())
+            .collect();
         let mut latest_edit: HashMap<OwnedEventId, Arc<StoredEvent>> = HashMap::new();
         let mut references: HashMap<OwnedEventId, Vec<Value>> = HashMap::new();
-        let senders: HashMap<OwnedEventId, OwnedUserId> = HashMap::new();
-        let _ = senders;
-        for (target, rel_type, row) in related {
-            let event = self.events_from_rows(vec![row])?.remove(0);
+        for (target, rel_type, event) in related {
+            if !visible.contains(&event.pdu.event_id) {
+                continue;
+            }
             match rel_type.as_str() {
                 "m.replace" => {
                     // Only the original sender's edits count; the newest wins.
@@ -261,17 +375,19 @@ impl Rooms {
             }
         }
         for (target, edit) in latest_edit {
-            let served = Box::pin(self.serve_one(viewer, device, &edit, format, now_ms(), None)).await?;
+            let served = Box::pin(self.serve_one(viewer, device, &edit, format, now_ms(), None, None)).await?;
             let value: Value = serde_json::from_str(served.get()).unwrap_or_default();
             bundles.entry(target).or_default().insert("m.replace".into(), value);
         }
         for (target, chunk) in references {
             bundles.entry(target).or_default().insert("m.reference".into(), json!({"chunk": chunk}));
         }
-        for (root, count, latest_pos, participated) in self.db.thread_summaries(targets, viewer).await? {
-            let Some(row) = self.db.event_at(latest_pos).await? else { continue };
-            let latest = self.events_from_rows(vec![row])?.remove(0);
-            let served = Box::pin(self.serve_one(viewer, device, &latest, format, now_ms(), None)).await?;
+        let excluded: Vec<&UserId> = ignored.iter().map(|u| &**u).collect();
+        for (root, count, latest_pos, participated) in
+            self.db.thread_summaries(targets, viewer, upto, &excluded).await?
+        {
+            let Some(latest) = self.latest_visible_reply(viewer, &root, latest_pos, &ignored).await? else { continue };
+            let served = Box::pin(self.serve_one(viewer, device, &latest, format, now_ms(), None, None)).await?;
             let latest_value: Value = serde_json::from_str(served.get()).unwrap_or_default();
             bundles.entry(root).or_default().insert(
                 "m.thread".into(),
@@ -282,6 +398,33 @@ impl Rooms {
             .into_iter()
             .map(|(id, bundle)| (id, serde_json::value::to_raw_value(&bundle).expect("serialisable")))
             .collect())
+    }
+
+    /// The newest reply of thread `root` at or before `latest_pos` that `viewer` may see, looking
+    /// back through a bounded number of replies (a thread with none visible gets no summary).
+    async fn latest_visible_reply(
+        &self,
+        viewer: &UserId,
+        root: &EventId,
+        latest_pos: i64,
+        ignored: &HashSet<OwnedUserId>,
+    ) -> Result<Option<Arc<StoredEvent>>> {
+        const BATCH: i64 = 20;
+        let mut upto = latest_pos;
+        for _ in 0..5 {
+            let rows = self.db.related_events(root, Some("m.thread"), 0, upto, Dir::Backward, BATCH).await?;
+            let fetched = rows.len() as i64;
+            let Some(last) = rows.last().map(|r| r.stream_pos) else { break };
+            let replies = self.events_from_rows(rows)?;
+            if let Some(reply) = self.filter_visible(viewer, replies, ignored).await?.into_iter().next() {
+                return Ok(Some(reply));
+            }
+            if fetched < BATCH {
+                break;
+            }
+            upto = last - 1;
+        }
+        Ok(None)
     }
 
     /// Reads a page of a room's events between two positions, keeping only events that pass
@@ -349,7 +492,7 @@ impl Rooms {
                 Dir::Forward => e.stream_pos,
             })
         };
-        Ok(Page { events, next })
+        Ok(Page { events, next, upto: access.upto })
     }
 
     /// The event with `event_id` if it is in `room_id` and `viewer` may see it.
@@ -359,6 +502,16 @@ impl Rooms {
         room_id: &RoomId,
         event_id: &EventId,
     ) -> Result<Arc<StoredEvent>> {
+        Ok(self.visible_event_with_access(viewer, room_id, event_id).await?.0)
+    }
+
+    /// [`Rooms::visible_event`], with the viewer's read access it was checked under.
+    pub async fn visible_event_with_access(
+        &self,
+        viewer: &UserId,
+        room_id: &RoomId,
+        event_id: &EventId,
+    ) -> Result<(Arc<StoredEvent>, ReadAccess)> {
         let access = self.read_access(viewer, room_id).await?;
         let event = self.event(event_id).await?.filter(|e| e.pdu.room_id == room_id && !e.soft_failed);
         let Some(event) = event else { return Err(Error::not_found("Event not found")) };
@@ -366,7 +519,8 @@ impl Rooms {
             return Err(Error::not_found("Event not found"));
         }
         let visible = self.filter_visible(viewer, vec![event], &HashSet::new()).await?;
-        visible.into_iter().next().ok_or_else(|| Error::not_found("Event not found"))
+        let event = visible.into_iter().next().ok_or_else(|| Error::not_found("Event not found"))?;
+        Ok((event, access))
     }
 
     /// The member events (from state group `group`) of the senders of `events`.
@@ -492,9 +646,8 @@ impl Rooms {
         event_id: &EventId,
         limit: usize,
         filter: Option<&RoomEventFilter>,
-    ) -> Result<(Arc<StoredEvent>, Page, Page, i64)> {
-        let event = self.visible_event(viewer, room_id, event_id).await?;
-        let access = self.read_access(viewer, room_id).await?;
+    ) -> Result<Context> {
+        let (event, access) = self.visible_event_with_access(viewer, room_id, event_id).await?;
         let before_limit = limit / 2;
         let after_limit = limit - before_limit;
         let before = self
@@ -503,7 +656,7 @@ impl Rooms {
         let after =
             self.page(viewer, room_id, event.stream_pos, None, Dir::Forward, after_limit, filter, &access).await?;
         let state_group = after.events.last().map_or(event.state_after, |e| e.state_after);
-        Ok((event, before, after, state_group))
+        Ok(Context { event, before, after, state_group, upto: access.upto })
     }
 
     /// `GET /rooms/{roomId}/relations/{eventId}[/{relType}[/{eventType}]]`.
@@ -521,8 +674,7 @@ impl Rooms {
         limit: usize,
         recurse: bool,
     ) -> Result<Page> {
-        self.visible_event(viewer, room_id, event_id).await?;
-        let access = self.read_access(viewer, room_id).await?;
+        let (_, access) = self.visible_event_with_access(viewer, room_id, event_id).await?;
         let ignored = self.ignored_users(viewer).await?;
         let (after, upto) = match dir {
             Dir::Backward => (to.unwrap_or(0), from.unwrap_or(access.upto).min(access.upto)),
@@ -559,7 +711,7 @@ impl Rooms {
         } else {
             None
         };
-        Ok(Page { events, next })
+        Ok(Page { events, next, upto: access.upto })
     }
 
     /// `GET /rooms/{roomId}/threads`: thread roots, most recently active first.
@@ -589,7 +741,7 @@ impl Rooms {
                     continue;
                 }
                 if participated_only {
-                    let summaries = self.db.thread_summaries(&[&root.pdu.event_id], viewer).await?;
+                    let summaries = self.db.thread_summaries(&[&root.pdu.event_id], viewer, access.upto, &[]).await?;
                     let participated = root.pdu.sender == viewer || summaries.first().is_some_and(|s| s.3);
                     if !participated {
                         continue;
@@ -609,7 +761,7 @@ impl Rooms {
                 break;
             }
         }
-        Ok(Page { events: roots, next })
+        Ok(Page { events: roots, next, upto: access.upto })
     }
 
     /// `GET /rooms/{roomId}/timestamp_to_event`.
@@ -628,5 +780,37 @@ impl Rooms {
             .ok_or_else(|| Error::not_found("No event found"))?;
         self.visible_event(viewer, room_id, &event_id).await?;
         Ok((event_id, ts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::visibility_allows;
+
+    #[test]
+    fn visibility_rules_follow_the_spec_list() {
+        // 1. world_readable: anyone.
+        assert!(visibility_allows("world_readable", None, false));
+        // 2. joined at the event: always.
+        for v in ["shared", "invited", "joined", "something new"] {
+            assert!(visibility_allows(v, Some("join"), false), "{v}");
+        }
+        // 3. shared: whoever joined at some point.
+        assert!(visibility_allows("shared", None, true));
+        assert!(visibility_allows("shared", Some("leave"), true));
+        assert!(!visibility_allows("shared", Some("invite"), false));
+        // 4. invited: invitees too.
+        assert!(visibility_allows("invited", Some("invite"), false));
+        assert!(!visibility_allows("invited", Some("leave"), true));
+        // 5. otherwise deny.
+        assert!(!visibility_allows("joined", Some("invite"), true));
+        assert!(!visibility_allows("joined", None, true));
+        assert!(!visibility_allows("shared", Some("knock"), false));
+    }
+
+    #[test]
+    fn unknown_visibility_counts_as_shared() {
+        assert!(visibility_allows("no such value", Some("leave"), true));
+        assert!(!visibility_allows("no such value", Some("leave"), false));
     }
 }
