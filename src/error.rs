@@ -71,6 +71,10 @@ pub enum Error {
     UnsupportedRoomVersion,
     #[error("{0}")]
     RoomInUse(Cow<'static, str>),
+    /// The thing to create already exists (409 `M_UNKNOWN`, as the spec says for
+    /// `PUT /directory/room/{roomAlias}`; `createRoom` uses `RoomInUse` instead).
+    #[error("{0}")]
+    Conflict(Cow<'static, str>),
     #[error("{0}")]
     InvalidRoomState(String),
     #[error("{0}")]
@@ -116,6 +120,7 @@ impl Error {
             }
             Error::UnsupportedRoomVersion => (StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION"),
             Error::RoomInUse(_) => (StatusCode::BAD_REQUEST, "M_ROOM_IN_USE"),
+            Error::Conflict(_) => (StatusCode::CONFLICT, "M_UNKNOWN"),
             Error::InvalidRoomState(_) => (StatusCode::BAD_REQUEST, "M_INVALID_ROOM_STATE"),
             Error::BadAlias(_) => (StatusCode::BAD_REQUEST, "M_BAD_ALIAS"),
             Error::DuplicateAnnotation => (StatusCode::BAD_REQUEST, "M_DUPLICATE_ANNOTATION"),

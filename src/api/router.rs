@@ -107,6 +107,7 @@ pub fn build(state: AppState) -> Router {
     router = endpoint::<profile::get_avatar_url::v3::Request, _, _>(router, client::profile::get_avatar_url);
     router = endpoint::<profile::set_avatar_url::v3::Request, _, _>(router, client::profile::set_avatar_url);
 
+    router = push_routes(router);
     router = room_routes(router);
     router = router.route("/_matrix/client/unstable/org.hearth.ws/v1/connect", get(crate::api::ws::connect));
     router = router.route("/_matrix/key/v2/server", get(federation::keys::server_keys)).route("/health", get(health));
@@ -118,6 +119,19 @@ pub fn build(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_| Error::Internal("handler panicked".to_owned()).into_response()))
         .layer(from_fn(middleware::cors))
         .layer(from_fn(middleware::log_requests))
+}
+
+/// Push rules and pushers (read only: see `client::push`).
+fn push_routes(mut router: Router<AppState>) -> Router<AppState> {
+    use ruma::api::client::push;
+
+    router = endpoint::<push::get_pushrules_all::v3::Request, _, _>(router, client::push::all);
+    router = endpoint::<push::get_pushrules_global_scope::v3::Request, _, _>(router, client::push::global);
+    router = endpoint::<push::get_pushrule::v3::Request, _, _>(router, client::push::rule);
+    router = endpoint::<push::get_pushrule_enabled::v3::Request, _, _>(router, client::push::enabled);
+    router = endpoint::<push::get_pushrule_actions::v3::Request, _, _>(router, client::push::actions);
+    router = endpoint::<push::get_pushers::v3::Request, _, _>(router, client::push::pushers);
+    router
 }
 
 /// Rooms, messaging and delivery.

@@ -13,7 +13,10 @@ backend_tests! {
         let alias = "/_matrix/client/v3/directory/room/%23cafe%3Alocalhost";
         assert_error(&server.put(alias, Some(&bob.access_token), json!({"room_id": room})).await, 403, "M_FORBIDDEN");
         assert_eq!(server.put(alias, Some(&alice.access_token), json!({"room_id": room})).await.0, 200);
-        assert_error(&server.put(alias, Some(&alice.access_token), json!({"room_id": room})).await, 400, "M_ROOM_IN_USE");
+        // The spec: 409 `M_UNKNOWN` for an alias that already exists, whichever room it names.
+        assert_error(&server.put(alias, Some(&alice.access_token), json!({"room_id": room})).await, 409, "M_UNKNOWN");
+        let other = server.create_room(&alice, json!({})).await;
+        assert_error(&server.put(alias, Some(&alice.access_token), json!({"room_id": other})).await, 409, "M_UNKNOWN");
         let (status, resolved) = server.get(alias, None).await;
         assert_eq!(status, 200);
         assert_eq!(resolved, json!({"room_id": room, "servers": ["localhost"]}));

@@ -17,6 +17,12 @@ backend_tests! {
         assert_eq!(status, 200);
         let versions: Vec<&str> = body["versions"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
         assert!(versions.contains(&"v1.1") && versions.contains(&"r0.6.1"), "{body}");
+        // Nothing past v1.1: v1.2 requires the space hierarchy and v1.11 authenticated media,
+        // neither of which Hearth serves (see `SUPPORTED_VERSIONS`).
+        assert_eq!(versions.last(), Some(&"v1.1"), "{body}");
+        assert!(!versions.iter().any(|v| v.starts_with("v1.") && *v != "v1.1"), "{body}");
+        let (status, _) = server.get("/_matrix/client/v1/rooms/!r:localhost/hierarchy", None).await;
+        assert_eq!(status, 404, "if the hierarchy now exists, advertise v1.2 and beyond again");
     }
 
     async fn well_known_points_clients_at_the_server(backend) {

@@ -15,6 +15,7 @@ mod login;
 mod membership;
 mod messaging;
 mod profile;
+mod push;
 mod registration;
 mod rooms;
 mod scale;

@@ -445,3 +445,48 @@ async fn device_lists_left_when_no_room_is_shared_any_more(backend: Backend) {
     assert_eq!(device_list(&sync, "left"), expected, "{sync}");
     assert!(device_list(&sync, "changed").is_empty(), "{sync}");
 }
+
+backend_tests! {
+    async fn pathological_type_globs_are_matched_in_linear_time(backend) {
+        let server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let room = server.create_room(&alice, json!({})).await;
+        let long_type = "a".repeat(200);
+        server.send(&alice, &room, &long_type, json!({"body": "x"})).await;
+        // 20 stars against a 200-character type: the old recursive matcher tries every way of
+        // splitting the type among the stars (C(200, 20)) before failing on the final `b`.
+        let glob = format!("{}b", "*a".repeat(20));
+        let filter = json!({"room": {"timeline": {"types": [glob, "m.room.create"]}}}).to_string();
+        let started = Instant::now();
+        let sync = tokio::time::timeout(Duration::from_secs(30), server.sync(&alice, None, Some(&filter), 0))
+            .await
+            .expect("a filter with a pathological glob was not answered in 30 s");
+        assert!(started.elapsed() < Duration::from_secs(30));
+        let types: Vec<&str> = timeline(&sync, &room).iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(types, vec!["m.room.create"], "the glob does not match the long type");
+        let matching = json!({"room": {"timeline": {"types": [format!("{}*", "*a".repeat(20))]}}}).to_string();
+        let sync = server.sync(&alice, None, Some(&matching), 0).await;
+        let types: Vec<&str> = timeline(&sync, &room).iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(types, vec![long_type.as_str()]);
+    }
+
+    async fn filters_over_the_pattern_caps_are_rejected(backend) {
+        let server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let path = format!("/_matrix/client/v3/user/{}/filter", enc(&alice.user_id));
+        let too_long = json!({"room": {"timeline": {"types": ["*".repeat(513)]}}});
+        let too_many = json!({"presence": {"not_types": (0..257).map(|i| format!("t{i}")).collect::<Vec<_>>()}});
+        for filter in [&too_long, &too_many] {
+            let response = server.post(&path, Some(&alice.access_token), filter.clone()).await;
+            crate::harness::assert_error(&response, 400, "M_INVALID_PARAM");
+            let inline = format!("/_matrix/client/v3/sync?timeout=0&filter={}", enc(&filter.to_string()));
+            crate::harness::assert_error(&server.get(&inline, Some(&alice.access_token)).await, 400, "M_INVALID_PARAM");
+        }
+        let room = server.create_room(&alice, json!({})).await;
+        let messages = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&filter={}", enc(&room), enc(&json!({"types": ["*".repeat(513)]}).to_string()));
+        crate::harness::assert_error(&server.get(&messages, Some(&alice.access_token)).await, 400, "M_INVALID_PARAM");
+        // At the caps is fine.
+        let at_caps = json!({"room": {"timeline": {"types": ["*".repeat(512)]}}, "presence": {"not_types": (0..255).map(|i| format!("t{i}")).collect::<Vec<_>>()}});
+        assert_eq!(server.post(&path, Some(&alice.access_token), at_caps).await.0, 200);
+    }
+}

@@ -83,6 +83,7 @@ pub async fn messages(
     };
     let to = req.to.as_deref().map(StreamToken::parse).transpose()?.map(|t| t.stream);
     let limit = (u64::from(req.limit) as usize).clamp(1, 1000);
+    crate::service::filter::check_room_event_limits(&req.filter)?;
     let page = rooms.page(user, &req.room_id, from, to, dir, limit, Some(&req.filter), &access).await?;
     let device = Some(authed.device_id.as_str());
     let mut response = get_message_events::v3::Response::new();

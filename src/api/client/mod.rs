@@ -10,6 +10,7 @@ pub mod membership;
 pub mod message;
 pub mod presence;
 pub mod profile;
+pub mod push;
 pub mod receipts;
 pub mod registration;
 pub mod relations;

@@ -132,6 +132,7 @@ pub async fn context(
     let limit = u64::from(req.limit).min(100) as usize;
     let user = &authed.user_id;
     let device = Some(authed.device_id.as_str());
+    crate::service::filter::check_room_event_limits(&req.filter)?;
     let Context { event, before, after, state_group, upto } =
         rooms.context(user, &req.room_id, &req.event_id, limit, Some(&req.filter)).await?;
     let mut response = get_context::v3::Response::new();

@@ -41,6 +41,7 @@ pub async fn sync(
         }
         Some(_) => return Err(Error::InvalidParam("unsupported filter".to_owned())),
     };
+    filter::check_limits(&definition)?;
     let request = SyncRequest {
         user_id: authed.user_id.clone(),
         device_id: authed.device_id.to_string(),

@@ -37,7 +37,7 @@ impl Rooms {
             return Err(Error::forbidden("You must be in the room to give it an alias"));
         }
         self.db.create_alias(alias.as_str(), room_id, user, now_ms()).await.map_err(|err| match err {
-            StorageError::Conflict(_) => Error::RoomInUse("Room alias already exists".into()),
+            StorageError::Conflict(_) => Error::Conflict("Room alias already exists".into()),
             other => other.into(),
         })
     }
