@@ -107,7 +107,7 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant) -> Result<(
         local_address = %bound[0],
         listen = ?bound,
         server_name = %config.server_name,
-        registration = ?config.registration_mode(),
+        registration = config.registration_mode().as_str(),
         database = db.backend_name(),
         startup_ms = started.elapsed().as_millis() as u64,
         "Hearth {} is ready: point a Matrix client at {}",

@@ -66,10 +66,22 @@ pub enum RegistrationMode {
     Disabled,
 }
 
+impl RegistrationMode {
+    /// The name used in the configuration (and the start-up log).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegistrationMode::Open => "open",
+            RegistrationMode::Token => "token",
+            RegistrationMode::Disabled => "disabled",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrationConfig {
-    /// Default: open when every listener is on loopback (a developer machine), token otherwise.
+    /// Default: open for a development set-up (`server_name` is `localhost`, or `public_baseurl` is
+    /// a loopback URL, and every listener is on loopback), token otherwise.
     pub mode: Option<RegistrationMode>,
     pub guest_access: bool,
 }
@@ -332,10 +344,16 @@ impl Config {
         Ok(())
     }
 
-    /// Registration mode in force: the configured one, or open on loopback-only servers.
+    /// Registration mode in force: the configured one, or open only on a development set-up.
+    ///
+    /// Listening on loopback alone is not enough: that is also how a server behind a reverse proxy
+    /// on the same host listens, and such a server is on the internet. What marks a developer's
+    /// machine is the name it serves: `localhost`, or a loopback base URL.
     pub fn registration_mode(&self) -> RegistrationMode {
         self.registration.mode.unwrap_or_else(|| {
-            if self.listen.iter().all(|addr| addr.ip().is_loopback()) {
+            let is_dev_name =
+                self.server_name.as_str() == "localhost" || self.public_baseurl.as_deref().is_some_and(is_loopback_url);
+            if is_dev_name && self.listen.iter().all(|addr| addr.ip().is_loopback()) {
                 RegistrationMode::Open
             } else {
                 RegistrationMode::Token
@@ -359,6 +377,18 @@ impl Config {
             }
         }
     }
+}
+
+/// Whether an `http(s)://` URL's host is `localhost` or a loopback address.
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Reads an environment value as TOML when it is one, else as a string.
@@ -415,6 +445,29 @@ mod tests {
     fn public_listener_defaults_to_token_registration() {
         let config = load(r#"listen = ["0.0.0.0:8008"]"#, &[]).unwrap();
         assert_eq!(config.registration_mode(), RegistrationMode::Token);
+    }
+
+    #[test]
+    fn real_domain_defaults_to_token_registration_even_on_loopback() {
+        let behind_proxy =
+            load("server_name = \"example.org\"\npublic_baseurl = \"https://matrix.example.org\"\n", &[]);
+        assert_eq!(behind_proxy.unwrap().registration_mode(), RegistrationMode::Token);
+        let no_url = load("server_name = \"example.org\"\n", &[]).unwrap();
+        assert_eq!(no_url.registration_mode(), RegistrationMode::Token);
+        let loopback_url = load("server_name = \"example.org\"\npublic_baseurl = \"http://127.0.0.1:8008\"\n", &[]);
+        assert_eq!(loopback_url.unwrap().registration_mode(), RegistrationMode::Open);
+        let explicit = load("server_name = \"example.org\"\n[registration]\nmode = \"open\"\n", &[]).unwrap();
+        assert_eq!(explicit.registration_mode(), RegistrationMode::Open);
+    }
+
+    #[test]
+    fn loopback_urls_are_recognised() {
+        for url in ["http://localhost:8008/", "http://127.0.0.1", "https://[::1]:8448/x", "http://u@LOCALHOST"] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in ["https://example.org", "http://10.0.0.1:8008", "http://localhost.example.org/", "http://[::2]/"] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
     }
 
     #[test]
