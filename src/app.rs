@@ -172,6 +172,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
             server_name: config.server_name.clone(),
             public_baseurl,
             max_request_body_bytes: config.limits.max_request_body_bytes,
+            trusted_proxies: Arc::new(config.trusted_proxies.clone()),
             unstable_features: [
                 (config.websocket.enabled, "org.hearth.ws"),
                 (config.delivered_receipts.enabled, "org.hearth.delivered_receipts"),

@@ -8,7 +8,7 @@
 //! errors that name the key.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -35,6 +35,9 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     /// Where the SQLite database and the signing key live.
     pub data_dir: PathBuf,
+    /// Reverse proxies (addresses or CIDRs) whose `X-Forwarded-For` / `Forwarded` header names the
+    /// client; from any other peer those headers are ignored.
+    pub trusted_proxies: Vec<IpNet>,
     pub database: DatabaseConfig,
     pub registration: RegistrationConfig,
     pub auth: AuthConfig,
@@ -203,6 +206,7 @@ impl Default for Config {
             public_baseurl: None,
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 8008))],
             data_dir: PathBuf::from("./hearth-data"),
+            trusted_proxies: Vec::new(),
             database: DatabaseConfig::default(),
             registration: RegistrationConfig::default(),
             auth: AuthConfig::default(),
@@ -251,6 +255,64 @@ impl Default for LimitsConfig {
 impl Default for LoggingConfig {
     fn default() -> Self {
         LoggingConfig { format: LogFormat::Human, level: "info".to_owned() }
+    }
+}
+
+/// An IP network: an address and how many leading bits of it count (`10.0.0.0/8`, `::1/128`); a
+/// bare address is the network of that one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix_len: u8,
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4 peer on a dual-stack socket shows up as ::ffff:a.b.c.d.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix_len)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| format!("`{text}` is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match prefix {
+            Some(prefix) => prefix
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|len| *len <= max)
+                .ok_or_else(|| format!("`{text}`: the prefix length must be 0-{max}"))?,
+            None => max,
+        };
+        Ok(IpNet { addr, prefix_len })
+    }
+}
+
+impl<'de> Deserialize<'de> for IpNet {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -516,6 +578,22 @@ mod tests {
         assert!(err.contains("HEARTH_LIMITS__MAX_BODY") && err.contains("max_body"), "{err}");
         let err = load("", &[("HEARTH_REGISTRATION__MODE", "sometimes")]).unwrap_err().to_string();
         assert!(err.contains("HEARTH_REGISTRATION__MODE"), "{err}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_cidrs() {
+        let config =
+            load("trusted_proxies = [\"127.0.0.1/32\", \"10.0.0.0/8\", \"::1\", \"fd00::/8\"]\n", &[]).unwrap();
+        let trusted = |ip: &str| config.trusted_proxies.iter().any(|net| net.contains(ip.parse().unwrap()));
+        assert!(trusted("127.0.0.1") && trusted("10.200.3.4") && trusted("::1") && trusted("fd12::5"));
+        assert!(trusted("::ffff:10.1.1.1"), "IPv4-mapped peers match IPv4 networks");
+        assert!(!trusted("127.0.0.2") && !trusted("11.0.0.1") && !trusted("::2") && !trusted("fe80::1"));
+        let everything: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(everything.contains("203.0.113.9".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "example.org", "::/129", "1.2.3.4/x"] {
+            let err = load(&format!("trusted_proxies = [\"{bad}\"]\n"), &[]).unwrap_err().to_string();
+            assert!(err.contains("trusted_proxies"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod login;
 mod membership;
 mod messaging;
 mod profile;
+mod rate_limits;
 mod registration;
 mod rooms;
 mod scale;
