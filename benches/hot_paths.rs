@@ -63,7 +63,7 @@ fn fixture() -> &'static Fixture {
                 let request = CreateRoom { name: Some(format!("room {i}")), ..CreateRoom::default() };
                 let room = state.rooms.create_room(&alice, request).await.expect("create room");
                 state.rooms.invite(&alice, &room, &bob, None, false).await.expect("invite");
-                state.rooms.join(&bob, &room, None).await.expect("join");
+                state.rooms.join(&bob, false, &room, None).await.expect("join");
                 for m in 0..MESSAGES_PER_ROOM {
                     let sender = if m % 2 == 0 { &alice } else { &bob };
                     send(&state, sender, &room, &format!("message {m} in room {i}")).await;

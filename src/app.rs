@@ -120,7 +120,7 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant, lock: &mut 
         local_address = %bound[0],
         listen = ?bound,
         server_name = %config.server_name,
-        registration = ?config.registration_mode(),
+        registration = config.registration_mode().as_str(),
         database = db.backend_name(),
         startup_ms = started.elapsed().as_millis() as u64,
         "Hearth {} is ready: point a Matrix client at {}",
@@ -189,6 +189,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
             server_name: config.server_name.clone(),
             public_baseurl,
             max_request_body_bytes: config.limits.max_request_body_bytes,
+            trusted_proxies: Arc::new(config.trusted_proxies.clone()),
             unstable_features: [
                 (config.websocket.enabled, "org.hearth.ws"),
                 (config.delivered_receipts.enabled, "org.hearth.delivered_receipts"),

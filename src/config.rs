@@ -8,7 +8,7 @@
 //! errors that name the key.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -35,6 +35,9 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     /// Where the SQLite database and the signing key live.
     pub data_dir: PathBuf,
+    /// Reverse proxies (addresses or CIDRs) whose `X-Forwarded-For` / `Forwarded` header names the
+    /// client; from any other peer those headers are ignored.
+    pub trusted_proxies: Vec<IpNet>,
     pub database: DatabaseConfig,
     pub registration: RegistrationConfig,
     pub auth: AuthConfig,
@@ -66,10 +69,22 @@ pub enum RegistrationMode {
     Disabled,
 }
 
+impl RegistrationMode {
+    /// The name used in the configuration (and the start-up log).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegistrationMode::Open => "open",
+            RegistrationMode::Token => "token",
+            RegistrationMode::Disabled => "disabled",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrationConfig {
-    /// Default: open when every listener is on loopback (a developer machine), token otherwise.
+    /// Default: open for a development set-up (`server_name` is `localhost`, or `public_baseurl` is
+    /// a loopback URL, and every listener is on loopback), token otherwise.
     pub mode: Option<RegistrationMode>,
     pub guest_access: bool,
 }
@@ -191,6 +206,7 @@ impl Default for Config {
             public_baseurl: None,
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 8008))],
             data_dir: PathBuf::from("./hearth-data"),
+            trusted_proxies: Vec::new(),
             database: DatabaseConfig::default(),
             registration: RegistrationConfig::default(),
             auth: AuthConfig::default(),
@@ -239,6 +255,64 @@ impl Default for LimitsConfig {
 impl Default for LoggingConfig {
     fn default() -> Self {
         LoggingConfig { format: LogFormat::Human, level: "info".to_owned() }
+    }
+}
+
+/// An IP network: an address and how many leading bits of it count (`10.0.0.0/8`, `::1/128`); a
+/// bare address is the network of that one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix_len: u8,
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4 peer on a dual-stack socket shows up as ::ffff:a.b.c.d.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix_len)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| format!("`{text}` is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match prefix {
+            Some(prefix) => prefix
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|len| *len <= max)
+                .ok_or_else(|| format!("`{text}`: the prefix length must be 0-{max}"))?,
+            None => max,
+        };
+        Ok(IpNet { addr, prefix_len })
+    }
+}
+
+impl<'de> Deserialize<'de> for IpNet {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -332,10 +406,16 @@ impl Config {
         Ok(())
     }
 
-    /// Registration mode in force: the configured one, or open on loopback-only servers.
+    /// Registration mode in force: the configured one, or open only on a development set-up.
+    ///
+    /// Listening on loopback alone is not enough: that is also how a server behind a reverse proxy
+    /// on the same host listens, and such a server is on the internet. What marks a developer's
+    /// machine is the name it serves: `localhost`, or a loopback base URL.
     pub fn registration_mode(&self) -> RegistrationMode {
         self.registration.mode.unwrap_or_else(|| {
-            if self.listen.iter().all(|addr| addr.ip().is_loopback()) {
+            let is_dev_name =
+                self.server_name.as_str() == "localhost" || self.public_baseurl.as_deref().is_some_and(is_loopback_url);
+            if is_dev_name && self.listen.iter().all(|addr| addr.ip().is_loopback()) {
                 RegistrationMode::Open
             } else {
                 RegistrationMode::Token
@@ -359,6 +439,18 @@ impl Config {
             }
         }
     }
+}
+
+/// Whether an `http(s)://` URL's host is `localhost` or a loopback address.
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Reads an environment value as TOML when it is one, else as a string.
@@ -418,6 +510,29 @@ mod tests {
     }
 
     #[test]
+    fn real_domain_defaults_to_token_registration_even_on_loopback() {
+        let behind_proxy =
+            load("server_name = \"example.org\"\npublic_baseurl = \"https://matrix.example.org\"\n", &[]);
+        assert_eq!(behind_proxy.unwrap().registration_mode(), RegistrationMode::Token);
+        let no_url = load("server_name = \"example.org\"\n", &[]).unwrap();
+        assert_eq!(no_url.registration_mode(), RegistrationMode::Token);
+        let loopback_url = load("server_name = \"example.org\"\npublic_baseurl = \"http://127.0.0.1:8008\"\n", &[]);
+        assert_eq!(loopback_url.unwrap().registration_mode(), RegistrationMode::Open);
+        let explicit = load("server_name = \"example.org\"\n[registration]\nmode = \"open\"\n", &[]).unwrap();
+        assert_eq!(explicit.registration_mode(), RegistrationMode::Open);
+    }
+
+    #[test]
+    fn loopback_urls_are_recognised() {
+        for url in ["http://localhost:8008/", "http://127.0.0.1", "https://[::1]:8448/x", "http://u@LOCALHOST"] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in ["https://example.org", "http://10.0.0.1:8008", "http://localhost.example.org/", "http://[::2]/"] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = load("[database]\nurll = \"x\"\n", &[]).unwrap_err().to_string();
         assert!(err.contains("database") && err.contains("urll"), "{err}");
@@ -463,6 +578,22 @@ mod tests {
         assert!(err.contains("HEARTH_LIMITS__MAX_BODY") && err.contains("max_body"), "{err}");
         let err = load("", &[("HEARTH_REGISTRATION__MODE", "sometimes")]).unwrap_err().to_string();
         assert!(err.contains("HEARTH_REGISTRATION__MODE"), "{err}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_cidrs() {
+        let config =
+            load("trusted_proxies = [\"127.0.0.1/32\", \"10.0.0.0/8\", \"::1\", \"fd00::/8\"]\n", &[]).unwrap();
+        let trusted = |ip: &str| config.trusted_proxies.iter().any(|net| net.contains(ip.parse().unwrap()));
+        assert!(trusted("127.0.0.1") && trusted("10.200.3.4") && trusted("::1") && trusted("fd12::5"));
+        assert!(trusted("::ffff:10.1.1.1"), "IPv4-mapped peers match IPv4 networks");
+        assert!(!trusted("127.0.0.2") && !trusted("11.0.0.1") && !trusted("::2") && !trusted("fe80::1"));
+        let everything: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(everything.contains("203.0.113.9".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "example.org", "::/129", "1.2.3.4/x"] {
+            let err = load(&format!("trusted_proxies = [\"{bad}\"]\n"), &[]).unwrap_err().to_string();
+            assert!(err.contains("trusted_proxies"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ use ruma::api::{
 
 use crate::{
     api::ServerInfo,
+    config::IpNet,
     error::Error,
     service::users::{Authed, Users},
 };
@@ -157,7 +158,8 @@ fn percent_decode(value: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The peer's IP address, for rate limits and device last-seen records.
+/// The client's IP address, for rate limits and device last-seen records: the one
+/// [`crate::api::middleware::client_ip`] found (forwarded by a trusted proxy), else the TCP peer.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientIp(pub Option<IpAddr>);
 
@@ -165,8 +167,56 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        if let Some(ip) = parts.extensions.get::<ClientIp>() {
+            return Ok(*ip);
+        }
         Ok(ClientIp(parts.extensions.get::<ConnectInfo<std::net::SocketAddr>>().map(|info| info.0.ip())))
     }
+}
+
+/// The client address behind `peer`: when `peer` is a trusted proxy, the rightmost address in
+/// `X-Forwarded-For` (or else `Forwarded: for=`) that is not itself a trusted proxy — the hops to
+/// its left were written by the client or proxies we know nothing of, so they prove nothing.
+pub fn forwarded_client(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let hops: Vec<IpAddr> = if headers.contains_key("x-forwarded-for") {
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .filter_map(parse_hop)
+            .collect()
+    } else {
+        headers
+            .get_all(header::FORWARDED)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .filter_map(|element| {
+                element.split(';').find_map(|pair| {
+                    let (key, value) = pair.split_once('=')?;
+                    key.trim().eq_ignore_ascii_case("for").then(|| parse_hop(value)).flatten()
+                })
+            })
+            .collect()
+    };
+    hops.iter().rev().copied().find(|ip| !is_trusted(*ip)).or(hops.first().copied()).unwrap_or(peer)
+}
+
+/// One hop of a forwarding header: `1.2.3.4`, `1.2.3.4:5678`, `"[2001:db8::1]:80"`, `2001:db8::1`.
+fn parse_hop(text: &str) -> Option<IpAddr> {
+    let text = text.trim().trim_matches('"');
+    if let Ok(ip) = text.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = text.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    text.parse::<std::net::SocketAddr>().ok().map(|addr| addr.ip())
 }
 
 async fn authenticate<S>(parts: &mut Parts, state: &S) -> Result<Authed, Error>
@@ -231,6 +281,32 @@ mod tests {
         assert_eq!(access_token(&headers, Some("access_token=other")).unwrap(), "tok");
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwYXNz"));
         assert!(matches!(access_token(&headers, None), Err(Error::MissingToken)));
+    }
+
+    #[test]
+    fn forwarded_address_is_believed_only_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["127.0.0.1".parse().unwrap(), "10.0.0.0/8".parse().unwrap()];
+        let peer: IpAddr = "127.0.0.1".parse().unwrap();
+        let stranger: IpAddr = "203.0.113.7".parse().unwrap();
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.append(*name, HeaderValue::from_static(value));
+            }
+            map
+        };
+        let xff = headers(&[("x-forwarded-for", "198.51.100.1, 192.0.2.9, 10.1.2.3")]);
+        assert_eq!(forwarded_client(peer, &xff, &trusted), "192.0.2.9".parse::<IpAddr>().unwrap());
+        assert_eq!(forwarded_client(stranger, &xff, &trusted), stranger, "only trusted peers are believed");
+        assert_eq!(forwarded_client(peer, &xff, &[]), peer);
+        let two = headers(&[("x-forwarded-for", "198.51.100.1"), ("x-forwarded-for", "192.0.2.10:4711")]);
+        assert_eq!(forwarded_client(peer, &two, &trusted), "192.0.2.10".parse::<IpAddr>().unwrap());
+        let forwarded = headers(&[("forwarded", "for=192.0.2.60;proto=http, for=\"[2001:db8::5]:80\";by=10.0.0.1")]);
+        assert_eq!(forwarded_client(peer, &forwarded, &trusted), "2001:db8::5".parse::<IpAddr>().unwrap());
+        let all_trusted = headers(&[("x-forwarded-for", "10.9.9.9, 127.0.0.1")]);
+        assert_eq!(forwarded_client(peer, &all_trusted, &trusted), "10.9.9.9".parse::<IpAddr>().unwrap());
+        let junk = headers(&[("x-forwarded-for", "unknown, nonsense")]);
+        assert_eq!(forwarded_client(peer, &junk, &trusted), peer);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Cross-cutting HTTP behaviour: CORS and `OPTIONS`, request logging without secrets, and the
-//! per-address rate limits on registration and login.
+//! Cross-cutting HTTP behaviour: CORS and `OPTIONS`, request logging without secrets, the client
+//! address behind trusted proxies, and the per-address rate limits on registration and login.
 
 use std::{sync::Arc, time::Instant};
 
@@ -10,7 +10,24 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use crate::api::{RateLimits, extract::ClientIp};
+use crate::{
+    api::{
+        RateLimits,
+        extract::{ClientIp, forwarded_client},
+    },
+    config::IpNet,
+};
+
+/// Finds the client's address (see [`forwarded_client`]) once per request, for every extractor
+/// of [`ClientIp`] after it.
+pub async fn client_ip(State(trusted): State<Arc<Vec<IpNet>>>, mut request: Request, next: Next) -> Response {
+    let peer = request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|info| info.0.ip());
+    if let Some(peer) = peer {
+        let ip = forwarded_client(peer, request.headers(), &trusted);
+        request.extensions_mut().insert(ClientIp(Some(ip)));
+    }
+    next.run(request).await
+}
 
 /// Every response carries the CORS headers the spec requires, and any `OPTIONS` request (a CORS
 /// preflight) is answered directly, so browser clients work against every endpoint.

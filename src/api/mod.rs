@@ -33,6 +33,8 @@ pub struct ServerInfo {
     /// Base URL advertised to clients, ending in `/`.
     pub public_baseurl: String,
     pub max_request_body_bytes: usize,
+    /// Proxies whose forwarding headers name the client (`trusted_proxies`).
+    pub trusted_proxies: Arc<Vec<crate::config::IpNet>>,
     /// Hearth extensions advertised in `/versions` `unstable_features`.
     pub unstable_features: Vec<&'static str>,
 }

@@ -66,6 +66,7 @@ pub fn build(state: AppState) -> Router {
     let register_limit = from_fn_with_state(state.rate_limits.clone(), middleware::limit_register);
     let login_limit = from_fn_with_state(state.rate_limits.clone(), middleware::limit_login);
 
+    let trusted_proxies = state.info.trusted_proxies.clone();
     let mut router = Router::new();
     router = endpoint::<discovery::get_supported_versions::Request, _, _>(router, client::discovery::versions);
     router = endpoint::<discovery::discover_homeserver::Request, _, _>(router, client::discovery::well_known_client);
@@ -118,6 +119,7 @@ pub fn build(state: AppState) -> Router {
         .with_state(state)
         .layer(CatchPanicLayer::custom(|_| Error::Internal("handler panicked".to_owned()).into_response()))
         .layer(from_fn(middleware::cors))
+        .layer(from_fn_with_state(trusted_proxies, middleware::client_ip))
         .layer(from_fn(middleware::log_requests))
 }
 

@@ -9,7 +9,6 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -19,7 +18,7 @@ use std::{
 
 use axum::{
     extract::{
-        ConnectInfo, State,
+        State,
         ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection},
     },
     http::{HeaderMap, header},
@@ -33,7 +32,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    api::AppState,
+    api::{AppState, extract::ClientIp},
     config::{RateLimit, WebSocketConfig},
     error::Error,
     service::{
@@ -154,7 +153,7 @@ impl WsHub {
 /// `GET /_matrix/client/unstable/org.hearth.ws/v1/connect`
 pub async fn connect(
     State(app): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(peer): ClientIp,
     headers: HeaderMap,
     uri: axum::http::Uri,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -238,7 +237,8 @@ enum Outbound {
 /// The state one connection's reader keeps.
 struct Connection {
     app: AppState,
-    peer: SocketAddr,
+    /// The client's address (the forwarded one behind a trusted proxy).
+    peer: Option<std::net::IpAddr>,
     id: u64,
     authed: Option<Authed>,
     token: Option<String>,
@@ -255,7 +255,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(app: AppState, peer: SocketAddr) -> Connection {
+    fn new(app: AppState, peer: Option<std::net::IpAddr>) -> Connection {
         let limiter = app.ws.op_limit.map(|limit| {
             let period = Duration::from_secs_f64(1.0 / limit.per_second).max(Duration::from_nanos(1));
             let burst = std::num::NonZeroU32::new(limit.burst).unwrap_or(std::num::NonZeroU32::MIN);
@@ -480,7 +480,7 @@ impl Connection {
         id: Option<&str>,
         close_tx: watch::Sender<Option<Close>>,
     ) -> Result<(), Close> {
-        match self.app.users.authenticate(&token, Some(self.peer.ip())).await {
+        match self.app.users.authenticate(&token, self.peer).await {
             Ok(authed) => {
                 if let Some(current) = &self.authed
                     && (current.user_id != authed.user_id || current.device_id != authed.device_id)

@@ -1,12 +1,20 @@
 //! Keyed token-bucket rate limits (GCRA, from the `governor` crate), answering how long the caller
-//! must wait when a key is over its budget.
+//! must wait when a key is over its budget; and [`FailureLimit`], which locks a key out once its
+//! failures have spent the budget.
 
-use std::{num::NonZeroU32, time::Duration};
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    time::{Duration, Instant},
+};
 
 use governor::{
-    DefaultKeyedRateLimiter, Quota,
+    DefaultKeyedRateLimiter, Quota, RateLimiter,
     clock::{Clock, DefaultClock},
+    middleware::StateInformationMiddleware,
+    state::keyed::DefaultKeyedStateStore,
 };
+use parking_lot::Mutex;
 
 use crate::{config::RateLimit, error::Error};
 
@@ -19,13 +27,7 @@ pub struct KeyedLimit {
 impl KeyedLimit {
     /// `None` disables the limit.
     pub fn new(limit: Option<RateLimit>) -> Self {
-        let limiter = limit.map(|limit| {
-            let period = Duration::from_secs_f64(1.0 / limit.per_second).max(Duration::from_nanos(1));
-            let quota = Quota::with_period(period)
-                .expect("period is positive")
-                .allow_burst(NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN));
-            DefaultKeyedRateLimiter::keyed(quota)
-        });
+        let limiter = limit.map(|limit| DefaultKeyedRateLimiter::keyed(quota(limit)));
         KeyedLimit { limiter, clock: DefaultClock::default() }
     }
 
@@ -44,6 +46,67 @@ impl KeyedLimit {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
+    }
+}
+
+fn quota(limit: RateLimit) -> Quota {
+    let period = Duration::from_secs_f64(1.0 / limit.per_second).max(Duration::from_nanos(1));
+    Quota::with_period(period)
+        .expect("period is positive")
+        .allow_burst(NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN))
+}
+
+type SnapshotLimiter = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
+
+/// A limit on failures (wrong passwords) per key, checked *before* the attempt: once the failures
+/// have spent a key's budget, every attempt is refused until the budget refills, whether or not it
+/// would have succeeded. Otherwise a lockout would only hide the answer of wrong guesses, and a
+/// right one would still get in.
+pub struct FailureLimit {
+    limiter: Option<SnapshotLimiter>,
+    locked_until: Mutex<HashMap<String, Instant>>,
+    clock: DefaultClock,
+}
+
+impl FailureLimit {
+    /// `None` disables the limit.
+    pub fn new(limit: Option<RateLimit>) -> Self {
+        let limiter =
+            limit.map(|limit| RateLimiter::keyed(quota(limit)).with_middleware::<StateInformationMiddleware>());
+        FailureLimit { limiter, locked_until: Mutex::new(HashMap::new()), clock: DefaultClock::default() }
+    }
+
+    /// Refuses an attempt for a locked-out key, saying how long the lockout lasts.
+    pub fn check(&self, key: &str) -> Result<(), Error> {
+        let mut locked = self.locked_until.lock();
+        let Some(&until) = locked.get(key) else { return Ok(()) };
+        let now = Instant::now();
+        if until <= now {
+            locked.remove(key);
+            return Ok(());
+        }
+        Err(Error::LimitExceeded { retry_after_ms: (until - now).as_millis().max(1) as u64 })
+    }
+
+    /// Counts a failed attempt; the key is locked out once no failure is left in its budget.
+    pub fn record_failure(&self, key: &str) {
+        let Some(limiter) = &self.limiter else { return };
+        let wait = match limiter.check_key(&key.to_owned()) {
+            Ok(snapshot) if snapshot.remaining_burst_capacity() == 0 => snapshot.quota().replenish_interval(),
+            Ok(_) => return,
+            Err(not_until) => not_until.wait_time_from(self.clock.now()),
+        };
+        self.locked_until.lock().insert(key.to_owned(), Instant::now() + wait);
+    }
+
+    /// Forgets refilled budgets and ended lockouts.
+    pub fn forget_idle_keys(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        let now = Instant::now();
+        self.locked_until.lock().retain(|_, until| *until > now);
     }
 }
 
@@ -70,5 +133,24 @@ mod tests {
         for _ in 0..1000 {
             assert!(limit.check("a").is_ok());
         }
+    }
+
+    #[test]
+    fn failures_lock_the_key_out_before_the_next_attempt() {
+        let limit = FailureLimit::new(Some(RateLimit { per_second: 0.5, burst: 2 }));
+        assert!(limit.check("a").is_ok());
+        limit.record_failure("a");
+        assert!(limit.check("a").is_ok(), "one failure is left in the budget");
+        limit.record_failure("a");
+        match limit.check("a") {
+            Err(Error::LimitExceeded { retry_after_ms }) => assert!(retry_after_ms > 0 && retry_after_ms <= 2000),
+            other => panic!("expected LimitExceeded, got {other:?}"),
+        }
+        assert!(limit.check("b").is_ok());
+        let disabled = FailureLimit::new(None);
+        for _ in 0..100 {
+            disabled.record_failure("a");
+        }
+        assert!(disabled.check("a").is_ok());
     }
 }

@@ -29,7 +29,7 @@ use crate::{
     matrix::identifiers::{user_id_for_login, user_id_for_registration},
     service::{
         now_ms,
-        rate_limit::KeyedLimit,
+        rate_limit::FailureLimit,
         stream::Streams,
         uia::{self, Uia},
     },
@@ -103,7 +103,8 @@ pub struct Users {
     guest_access: bool,
     access_token_lifetime: Duration,
     refresh_token_lifetime: Option<Duration>,
-    failed_logins: KeyedLimit,
+    /// Wrong passwords per account (login and the UIA password stage), checked before verifying.
+    failed_logins: FailureLimit,
     last_seen_written: Mutex<HashMap<i64, i64>>,
     /// Resolved access tokens by token hash, with when they were read: every request
     /// authenticates, and this spares most of them a query. Cleared whenever this process ends a
@@ -126,7 +127,7 @@ impl Users {
             guest_access: config.registration.guest_access,
             access_token_lifetime: Duration::from_secs(config.auth.refreshable_access_token_lifetime_secs),
             refresh_token_lifetime: config.auth.refresh_token_lifetime_secs.map(Duration::from_secs),
-            failed_logins: KeyedLimit::new(limits.enabled.then_some(limits.failed_login_per_account)),
+            failed_logins: FailureLimit::new(limits.enabled.then_some(limits.failed_login_per_account)),
             last_seen_written: Mutex::new(HashMap::new()),
             token_cache: Mutex::new(TokenCache { entries: lru::LruCache::new(TOKEN_CACHE_ENTRIES), generation: 0 }),
             streams: None,
@@ -364,18 +365,20 @@ impl Users {
     ) -> Result<Session> {
         let invalid = || Error::forbidden("Invalid username or password");
         let user_id = user_id_for_login(identifier, &self.server_name).ok_or_else(invalid)?;
+        // A locked-out account is refused before its password is looked at, so guessing on
+        // during the lockout learns nothing, not even from a right guess.
+        self.failed_logins.check(user_id.as_str())?;
         let user = self.db.user(&user_id).await?;
-        let Some(user) = user else {
-            self.failed_logins.check(user_id.as_str())?;
+        let matches = match &user {
+            Some(user) if user.deactivated => return Err(Error::UserDeactivated),
+            Some(user) => self.password_matches(user, password).await?,
+            // An unknown name costs a hash too: answering sooner would tell which names exist.
+            None => verify_password(None, password).await?,
+        };
+        let Some(user) = user.filter(|_| matches) else {
+            self.failed_logins.record_failure(user_id.as_str());
             return Err(invalid());
         };
-        if user.deactivated {
-            return Err(Error::UserDeactivated);
-        }
-        if !self.password_matches(&user, password).await? {
-            self.failed_logins.check(user_id.as_str())?;
-            return Err(invalid());
-        }
         let now = now_ms();
         let device_id = device_id.unwrap_or_else(new_device_id);
         let issued = IssuedTokens::new(wants_refresh_token, self, now);
@@ -389,13 +392,7 @@ impl Users {
     }
 
     async fn password_matches(&self, user: &UserRow, password: &str) -> Result<bool> {
-        let Some(hash) = user.password_hash.clone() else { return Ok(false) };
-        let password = password.to_owned();
-        with_hashing_slot(move || {
-            PasswordHash::new(&hash)
-                .is_ok_and(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
-        })
-        .await
+        verify_password(user.password_hash.clone(), password).await
     }
 
     /// `POST /refresh`: a new access/refresh pair for a valid refresh token.
@@ -450,14 +447,21 @@ impl Users {
         let flows: &[&[&'static str]] = &[&[uia::PASSWORD]];
         self.uia
             .authorize(&purpose, flows, auth, async |identifier: &UserIdentifier, password: &str| {
-                let UserIdentifier::Matrix(id) = identifier else { return Ok(false) };
-                if user_id_for_login(&id.user, &self.server_name).as_ref() != Some(&authed.user_id) {
-                    return Ok(false);
+                // The same per-account budget as login: the password stage must not be a way
+                // around the login lockout for whoever holds a stolen access token.
+                let key = authed.user_id.as_str();
+                self.failed_logins.check(key)?;
+                let is_self = matches!(identifier, UserIdentifier::Matrix(id)
+                    if user_id_for_login(&id.user, &self.server_name).as_ref() == Some(&authed.user_id));
+                let matches = is_self
+                    && match self.db.user(&authed.user_id).await? {
+                        Some(user) if !user.deactivated => self.password_matches(&user, password).await?,
+                        _ => false,
+                    };
+                if !matches {
+                    self.failed_logins.record_failure(key);
                 }
-                match self.db.user(&authed.user_id).await? {
-                    Some(user) if !user.deactivated => self.password_matches(&user, password).await,
-                    _ => Ok(false),
-                }
+                Ok(matches)
             })
             .await
     }
@@ -725,6 +729,24 @@ async fn hash_password(password: String) -> Result<String> {
     })
     .await?
     .map_err(|err| Error::Internal(format!("password hashing failed: {err}")))
+}
+
+/// Checks `password` against an argon2 hash. Without a hash (an unknown user, an account with no
+/// password) it verifies against a dummy hash and fails, so the answer takes as long either way.
+async fn verify_password(hash: Option<String>, password: &str) -> Result<bool> {
+    static DUMMY_HASH: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    let is_real = hash.is_some();
+    let hash = match hash {
+        Some(hash) => hash,
+        None => DUMMY_HASH.get_or_try_init(|| hash_password(random_string(32))).await?.clone(),
+    };
+    let password = password.to_owned();
+    let matches = with_hashing_slot(move || {
+        PasswordHash::new(&hash)
+            .is_ok_and(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+    })
+    .await?;
+    Ok(is_real && matches)
 }
 
 /// Runs one argon2 hash or verification on the blocking pool, at most one per core at a time.

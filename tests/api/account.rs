@@ -110,4 +110,24 @@ backend_tests! {
         assert_error(&server.post(PASSWORD, Some(&alice.access_token), json!({"new_password": ""})).await, 400, "M_WEAK_PASSWORD");
         assert_error(&server.post(PASSWORD, None, json!({"new_password": "x"})).await, 401, "M_MISSING_TOKEN");
     }
+
+    async fn uia_password_stage_locks_out_after_wrong_passwords(backend) {
+        let limits = "[rate_limits]\nenabled = true\n[rate_limits.failed_login_per_account]\nper_second = 0.01\nburst = 2\n";
+        let server = TestServer::start_with(backend, limits).await;
+        let alice = server.register("alice").await;
+        let session = uia_session(&server, DEACTIVATE, &alice.access_token, json!({})).await;
+        let mut wrong = password_auth(&alice, &session);
+        wrong["password"] = json!("wrong");
+        for _ in 0..2 {
+            let (status, body) = server.post(DEACTIVATE, Some(&alice.access_token), json!({"auth": wrong})).await;
+            assert_eq!((status.as_u16(), body["errcode"].as_str()), (401, Some("M_FORBIDDEN")), "{body}");
+        }
+        // The right password during the lockout is refused too, and nothing is deactivated.
+        let locked = server.post(DEACTIVATE, Some(&alice.access_token), json!({"auth": password_auth(&alice, &session)})).await;
+        assert_error(&locked, 429, "M_LIMIT_EXCEEDED");
+        assert!(locked.1["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{}", locked.1);
+        assert_eq!(server.get(WHOAMI, Some(&alice.access_token)).await.0, 200);
+        // Login shares the per-account budget.
+        assert_error(&server.login("alice", &alice.password, json!({})).await, 429, "M_LIMIT_EXCEEDED");
+    }
 }

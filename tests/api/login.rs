@@ -221,4 +221,18 @@ backend_tests! {
         assert_error(&server.login("alice", "wrong", json!({})).await, 403, "M_FORBIDDEN");
         assert_error(&server.login("alice", "wrong", json!({})).await, 429, "M_LIMIT_EXCEEDED");
     }
+
+    async fn correct_password_during_lockout_is_refused(backend) {
+        let server = TestServer::start_with(backend, "[rate_limits]\nenabled = true\n[rate_limits.login]\nper_second = 100.0\nburst = 100\n[rate_limits.failed_login_per_account]\nper_second = 0.01\nburst = 2\n").await;
+        let alice = server.register("alice").await;
+        assert_error(&server.login("alice", "wrong", json!({})).await, 403, "M_FORBIDDEN");
+        assert_error(&server.login("alice", "wrong", json!({})).await, 403, "M_FORBIDDEN");
+        let locked = server.login("alice", &alice.password, json!({})).await;
+        assert_error(&locked, 429, "M_LIMIT_EXCEEDED");
+        assert!(locked.1["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{}", locked.1);
+        // Another account is not affected, and unknown names are refused the same way as wrong passwords.
+        let bob = server.register("bob").await;
+        assert_eq!(server.login("bob", &bob.password, json!({})).await.0, 200);
+        assert_error(&server.login("nobody", "x", json!({})).await, 403, "M_FORBIDDEN");
+    }
 }

@@ -16,6 +16,7 @@ mod membership;
 mod messaging;
 mod profile;
 mod push;
+mod rate_limits;
 mod registration;
 mod rooms;
 mod scale;

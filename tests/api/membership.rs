@@ -198,6 +198,30 @@ backend_tests! {
     async fn departed_users_read_state_as_of_their_leave(backend) {
         departed_users_read_state_as_of_their_leave(backend).await
     }
+
+    async fn guests_join_only_rooms_that_allow_guests(backend) {
+        let server = TestServer::start_with(backend, "[registration]\nguest_access = true\n").await;
+        let alice = server.register("alice").await;
+        let (status, guest) = server.post("/_matrix/client/v3/register?kind=guest", None, json!({})).await;
+        assert_eq!(status, 200, "{guest}");
+        let guest_token = guest["access_token"].as_str().unwrap();
+        // A public room without `m.room.guest_access` (the public_chat preset sets none) forbids guests.
+        let public = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+        let refused = server.post(&format!("/_matrix/client/v3/join/{}", enc(&public)), Some(guest_token), json!({})).await;
+        assert_error(&refused, 403, "M_FORBIDDEN");
+        let refused = server.post(&format!("/_matrix/client/v3/rooms/{}/join", enc(&public)), Some(guest_token), json!({})).await;
+        assert_error(&refused, 403, "M_FORBIDDEN");
+        assert_eq!(membership_of(&server, &alice.access_token, &public, guest["user_id"].as_str().unwrap()).await, None);
+
+        let (status, body) = server.set_state(&alice, &public, "m.room.guest_access", "", json!({"guest_access": "can_join"})).await;
+        assert_eq!(status, 200, "{body}");
+        let joined = server.post(&format!("/_matrix/client/v3/join/{}", enc(&public)), Some(guest_token), json!({})).await;
+        assert_eq!(joined.0, 200, "{}", joined.1);
+        // Full accounts are not affected by guest_access.
+        let other = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+        let bob = server.register("bob").await;
+        server.join(&bob, &other).await;
+    }
 }
 
 /// The three reads of a room's state, as `(status, body)`.

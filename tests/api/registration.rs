@@ -178,4 +178,31 @@ backend_tests! {
         assert_eq!(whoami["is_guest"], true);
         assert_error(&server.get("/_matrix/client/v3/devices", Some(token)).await, 403, "M_GUEST_ACCESS_FORBIDDEN");
     }
+
+    async fn a_real_domain_defaults_to_token_registration_even_on_loopback(backend) {
+        // Listening on loopback only, as behind a reverse proxy on the same host.
+        let server = TestServer::start_with(backend, "server_name = \"example.org\"\npublic_baseurl = \"https://matrix.example.org\"\n").await;
+        let (status, challenge) = server.post(REGISTER, None, json!({"username": "alice", "password": "secret"})).await;
+        assert_eq!(status, 401, "{challenge}");
+        assert_eq!(challenge["flows"], json!([{"stages": ["m.login.registration_token"]}]));
+        let dummy = server.post(REGISTER, None, json!({"username": "alice", "password": "x", "auth": {"type": "m.login.dummy"}})).await;
+        assert_eq!(dummy.0, 400, "{}", dummy.1);
+        assert_eq!(server_registration_mode(&server), "token");
+
+        let dev = TestServer::start_with(backend, "server_name = \"example.org\"\npublic_baseurl = \"http://127.0.0.1:8008\"\n").await;
+        dev.register("alice").await;
+        assert_eq!(server_registration_mode(&dev), "open");
+        let localhost = TestServer::start(backend).await;
+        assert_eq!(server_registration_mode(&localhost), "open");
+    }
+}
+
+/// The registration mode the server logged at start.
+fn server_registration_mode(server: &TestServer) -> String {
+    server
+        .log_lines()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find_map(|line| line.get("registration").and_then(|mode| mode.as_str()).map(str::to_owned))
+        .expect("the start-up line names the registration mode")
 }

@@ -44,7 +44,7 @@ pub async fn join_by_id(
     GuestOrUser(authed): GuestOrUser,
     Ruma(req): Ruma<join_room_by_id::v3::Request>,
 ) -> ApiResult<join_room_by_id::v3::Response> {
-    rooms.join(&authed.user_id, &req.room_id, req.reason.as_deref()).await?;
+    rooms.join(&authed.user_id, authed.is_guest, &req.room_id, req.reason.as_deref()).await?;
     presence.active(&authed.user_id);
     Ok(join_room_by_id::v3::Response::new(req.room_id).into())
 }
@@ -57,7 +57,7 @@ pub async fn join_by_id_or_alias(
     Ruma(req): Ruma<join_room_by_id_or_alias::v3::Request>,
 ) -> ApiResult<join_room_by_id_or_alias::v3::Response> {
     let room_id = rooms.resolve_room(req.room_id_or_alias.as_str()).await?;
-    rooms.join(&authed.user_id, &room_id, req.reason.as_deref()).await?;
+    rooms.join(&authed.user_id, authed.is_guest, &room_id, req.reason.as_deref()).await?;
     presence.active(&authed.user_id);
     Ok(join_room_by_id_or_alias::v3::Response::new(room_id).into())
 }
