@@ -177,6 +177,8 @@ pub struct Rooms {
     me: std::sync::Weak<Rooms>,
     /// Per room being upgraded: the lock its upgrade holds (see `create.rs`).
     upgrades: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The whole public room list and when it was built (see `directory.rs`).
+    public_list: Mutex<Option<(std::time::Instant, Arc<Vec<directory::PublicRoom>>)>>,
 }
 
 impl Rooms {
@@ -203,6 +205,7 @@ impl Rooms {
             ignored: Mutex::new(LruCache::new(NonZeroUsize::new(100_000).unwrap())),
             me: me.clone(),
             upgrades: Mutex::new(HashMap::new()),
+            public_list: Mutex::new(None),
         }))
     }
 
