@@ -166,9 +166,15 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
     let fail = |what: &str, err: crate::error::Error| AppError(format!("cannot start {what}: {err}"));
     let streams = Streams::start(db.clone(), &config.server_name).await.map_err(|e| fail("the stream writer", e))?;
     let users = Arc::new(Users::new(db.clone(), config).with_streams(streams.clone()));
-    let rooms = Rooms::new(db.clone(), config.server_name.clone(), server_keys.clone(), streams.clone())
-        .await
-        .map_err(|e| fail("rooms", e))?;
+    let rooms = Rooms::new(
+        db.clone(),
+        config.server_name.clone(),
+        server_keys.clone(),
+        streams.clone(),
+        config.rooms.max_loaded_rooms,
+    )
+    .await
+    .map_err(|e| fail("rooms", e))?;
     let typing = Typing::new(streams.clone());
     let presence_config = &config.presence;
     let presence = Presence::new(

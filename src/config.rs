@@ -46,6 +46,7 @@ pub struct Config {
     pub presence: PresenceConfig,
     pub websocket: WebSocketConfig,
     pub delivered_receipts: DeliveredReceiptsConfig,
+    pub rooms: RoomsConfig,
     pub logging: LoggingConfig,
 }
 
@@ -184,6 +185,22 @@ impl Default for DeliveredReceiptsConfig {
     }
 }
 
+/// The in-memory room cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomsConfig {
+    /// Room handles (each with its room's full current state) kept in memory; beyond this the
+    /// least recently used handles not in use are dropped and reloaded from the database when
+    /// needed, so touching many rooms cannot grow memory without bound.
+    pub max_loaded_rooms: usize,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        RoomsConfig { max_loaded_rooms: 10_000 }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
@@ -215,6 +232,7 @@ impl Default for Config {
             presence: PresenceConfig::default(),
             websocket: WebSocketConfig::default(),
             delivered_receipts: DeliveredReceiptsConfig::default(),
+            rooms: RoomsConfig::default(),
             logging: LoggingConfig::default(),
         }
     }

@@ -6,14 +6,15 @@
 //! client has synced for a while.
 
 use std::{
-    collections::HashMap,
-    sync::Arc,
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Once, Weak},
     time::{Duration, Instant},
 };
 
 use parking_lot::Mutex;
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{Value, json};
+use tokio::sync::Notify;
 
 use crate::{
     error::{Error, Result},
@@ -31,14 +32,30 @@ struct RoomTyping {
     users: HashMap<OwnedUserId, Instant>,
 }
 
+#[derive(Default)]
+struct TypingState {
+    rooms: HashMap<OwnedRoomId, RoomTyping>,
+    /// Every typing user's expiry, earliest first: the one sweeper task sleeps until the first
+    /// entry. A task per PUT would let a client pile up thousands of sleeping tasks cheaply.
+    deadlines: BTreeSet<(Instant, OwnedRoomId, OwnedUserId)>,
+}
+
 pub struct Typing {
     streams: Arc<Streams>,
-    rooms: Mutex<HashMap<OwnedRoomId, RoomTyping>>,
+    state: Mutex<TypingState>,
+    /// Wakes the sweeper when a deadline earlier than the one it sleeps on is inserted.
+    earlier: Arc<Notify>,
+    sweeper: Once,
 }
 
 impl Typing {
     pub fn new(streams: Arc<Streams>) -> Arc<Typing> {
-        Arc::new(Typing { streams, rooms: Mutex::new(HashMap::new()) })
+        Arc::new(Typing {
+            streams,
+            state: Mutex::new(TypingState::default()),
+            earlier: Arc::new(Notify::new()),
+            sweeper: Once::new(),
+        })
     }
 
     /// `PUT /rooms/{roomId}/typing/{userId}`.
@@ -46,49 +63,88 @@ impl Typing {
         if self.streams.membership(user, room_id).as_deref() != Some("join") {
             return Err(Error::forbidden("You are not in this room"));
         }
+        // Started on first use, from inside the runtime (the service is built before it runs).
+        self.sweeper.call_once(|| {
+            tokio::spawn(Self::sweep(Arc::downgrade(self)));
+        });
         let expiry = Instant::now() + Duration::from_millis(timeout_ms.unwrap_or(30_000).min(MAX_TYPING_MS));
-        let changed = {
-            let mut rooms = self.rooms.lock();
-            let room = rooms.entry(room_id.to_owned()).or_default();
-            let changed = if typing {
-                room.users.insert(user.to_owned(), expiry).is_none()
-            } else {
-                room.users.remove(user).is_some()
-            };
+        let (changed, wake_sweeper) = {
+            let mut guard = self.state.lock();
+            let state = &mut *guard;
+            let room = state.rooms.entry(room_id.to_owned()).or_default();
+            let previous = if typing { room.users.insert(user.to_owned(), expiry) } else { room.users.remove(user) };
+            let changed = previous.is_none() == typing;
             if changed {
                 room.serial = self.streams.next_ephemeral();
             }
-            changed
+            if let Some(at) = previous {
+                state.deadlines.remove(&(at, room_id.to_owned(), user.to_owned()));
+            }
+            let mut wake_sweeper = false;
+            if typing {
+                wake_sweeper = state.deadlines.first().is_none_or(|(first, _, _)| expiry < *first);
+                state.deadlines.insert((expiry, room_id.to_owned(), user.to_owned()));
+            }
+            (changed, wake_sweeper)
         };
+        if wake_sweeper {
+            self.earlier.notify_one();
+        }
         if changed {
             self.wake_room(room_id);
-        }
-        if typing {
-            let this = self.clone();
-            let (user, room_id) = (user.to_owned(), room_id.to_owned());
-            tokio::spawn(async move {
-                tokio::time::sleep_until(expiry.into()).await;
-                this.expire(&room_id, &user, expiry);
-            });
         }
         Ok(())
     }
 
-    fn expire(&self, room_id: &RoomId, user: &UserId, expiry: Instant) {
-        let expired = {
-            let mut rooms = self.rooms.lock();
-            let Some(room) = rooms.get_mut(room_id) else { return };
-            if room.users.get(user).is_some_and(|at| *at <= expiry) {
-                room.users.remove(user);
-                room.serial = self.streams.next_ephemeral();
-                true
-            } else {
-                false
+    /// The sweeper: sleeps until the earliest deadline (or until an earlier one is inserted),
+    /// then expires everything due. Ends when the service is dropped.
+    async fn sweep(this: Weak<Typing>) {
+        loop {
+            let next = {
+                let Some(typing) = this.upgrade() else { return };
+                let expired = typing.expire_due(Instant::now());
+                for room_id in expired {
+                    typing.wake_room(&room_id);
+                }
+                typing.state.lock().deadlines.first().map(|(at, _, _)| *at)
+            };
+            // Not holding a strong reference while asleep, so the service can go away. A
+            // notification sent since the deadlines were read is kept as a permit, so none is lost.
+            let Some(notify) = this.upgrade().map(|typing| typing.earlier.clone()) else { return };
+            let earlier = notify.notified();
+            match next {
+                Some(at) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                        _ = earlier => {}
+                    }
+                }
+                None => earlier.await,
             }
-        };
-        if expired {
-            self.wake_room(room_id);
         }
+    }
+
+    /// Removes every typing user whose deadline is at or before `now`; returns the rooms that
+    /// changed (their typing position has been bumped).
+    fn expire_due(&self, now: Instant) -> Vec<OwnedRoomId> {
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        let mut changed = Vec::new();
+        while let Some((at, _, _)) = state.deadlines.first() {
+            if *at > now {
+                break;
+            }
+            let (at, room_id, user) = state.deadlines.pop_first().expect("first exists");
+            let Some(room) = state.rooms.get_mut(&room_id) else { continue };
+            if room.users.get(&user) == Some(&at) {
+                room.users.remove(&user);
+                room.serial = self.streams.next_ephemeral();
+                if !changed.contains(&room_id) {
+                    changed.push(room_id);
+                }
+            }
+        }
+        changed
     }
 
     fn wake_room(&self, room_id: &RoomId) {
@@ -97,8 +153,8 @@ impl Typing {
 
     /// Who is typing in a room, if that changed after `since` (always, when `since` is 0).
     pub fn typing_since(&self, room_id: &RoomId, since: i64) -> Option<Vec<OwnedUserId>> {
-        let rooms = self.rooms.lock();
-        let room = rooms.get(room_id)?;
+        let state = self.state.lock();
+        let room = state.rooms.get(room_id)?;
         if room.serial <= since && since != 0 {
             return None;
         }

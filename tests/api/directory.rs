@@ -1,6 +1,6 @@
 //! Aliases, the public room directory and the user directory.
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::harness::{TestServer, assert_error, backend_tests, enc};
 
@@ -29,6 +29,47 @@ backend_tests! {
         assert_eq!(server.delete(alias, Some(&alice.access_token), json!({})).await.0, 200);
         assert_error(&server.get(alias, None).await, 404, "M_NOT_FOUND");
         assert_error(&server.put("/_matrix/client/v3/directory/room/%23x%3Aelsewhere.org", Some(&alice.access_token), json!({"room_id": room})).await, 400, "M_INVALID_PARAM");
+    }
+
+    async fn cached_public_list_follows_publishing_and_pages_completely(backend) {
+        let server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let mut public = Vec::new();
+        for i in 0..4 {
+            public.push(server.create_room(&alice, json!({"preset": "public_chat", "visibility": "public", "name": format!("Room {i}")})).await);
+        }
+        let hidden = server.create_room(&alice, json!({"preset": "public_chat", "name": "Hidden"})).await;
+        let list_ids = |list: &Value| -> Vec<String> { list["chunk"].as_array().unwrap().iter().map(|r| r["room_id"].as_str().unwrap().to_owned()).collect() };
+        // Builds (and caches) the list.
+        assert_eq!(list_ids(&server.get("/_matrix/client/v3/publicRooms", None).await.1).len(), 4);
+        // Publishing and unpublishing show at once, not after the cache's lifetime.
+        let vis = format!("/_matrix/client/v3/directory/list/room/{}", enc(&hidden));
+        assert_eq!(server.put(&vis, Some(&alice.access_token), json!({"visibility": "public"})).await.0, 200);
+        assert!(list_ids(&server.get("/_matrix/client/v3/publicRooms", None).await.1).contains(&hidden));
+        assert_eq!(server.put(&vis, Some(&alice.access_token), json!({"visibility": "private"})).await.0, 200);
+        assert!(!list_ids(&server.get("/_matrix/client/v3/publicRooms", None).await.1).contains(&hidden));
+        // Pages of one cover every room exactly once.
+        let mut seen = Vec::new();
+        let mut since: Option<String> = None;
+        for _ in 0..10 {
+            let path = match &since {
+                Some(s) => format!("/_matrix/client/v3/publicRooms?limit=1&since={}", enc(s)),
+                None => "/_matrix/client/v3/publicRooms?limit=1".to_owned(),
+            };
+            let (status, page) = server.get(&path, None).await;
+            assert_eq!(status, 200, "{page}");
+            seen.extend(list_ids(&page));
+            match page["next_batch"].as_str() {
+                Some(next) => since = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), seen.len(), "duplicates: {seen:?}");
+        public.sort();
+        assert_eq!(sorted, public);
     }
 
     async fn public_room_list_search_and_pagination(backend) {

@@ -17,6 +17,35 @@ async fn state(server: &TestServer, token: &str, room: &str, event_type: &str, s
 }
 
 backend_tests! {
+    async fn evicted_room_handles_reload_the_same_tip_and_state(backend) {
+        // Two loaded rooms at most: writing to six evicts the first, which is then reloaded.
+        let server = TestServer::start_with(backend, "[rooms]\nmax_loaded_rooms = 2\n").await;
+        let alice = server.register("alice").await;
+        let mut rooms = Vec::new();
+        let mut last = Vec::new();
+        for i in 0..6 {
+            let room = server.create_room(&alice, json!({"name": format!("Room {i}")})).await;
+            last.push(server.send_text(&alice, &room, &format!("first in {i}")).await);
+            rooms.push(room);
+        }
+        // Back to the first room, long evicted: the DAG continues from its latest event.
+        let second = server.send_text(&alice, &rooms[0], "second in 0").await;
+        assert_eq!(server.stored_pdu(&second).await["prev_events"], json!([last[0]]));
+        let (status, name) = state(&server, &alice.access_token, &rooms[0], "m.room.name", "").await;
+        assert_eq!((status, name["name"].clone()), (200, json!("Room 0")));
+        // A state change after the reload is current too, and sync sees every room and message.
+        assert_eq!(server.set_state(&alice, &rooms[0], "m.room.topic", "", json!({"topic": "reloaded"})).await.0, 200);
+        let (status, topic) = state(&server, &alice.access_token, &rooms[0], "m.room.topic", "").await;
+        assert_eq!((status, topic["topic"].clone()), (200, json!("reloaded")));
+        let sync = server.sync(&alice, None, None, 0).await;
+        for (i, room) in rooms.iter().enumerate() {
+            let ids = crate::harness::message_ids(&crate::harness::timeline(&sync, room));
+            assert!(ids.contains(&last[i]), "room {i}: {ids:?}");
+        }
+        let ids = crate::harness::message_ids(&crate::harness::timeline(&sync, &rooms[0]));
+        assert_eq!(ids.last(), Some(&second), "{ids:?}");
+    }
+
     async fn presets_set_join_rules_visibility_and_power(backend) {
         let server = TestServer::start(backend).await;
         let alice = server.register("alice").await;

@@ -181,6 +181,34 @@ backend_tests! {
         crate::harness::assert_error(&server.put(&format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&alice.user_id)), Some(&bob.access_token), json!({"typing": true, "timeout": 1000})).await, 403, "M_FORBIDDEN");
     }
 
+    async fn typing_timer_expiry_refresh_and_stop(backend) {
+        let server = TestServer::start(backend).await;
+        let (alice, bob, room) = two_users_in_a_room(&server).await;
+        let path = format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&bob.user_id));
+        let users = |s: &Value| ephemeral(s, &room, "m.typing").map(|t| t["content"]["user_ids"].clone());
+        let mut since = server.sync(&alice, None, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+        // Expires at the requested timeout (not before it), through the one sweeper.
+        let started = Instant::now();
+        assert_eq!(server.put(&path, Some(&bob.access_token), json!({"typing": true, "timeout": 1000})).await.0, 200);
+        (_, since) = server.sync_until(&alice, Some(since), |s| users(s) == Some(json!([bob.user_id]))).await;
+        (_, since) = server.sync_until(&alice, Some(since), |s| users(s) == Some(json!([]))).await;
+        assert!(started.elapsed() >= Duration::from_millis(900), "expired early: {:?}", started.elapsed());
+        // A refresh before expiry extends it: a 1.5 s timeout refreshed with 4 s outlives 1.5 s.
+        let refreshed = Instant::now();
+        assert_eq!(server.put(&path, Some(&bob.access_token), json!({"typing": true, "timeout": 1500})).await.0, 200);
+        assert_eq!(server.put(&path, Some(&bob.access_token), json!({"typing": true, "timeout": 4000})).await.0, 200);
+        (_, since) = server.sync_until(&alice, Some(since), |s| users(s) == Some(json!([bob.user_id]))).await;
+        (_, since) = server.sync_until(&alice, Some(since), |s| users(s) == Some(json!([]))).await;
+        assert!(refreshed.elapsed() >= Duration::from_millis(3500), "refresh did not extend: {:?}", refreshed.elapsed());
+        // Stopping clears at once, long before the 60 s timeout; the stale deadline does nothing.
+        assert_eq!(server.put(&path, Some(&bob.access_token), json!({"typing": true, "timeout": 60000})).await.0, 200);
+        (_, since) = server.sync_until(&alice, Some(since), |s| users(s) == Some(json!([bob.user_id]))).await;
+        let stopped = Instant::now();
+        assert_eq!(server.put(&path, Some(&bob.access_token), json!({"typing": false})).await.0, 200);
+        server.sync_until(&alice, Some(since), |s| users(s) == Some(json!([]))).await;
+        assert!(stopped.elapsed() < Duration::from_secs(30), "stop took {:?}", stopped.elapsed());
+    }
+
     async fn receipts_public_private_and_threaded(backend) {
         let server = TestServer::start(backend).await;
         let (alice, bob, room) = two_users_in_a_room(&server).await;

@@ -107,20 +107,41 @@ fn chunk(room: PublicRoom) -> PublicRoomsChunk {
 /// A page of the directory: entries, next and previous tokens, total count.
 type DirectoryPage = (Vec<PublicRoomsChunk>, Option<String>, Option<String>, usize);
 
-/// Pages through the public rooms: `since` is the offset of the page.
+/// Where a room sorts in the list: most members first, then by room ID.
+fn sort_key(room: &PublicRoom) -> (std::cmp::Reverse<u64>, &str) {
+    (std::cmp::Reverse(room.num_joined_members), room.room_id.as_str())
+}
+
+/// Pages through the public rooms. Tokens name a position by sort key, not by offset, so a room
+/// joining or leaving the list between two requests neither repeats nor skips others:
+/// `n{members}_{roomId}` starts after that room, `p{members}_{roomId}` ends before it.
 fn paginate(all: Vec<PublicRoom>, limit: Option<UInt>, since: Option<&str>) -> Result<DirectoryPage> {
     let total = all.len();
-    let offset = match since {
-        Some(token) => token
-            .strip_prefix('o')
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| Error::InvalidParam("invalid since token".to_owned()))?,
-        None => 0,
-    };
     let limit = limit.map_or(total.max(1), |l| u64::from(l) as usize).max(1);
-    let page: Vec<_> = all.into_iter().skip(offset).take(limit).map(chunk).collect();
-    let next = (offset + limit < total).then(|| format!("o{}", offset + limit));
-    let prev = (offset > 0).then(|| format!("o{}", offset.saturating_sub(limit)));
+    let (start, end) = match since {
+        None => (0, limit.min(total)),
+        Some(token) => {
+            let invalid = || Error::InvalidParam("invalid since token".to_owned());
+            let (forward, rest) = match token.split_at_checked(1) {
+                Some(("n", rest)) => (true, rest),
+                Some(("p", rest)) => (false, rest),
+                _ => return Err(invalid()),
+            };
+            let (members, room_id) = rest.split_once('_').ok_or_else(invalid)?;
+            let key = (std::cmp::Reverse(members.parse::<u64>().map_err(|_| invalid())?), room_id);
+            if forward {
+                let start = all.partition_point(|room| sort_key(room) <= key);
+                (start, (start + limit).min(total))
+            } else {
+                let end = all.partition_point(|room| sort_key(room) < key);
+                (end.saturating_sub(limit), end)
+            }
+        }
+    };
+    let token = |prefix: char, room: &PublicRoom| format!("{prefix}{}_{}", room.num_joined_members, room.room_id);
+    let next = (end < total && end > start).then(|| token('n', &all[end - 1]));
+    let prev = (start > 0 && start < total).then(|| token('p', &all[start]));
+    let page: Vec<_> = all.into_iter().skip(start).take(end - start).map(chunk).collect();
     Ok((page, next, prev, total))
 }
 

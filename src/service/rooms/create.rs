@@ -299,7 +299,7 @@ impl Rooms {
         // The create event is rebuilt with the timestamp its room ID was derived from.
         let result = self.append_at(&handle, events, Some(new_room), now).await;
         if let Err(err) = result {
-            self.handles.lock().remove(&room_id);
+            self.handles.lock().pop(&room_id);
             if let Some(alias) = &alias
                 && self.db.alias(alias.as_str()).await?.is_some()
             {

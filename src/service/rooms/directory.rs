@@ -1,6 +1,8 @@
 //! The room directory: aliases, the public room list and room visibility, and the user
 //! directory.
 
+use std::sync::Arc;
+
 use ruma::{OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, UserId};
 use serde_json::Value;
 
@@ -10,6 +12,9 @@ use crate::{
     service::now_ms,
     storage::StorageError,
 };
+
+/// How stale the served public room list may be.
+const PUBLIC_LIST_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One entry of the public room list.
 #[derive(Debug, Clone)]
@@ -89,7 +94,10 @@ impl Rooms {
         {
             return Err(Error::forbidden("You may not change this room's directory visibility"));
         }
-        Ok(self.db.set_room_public(room_id, public).await?)
+        self.db.set_room_public(room_id, public).await?;
+        // Publishing shows at once; other changes (names, members) within `PUBLIC_LIST_TTL`.
+        *self.public_list.lock() = None;
+        Ok(())
     }
 
     async fn state_str(&self, room_id: &RoomId, event_type: &str, field: &str) -> Result<Option<String>> {
@@ -100,33 +108,50 @@ impl Rooms {
             .filter(|s| !s.is_empty()))
     }
 
-    /// The public room list, most members first, filtered by a search term.
+    /// The public room list, most members first, filtered by a search term. Served from a
+    /// snapshot at most `PUBLIC_LIST_TTL` old: the endpoint needs no login, and building the list
+    /// reads several state events per public room, so each call must not rebuild it.
     pub async fn public_rooms(
         &self,
         search: Option<&str>,
         room_types: Option<&[Option<String>]>,
     ) -> Result<Vec<PublicRoom>> {
         let term = search.map(str::to_lowercase).filter(|t| !t.is_empty());
+        let cached =
+            self.public_list.lock().as_ref().filter(|(at, _)| at.elapsed() < PUBLIC_LIST_TTL).map(|(_, l)| l.clone());
+        let all = match cached {
+            Some(list) => list,
+            None => {
+                let list = Arc::new(self.build_public_list().await?);
+                *self.public_list.lock() = Some((std::time::Instant::now(), list.clone()));
+                list
+            }
+        };
+        Ok(all
+            .iter()
+            .filter(|room| room_types.is_none_or(|types| types.contains(&room.room_type)))
+            .filter(|room| {
+                let Some(term) = &term else { return true };
+                let haystack = [&room.name, &room.topic, &room.canonical_alias]
+                    .iter()
+                    .filter_map(|s| s.as_deref())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                haystack.to_lowercase().contains(term.as_str())
+                    || room.room_id.as_str().to_lowercase().contains(term.as_str())
+            })
+            .cloned()
+            .collect())
+    }
+
+    /// Every public room, most members first (ties by room ID, so pages are stable).
+    async fn build_public_list(&self) -> Result<Vec<PublicRoom>> {
         let mut rooms = Vec::new();
         for room_id in self.db.public_room_ids().await? {
             let name = self.state_str(&room_id, "m.room.name", "name").await?;
             let topic = self.state_str(&room_id, "m.room.topic", "topic").await?;
             let canonical_alias = self.state_str(&room_id, "m.room.canonical_alias", "alias").await?;
             let room_type = self.state_str(&room_id, "m.room.create", "type").await?;
-            if let Some(types) = room_types
-                && !types.contains(&room_type)
-            {
-                continue;
-            }
-            if let Some(term) = &term {
-                let haystack =
-                    [&name, &topic, &canonical_alias].iter().filter_map(|s| s.as_deref()).collect::<Vec<_>>().join(" ");
-                if !haystack.to_lowercase().contains(term.as_str())
-                    && !room_id.as_str().to_lowercase().contains(term.as_str())
-                {
-                    continue;
-                }
-            }
             let (joined, _) = self.streams.member_counts(&room_id);
             rooms.push(PublicRoom {
                 name,

@@ -58,6 +58,8 @@ const MAX_SNAPSHOT_INTERVAL: i64 = 1000;
 const EVENT_CACHE_SIZE: usize = 50_000;
 const GROUP_CACHE_SIZE: usize = 20_000;
 const FULL_STATE_CACHE_SIZE: usize = 64;
+/// Stripes of the per-room load lock (see `Rooms::loading`).
+const LOAD_STRIPES: usize = 64;
 
 /// Room state as a map from (event type, state key) to event ID.
 pub type StateMap = HashMap<(String, String), OwnedEventId>;
@@ -157,7 +159,14 @@ pub struct Rooms {
     pub(crate) server_name: OwnedServerName,
     keys: Arc<ServerKeys>,
     pub streams: Arc<Streams>,
-    handles: Mutex<HashMap<OwnedRoomId, Arc<RoomHandle>>>,
+    /// Loaded rooms, most recently used first. Unbounded as an LRU: [`Rooms::insert_handle`]
+    /// evicts down to `max_handles`, skipping handles in use, so a room never gets two writers.
+    handles: Mutex<LruCache<OwnedRoomId, Arc<RoomHandle>>>,
+    max_handles: usize,
+    /// Loads of handles from the database, serialised per room (by hash stripe): without this,
+    /// a load reading the tip while another request loads, writes to and evicts the same room
+    /// could insert a handle with a stale tip.
+    loading: Vec<tokio::sync::Mutex<()>>,
     events: Mutex<event_cache::EventCache>,
     groups: Mutex<LruCache<i64, Arc<GroupData>>>,
     full_states: Mutex<LruCache<i64, Arc<StateMap>>>,
@@ -168,6 +177,8 @@ pub struct Rooms {
     me: std::sync::Weak<Rooms>,
     /// Per room being upgraded: the lock its upgrade holds (see `create.rs`).
     upgrades: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The whole public room list and when it was built (see `directory.rs`).
+    public_list: Mutex<Option<(std::time::Instant, Arc<Vec<directory::PublicRoom>>)>>,
 }
 
 impl Rooms {
@@ -176,6 +187,7 @@ impl Rooms {
         server_name: OwnedServerName,
         keys: Arc<ServerKeys>,
         streams: Arc<Streams>,
+        max_handles: usize,
     ) -> Result<Arc<Rooms>> {
         let next_group = db.max_state_group().await?;
         Ok(Arc::new_cyclic(|me| Rooms {
@@ -183,7 +195,9 @@ impl Rooms {
             server_name,
             keys,
             streams,
-            handles: Mutex::new(HashMap::new()),
+            handles: Mutex::new(LruCache::unbounded()),
+            max_handles: max_handles.max(1),
+            loading: (0..LOAD_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             events: Mutex::new(event_cache::EventCache::new(EVENT_CACHE_SIZE)),
             groups: Mutex::new(LruCache::new(NonZeroUsize::new(GROUP_CACHE_SIZE).unwrap())),
             full_states: Mutex::new(LruCache::new(NonZeroUsize::new(FULL_STATE_CACHE_SIZE).unwrap())),
@@ -191,6 +205,7 @@ impl Rooms {
             ignored: Mutex::new(LruCache::new(NonZeroUsize::new(100_000).unwrap())),
             me: me.clone(),
             upgrades: Mutex::new(HashMap::new()),
+            public_list: Mutex::new(None),
         }))
     }
 
@@ -200,6 +215,14 @@ impl Rooms {
 
     /// The handle of a room this server knows; `NotFound` otherwise.
     pub async fn handle(&self, room_id: &RoomId) -> Result<Arc<RoomHandle>> {
+        if let Some(handle) = self.handles.lock().get(room_id) {
+            return Ok(handle.clone());
+        }
+        let stripe = {
+            use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+            BuildHasherDefault::<DefaultHasher>::default().hash_one(room_id) as usize % LOAD_STRIPES
+        };
+        let _loading = self.loading[stripe].lock().await;
         if let Some(handle) = self.handles.lock().get(room_id) {
             return Ok(handle.clone());
         }
@@ -222,7 +245,41 @@ impl Rooms {
             }),
             pending: Mutex::new(Vec::new()),
         });
-        Ok(self.handles.lock().entry(room_id.to_owned()).or_insert(handle).clone())
+        let mut handles = self.handles.lock();
+        if let Some(existing) = handles.get(room_id) {
+            // Another request loaded it meanwhile: theirs is the one writers may hold.
+            return Ok(existing.clone());
+        }
+        Ok(self.insert_handle(&mut handles, handle))
+    }
+
+    /// Adds a handle (absent from `handles`), then evicts least recently used handles that
+    /// nobody holds until the cache is back within its bound. Every user of a handle clones it
+    /// out of the map under this lock, so a handle the map alone holds (strong count 1) cannot
+    /// be taken meanwhile: no writer holds it or waits for it, and no message is pending on it.
+    /// Its state is all committed, so reloading it from the database later gives the same tip.
+    fn insert_handle(
+        &self,
+        handles: &mut LruCache<OwnedRoomId, Arc<RoomHandle>>,
+        handle: Arc<RoomHandle>,
+    ) -> Arc<RoomHandle> {
+        handles.put(handle.room_id.clone(), handle.clone());
+        if handles.len() > self.max_handles {
+            let excess = handles.len() - self.max_handles;
+            let idle: Vec<OwnedRoomId> = handles
+                .iter()
+                .rev()
+                .filter(|(_, h)| {
+                    Arc::strong_count(h) == 1 && h.writer.try_lock().is_ok() && h.pending.lock().is_empty()
+                })
+                .take(excess)
+                .map(|(room_id, _)| room_id.clone())
+                .collect();
+            for room_id in idle {
+                handles.pop(&room_id);
+            }
+        }
+        handle
     }
 
     /// `NotFound` unless the room exists.
@@ -422,11 +479,10 @@ impl Rooms {
             pending: Mutex::new(Vec::new()),
         });
         let mut handles = self.handles.lock();
-        if handles.contains_key(room_id) {
+        if handles.contains(room_id) {
             return Ok(None);
         }
-        handles.insert(room_id.to_owned(), handle.clone());
-        Ok(Some(handle))
+        Ok(Some(self.insert_handle(&mut handles, handle)))
     }
 
     /// Appends events to a room, in order, atomically: either all are persisted or none. Returns
