@@ -48,6 +48,10 @@ backend_tests! {
         assert!(list_ids(&server.get("/_matrix/client/v3/publicRooms", None).await.1).contains(&hidden));
         assert_eq!(server.put(&vis, Some(&alice.access_token), json!({"visibility": "private"})).await.0, 200);
         assert!(!list_ids(&server.get("/_matrix/client/v3/publicRooms", None).await.1).contains(&hidden));
+        // A room created public shows at once too.
+        let fresh = server.create_room(&alice, json!({"preset": "public_chat", "visibility": "public", "name": "Fresh"})).await;
+        assert!(list_ids(&server.get("/_matrix/client/v3/publicRooms", None).await.1).contains(&fresh));
+        public.push(fresh);
         // Pages of one cover every room exactly once.
         let mut seen = Vec::new();
         let mut since: Option<String> = None;

@@ -307,6 +307,10 @@ impl Rooms {
             }
             return Err(err);
         }
+        if request.is_public {
+            // A room published at creation shows in the directory at once, as publishing later does.
+            *self.public_list.lock() = None;
+        }
         tracing::info!(%room_id, %creator, %version, "created a room");
         Ok(room_id)
     }
