@@ -421,6 +421,18 @@ impl TestServer {
         }
         self.post("/_matrix/client/v3/login", None, body).await
     }
+
+    /// Logs `account`'s user in again as another device, `device_id`.
+    pub async fn login_device(&self, account: &Account, device_id: &str) -> Account {
+        let localpart = account.user_id.trim_start_matches('@').split(':').next().unwrap();
+        let (status, body) = self.login(localpart, &account.password, json!({"device_id": device_id})).await;
+        assert_eq!(status, 200, "{body}");
+        Account {
+            access_token: body["access_token"].as_str().unwrap().to_owned(),
+            device_id: device_id.to_owned(),
+            ..account.clone()
+        }
+    }
 }
 
 /// Room and sync helpers.

@@ -242,12 +242,7 @@ backend_tests! {
     async fn own_delivered_receipts_on_the_users_other_devices_and_initial_sync(backend) {
         let server = TestServer::start(backend).await;
         let (alice, bob, room) = two_users_in_a_room(&server).await;
-        let (_, laptop) = server.login("bob", &bob.password, json!({"device_id": "LAPTOP"})).await;
-        let laptop = crate::harness::Account {
-            access_token: laptop["access_token"].as_str().unwrap().to_owned(),
-            device_id: "LAPTOP".to_owned(),
-            ..bob.clone()
-        };
+        let laptop = server.login_device(&bob, "LAPTOP").await;
         let delivered = |s: &Value, event: &str| {
             ephemeral(s, &room, "m.receipt").is_some_and(|r| r["content"][event]["org.hearth.delivered"].get(&bob.user_id).is_some())
         };

@@ -689,18 +689,8 @@ backend_tests! {
     async fn own_delivered_receipts_reach_every_device_of_the_user(backend) {
         let server = TestServer::start(backend).await;
         let (alice, bob, room) = two_users_in_a_room(&server).await;
-        let (_, laptop) = server.login("bob", &bob.password, json!({"device_id": "LAPTOP"})).await;
-        let laptop = crate::harness::Account {
-            access_token: laptop["access_token"].as_str().unwrap().to_owned(),
-            device_id: "LAPTOP".to_owned(),
-            ..bob.clone()
-        };
-        let (_, tablet) = server.login("bob", &bob.password, json!({"device_id": "TABLET"})).await;
-        let tablet = crate::harness::Account {
-            access_token: tablet["access_token"].as_str().unwrap().to_owned(),
-            device_id: "TABLET".to_owned(),
-            ..bob.clone()
-        };
+        let laptop = server.login_device(&bob, "LAPTOP").await;
+        let tablet = server.login_device(&bob, "TABLET").await;
         let mut phone = Ws::connect(&server, Some(&bob.access_token)).await;
         phone.subscribe(None, None).await;
         let mut lap = Ws::connect(&server, Some(&laptop.access_token)).await;
