@@ -13,7 +13,7 @@ use crate::{
         account_data::AccountData,
         ephemeral::{Presence, Typing},
         notifications::Notifications,
-        rate_limit::KeyedLimit,
+        rate_limit::{KeyedLimit, UserLimits},
         receipts::Receipts,
         rooms::Rooms,
         server_keys::ServerKeys,
@@ -195,6 +195,8 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
             server_name: config.server_name.clone(),
             public_baseurl,
             max_request_body_bytes: config.limits.max_request_body_bytes,
+            request_timeout: Duration::from_secs(config.limits.request_timeout_secs),
+            max_concurrent_requests: config.limits.max_concurrent_requests,
             trusted_proxies: Arc::new(config.trusted_proxies.clone()),
             unstable_features: [
                 (config.websocket.enabled, "org.hearth.ws"),
@@ -209,6 +211,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         rate_limits: Arc::new(RateLimits {
             register: KeyedLimit::new(enabled(limits.register)),
             login: KeyedLimit::new(enabled(limits.login)),
+            user: UserLimits::new(limits),
         }),
         rooms,
         sync,
@@ -231,6 +234,7 @@ async fn housekeeping(state: AppState) {
         }
         state.rate_limits.register.forget_idle_keys();
         state.rate_limits.login.forget_idle_keys();
+        state.rate_limits.user.forget_idle_keys();
         state.rooms.streams.notifier.prune();
         remove_deactivated_members(state.clone()).await;
     }

@@ -102,7 +102,7 @@ pub struct AuthConfig {
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
-    /// Sustained rate, in actions per second per client address.
+    /// Sustained rate, in actions per second per key (a client address, an account, a user).
     pub per_second: f64,
     /// Actions allowed at once before the rate applies.
     pub burst: u32,
@@ -118,6 +118,22 @@ pub struct RateLimitsConfig {
     pub websocket_ops: RateLimit,
     /// Failed password attempts per account, whatever the address.
     pub failed_login_per_account: RateLimit,
+    /// Events sent per user (messages, state events, redactions; HTTP and WebSocket alike).
+    pub message: RateLimit,
+    /// Rooms created (and upgraded) per user.
+    pub room_creation: RateLimit,
+    /// Joins and knocks per user.
+    pub join: RateLimit,
+    /// Invites sent per user.
+    pub invite: RateLimit,
+    /// Display name and avatar changes per user (each one writes a member event in every room).
+    pub profile: RateLimit,
+    /// Explicit presence updates per user.
+    pub presence: RateLimit,
+    /// Typing notifications per user.
+    pub typing: RateLimit,
+    /// `sendToDevice` requests per user.
+    pub to_device: RateLimit,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -125,6 +141,12 @@ pub struct RateLimitsConfig {
 pub struct LimitsConfig {
     /// Largest request body accepted on the JSON APIs; larger ones get 413 `M_TOO_LARGE`.
     pub max_request_body_bytes: usize,
+    /// A request not answered within this time gets 504 (a `/sync` long-poll may take its own
+    /// timeout, at most 120 s, on top; a WebSocket is not a request once upgraded).
+    pub request_timeout_secs: u64,
+    /// Requests served at once (long-polling `/sync` and WebSockets aside); more are refused at
+    /// once with 503 `M_LIMIT_EXCEEDED` rather than queued, so an overload cannot pile up.
+    pub max_concurrent_requests: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -260,13 +282,25 @@ impl Default for RateLimitsConfig {
             login: slow,
             failed_login_per_account: slow,
             websocket_ops: RateLimit { per_second: 50.0, burst: 100 },
+            // Synapse allows 0.2 messages/s after a burst of 10; a lively conversation (or a bot
+            // answering one) goes faster than that, so Hearth allows a message a second.
+            message: RateLimit { per_second: 1.0, burst: 20 },
+            // Synapse's defaults for room creation, local joins and invites.
+            room_creation: RateLimit { per_second: 0.016, burst: 10 },
+            join: RateLimit { per_second: 0.1, burst: 10 },
+            invite: RateLimit { per_second: 0.3, burst: 10 },
+            profile: RateLimit { per_second: 0.05, burst: 5 },
+            presence: RateLimit { per_second: 0.1, burst: 5 },
+            typing: RateLimit { per_second: 1.0, burst: 10 },
+            // Synapse's limit on key requests, the bulk of to-device traffic.
+            to_device: RateLimit { per_second: 20.0, burst: 100 },
         }
     }
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { max_request_body_bytes: 1024 * 1024 }
+        LimitsConfig { max_request_body_bytes: 1024 * 1024, request_timeout_secs: 60, max_concurrent_requests: 512 }
     }
 }
 
@@ -398,6 +432,14 @@ impl Config {
             ("login", &self.rate_limits.login),
             ("failed_login_per_account", &self.rate_limits.failed_login_per_account),
             ("websocket_ops", &self.rate_limits.websocket_ops),
+            ("message", &self.rate_limits.message),
+            ("room_creation", &self.rate_limits.room_creation),
+            ("join", &self.rate_limits.join),
+            ("invite", &self.rate_limits.invite),
+            ("profile", &self.rate_limits.profile),
+            ("presence", &self.rate_limits.presence),
+            ("typing", &self.rate_limits.typing),
+            ("to_device", &self.rate_limits.to_device),
         ] {
             if !(limit.per_second.is_finite() && limit.per_second > 0.0) {
                 return bad(&format!("rate_limits.{name}.per_second"), "must be a positive number");
@@ -414,6 +456,12 @@ impl Config {
         }
         if self.limits.max_request_body_bytes < 1024 {
             return bad("limits.max_request_body_bytes", "must be at least 1024");
+        }
+        if self.limits.request_timeout_secs == 0 {
+            return bad("limits.request_timeout_secs", "must be at least 1");
+        }
+        if self.limits.max_concurrent_requests == 0 {
+            return bad("limits.max_concurrent_requests", "must be at least 1");
         }
         if self.auth.refreshable_access_token_lifetime_secs == 0 {
             return bad("auth.refreshable_access_token_lifetime_secs", "must be at least 1");

@@ -63,6 +63,12 @@ pub enum Error {
     GuestAccessForbidden,
     #[error("too many requests")]
     LimitExceeded { retry_after_ms: u64 },
+    /// The server has as many requests in flight as `limits.max_concurrent_requests` allows.
+    #[error("the server is busy, try again shortly")]
+    Overloaded,
+    /// The request ran past `limits.request_timeout_secs`.
+    #[error("the request took too long")]
+    TimedOut,
     #[error("{0}")]
     TooLarge(Cow<'static, str>),
     #[error("additional authentication required")]
@@ -114,6 +120,10 @@ impl Error {
             Error::UserDeactivated => (StatusCode::FORBIDDEN, "M_USER_DEACTIVATED"),
             Error::GuestAccessForbidden => (StatusCode::FORBIDDEN, "M_GUEST_ACCESS_FORBIDDEN"),
             Error::LimitExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED"),
+            // 503 says the server, not this client, is over its limit; the errcode and
+            // `retry_after_ms` tell Matrix clients to back off and retry, as they do for 429.
+            Error::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "M_LIMIT_EXCEEDED"),
+            Error::TimedOut => (StatusCode::GATEWAY_TIMEOUT, "M_UNKNOWN"),
             Error::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE"),
             Error::Uia(challenge) => {
                 (StatusCode::UNAUTHORIZED, challenge.failure.as_ref().map_or("", |(code, _)| code))
@@ -153,6 +163,9 @@ impl Error {
             Error::LimitExceeded { retry_after_ms } => {
                 json!({ "errcode": errcode, "error": self.to_string(), "retry_after_ms": retry_after_ms })
             }
+            Error::Overloaded => {
+                json!({ "errcode": errcode, "error": self.to_string(), "retry_after_ms": OVERLOADED_RETRY_MS })
+            }
             _ => json!({ "errcode": errcode, "error": self.to_string() }),
         }
     }
@@ -163,6 +176,9 @@ impl From<StorageError> for Error {
         Error::Internal(err.to_string())
     }
 }
+
+/// How long a client refused for overload is asked to wait.
+const OVERLOADED_RETRY_MS: u64 = 1000;
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
@@ -176,7 +192,12 @@ impl IntoResponse for Error {
             // connection (hyper closes it after this response either way).
             response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        if let Error::LimitExceeded { retry_after_ms } = self {
+        let retry_after_ms = match self {
+            Error::LimitExceeded { retry_after_ms } => Some(retry_after_ms),
+            Error::Overloaded => Some(OVERLOADED_RETRY_MS),
+            _ => None,
+        };
+        if let Some(retry_after_ms) = retry_after_ms {
             let seconds = retry_after_ms.div_ceil(1000).max(1);
             if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);

@@ -19,7 +19,7 @@ use axum::extract::FromRef;
 use crate::service::{
     account_data::AccountData,
     ephemeral::{Presence, Typing},
-    rate_limit::KeyedLimit,
+    rate_limit::{KeyedLimit, UserLimits},
     receipts::Receipts,
     rooms::Rooms,
     server_keys::ServerKeys,
@@ -33,16 +33,22 @@ pub struct ServerInfo {
     /// Base URL advertised to clients, ending in `/`.
     pub public_baseurl: String,
     pub max_request_body_bytes: usize,
+    /// `limits.request_timeout_secs`.
+    pub request_timeout: std::time::Duration,
+    /// `limits.max_concurrent_requests`.
+    pub max_concurrent_requests: usize,
     /// Proxies whose forwarding headers name the client (`trusted_proxies`).
     pub trusted_proxies: Arc<Vec<crate::config::IpNet>>,
     /// Hearth extensions advertised in `/versions` `unstable_features`.
     pub unstable_features: Vec<&'static str>,
 }
 
-/// Per-address limits on expensive unauthenticated actions.
+/// Rate limits the API applies: per address on expensive unauthenticated actions, per user on
+/// what a signed-in user does.
 pub struct RateLimits {
     pub register: KeyedLimit,
     pub login: KeyedLimit,
+    pub user: UserLimits,
 }
 
 /// Everything the router hands to handlers; each handler extracts only the parts it uses.

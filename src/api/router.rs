@@ -10,6 +10,11 @@ use axum::{
     routing::{MethodFilter, MethodRouter, get, on},
 };
 use ruma::api::{IncomingRequest, Metadata, path_builder::PathBuilder};
+use std::{sync::Arc, time::Duration};
+
+use axum::error_handling::HandleErrorLayer;
+use tokio::sync::Semaphore;
+use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
@@ -110,17 +115,68 @@ pub fn build(state: AppState) -> Router {
 
     router = push_routes(router);
     router = room_routes(router);
+    router = router.route("/_matrix/key/v2/server", get(federation::keys::server_keys));
+    router = router.fallback(unrecognized).method_not_allowed_fallback(method_not_allowed);
+
+    // Everything above is bounded in time and in number at once; what follows is added after the
+    // layer and is not: a long-poll `/sync` waits by design (it gets its own, longer, deadline),
+    // a WebSocket upgrade becomes a connection with limits of its own, and `/health` must answer
+    // even when the server is saturated.
+    let semaphore = Arc::new(Semaphore::new(state.info.max_concurrent_requests));
+    router = router.layer(request_limits(state.info.request_timeout, Some(semaphore)));
+    let sync_deadline = state.info.request_timeout + client::sync::MAX_TIMEOUT;
+    router = endpoint_with::<ruma::api::client::sync::sync_events::v3::Request>(
+        router,
+        on(method_filter::<ruma::api::client::sync::sync_events::v3::Request>(), client::sync::sync)
+            .route_layer(request_limits(sync_deadline, None)),
+    );
     router = router.route("/_matrix/client/unstable/org.hearth.ws/v1/connect", get(crate::api::ws::connect));
-    router = router.route("/_matrix/key/v2/server", get(federation::keys::server_keys)).route("/health", get(health));
+    router = router.route("/health", get(health));
 
     router
-        .fallback(unrecognized)
-        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(CatchPanicLayer::custom(|_| Error::Internal("handler panicked".to_owned()).into_response()))
         .layer(from_fn(middleware::cors))
         .layer(from_fn_with_state(trusted_proxies, middleware::client_ip))
         .layer(from_fn(middleware::log_requests))
+}
+
+/// A deadline on each request (504 once it passes) and, with a semaphore, a cap on requests in
+/// flight: over it a request is refused at once (load shedding) instead of queueing behind the
+/// others, which would only make every one of them late.
+fn request_limits(
+    deadline: Duration,
+    in_flight: Option<Arc<Semaphore>>,
+) -> impl tower::Layer<
+    axum::routing::Route,
+    Service: tower::Service<
+        axum::extract::Request,
+        Response = axum::response::Response,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Clone
+                 + Send
+                 + Sync
+                 + 'static,
+> + Clone
++ Send
++ Sync
++ 'static {
+    tower::ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(refuse_request))
+        .load_shed()
+        .option_layer(in_flight.map(GlobalConcurrencyLimitLayer::with_semaphore))
+        .timeout(deadline)
+}
+
+async fn refuse_request(err: tower::BoxError) -> Error {
+    if err.is::<tower::timeout::error::Elapsed>() {
+        Error::TimedOut
+    } else if err.is::<tower::load_shed::error::Overloaded>() {
+        Error::Overloaded
+    } else {
+        Error::Internal(format!("request layer: {err}"))
+    }
 }
 
 /// Push rules and pushers (read only: see `client::push`).
@@ -144,7 +200,7 @@ fn room_routes(mut router: Router<AppState>) -> Router<AppState> {
     };
     use ruma::api::client::{
         alias, config, context, directory, filter, knock, membership, message, presence, read_marker, receipt, redact,
-        relations, room, state, sync::sync_events, tag, threads, to_device, typing, user_directory,
+        relations, room, state, tag, threads, to_device, typing, user_directory,
     };
 
     router = endpoint::<room::create_room::v3::Request, _, _>(router, rm::create);
@@ -181,7 +237,6 @@ fn room_routes(mut router: Router<AppState>) -> Router<AppState> {
     );
     router = endpoint::<threads::get_threads::v1::Request, _, _>(router, rel::threads);
 
-    router = endpoint::<sync_events::v3::Request, _, _>(router, sy::sync);
     router = endpoint::<filter::create_filter::v3::Request, _, _>(router, sy::create_filter);
     router = endpoint::<filter::get_filter::v3::Request, _, _>(router, sy::get_filter);
 

@@ -37,6 +37,7 @@ use crate::{
     error::Error,
     service::{
         filter, now_ms,
+        rate_limit::UserAction,
         rooms::send::Sender,
         stream::StreamToken,
         sync::{Delivered, SyncRequest},
@@ -751,11 +752,16 @@ impl Connection {
         if authed.is_guest {
             return Err(OpError::new("M_GUEST_ACCESS_FORBIDDEN", "Guests cannot send here".to_owned()));
         }
+        let limits = &self.app.rate_limits.user;
         let event_id = match frame.get("state_key") {
             Some(Value::String(state_key)) => {
                 // State sends over the socket have their own transaction namespace.
                 let key = format!("state\u{1f}{event_type}\u{1f}{state_key}\u{1f}{txn_id}");
                 let txn = (authed.device_id.as_str(), key.as_str());
+                if let Some(event_id) = self.app.rooms.sent_with_txn(&authed.user_id, txn.0, &room_id, txn.1).await? {
+                    return Ok(json!({"event_id": event_id.as_str()}));
+                }
+                limits.check(UserAction::Message, &authed.user_id)?;
                 let event = self
                     .app
                     .rooms
@@ -770,6 +776,12 @@ impl Connection {
                     device_id: Some(authed.device_id.as_str()),
                     txn_id: Some(txn_id),
                 };
+                let retried =
+                    self.app.rooms.sent_with_txn(&authed.user_id, authed.device_id.as_str(), &room_id, txn_id).await?;
+                if let Some(event_id) = retried {
+                    return Ok(json!({"event_id": event_id.as_str()}));
+                }
+                limits.check(UserAction::Message, &authed.user_id)?;
                 let event = self.app.rooms.send_message(&sender, &room_id, event_type, content).await?;
                 self.app.presence.active(&authed.user_id);
                 event.pdu.event_id.clone()
@@ -783,6 +795,7 @@ impl Connection {
         let room_id = room_id_of(frame)?;
         let typing = frame.get("typing").and_then(Value::as_bool).ok_or_else(|| OpError::missing("typing"))?;
         let timeout = frame.get("timeout").and_then(Value::as_u64);
+        self.app.rate_limits.user.check(UserAction::Typing, &authed.user_id)?;
         self.app.typing.set(&authed.user_id, &room_id, typing, timeout)?;
         Ok(json!({}))
     }
@@ -825,6 +838,7 @@ impl Connection {
             // The limit of `PUT /presence/{userId}/status`.
             return Err(OpError::new("M_INVALID_PARAM", "status_msg is too long".to_owned()));
         }
+        self.app.rate_limits.user.check(UserAction::Presence, &authed.user_id)?;
         self.app.presence.set(&authed.user_id, state, status_msg);
         Ok(json!({}))
     }

@@ -139,6 +139,12 @@ impl AccountData {
         Ok(())
     }
 
+    /// Whether this device already sent a to-device request with this transaction ID (a retry,
+    /// answered without sending again or counting against the sender's rate limit).
+    pub fn is_to_device_retry(&self, sender: &UserId, sender_device: &str, txn_id: &str) -> bool {
+        self.to_device_txns.lock().contains(&(sender.to_owned(), sender_device.to_owned(), txn_id.to_owned()))
+    }
+
     /// `PUT /sendToDevice/{eventType}/{txnId}`: delivers to local devices (`*` = all of a user's
     /// devices). Messages for other servers wait for federation and are dropped for now.
     pub async fn send_to_device(

@@ -1,6 +1,7 @@
 //! Keyed token-bucket rate limits (GCRA, from the `governor` crate), answering how long the caller
-//! must wait when a key is over its budget; and [`FailureLimit`], which locks a key out once its
-//! failures have spent the budget.
+//! must wait when a key is over its budget; [`UserLimits`], one such limit per kind of action a
+//! user takes (Synapse's `rc_message`, `rc_joins`, …); and [`FailureLimit`], which locks a key out
+//! once its failures have spent the budget.
 
 use std::{
     collections::HashMap,
@@ -16,7 +17,12 @@ use governor::{
 };
 use parking_lot::Mutex;
 
-use crate::{config::RateLimit, error::Error};
+use ruma::UserId;
+
+use crate::{
+    config::{RateLimit, RateLimitsConfig},
+    error::Error,
+};
 
 /// A limit per key (a client address, an account).
 pub struct KeyedLimit {
@@ -45,6 +51,88 @@ impl KeyedLimit {
         if let Some(limiter) = &self.limiter {
             limiter.retain_recent();
             limiter.shrink_to_fit();
+        }
+    }
+}
+
+/// What a user spends from one of their budgets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserAction {
+    /// An event sent into a room: a message, a state event, a redaction.
+    Message,
+    /// A room created or upgraded.
+    RoomCreation,
+    /// A join or a knock.
+    Join,
+    Invite,
+    /// A display name or avatar change (each writes a member event into every room of the user).
+    Profile,
+    /// An explicit presence update.
+    Presence,
+    Typing,
+    /// A `sendToDevice` request.
+    ToDevice,
+}
+
+/// The per-user budgets, one per [`UserAction`], keyed by user ID.
+pub struct UserLimits {
+    message: KeyedLimit,
+    room_creation: KeyedLimit,
+    join: KeyedLimit,
+    invite: KeyedLimit,
+    profile: KeyedLimit,
+    presence: KeyedLimit,
+    typing: KeyedLimit,
+    to_device: KeyedLimit,
+}
+
+impl UserLimits {
+    /// All limits off when `config.enabled` is false.
+    pub fn new(config: &RateLimitsConfig) -> Self {
+        let limit = |limit: RateLimit| KeyedLimit::new(config.enabled.then_some(limit));
+        UserLimits {
+            message: limit(config.message),
+            room_creation: limit(config.room_creation),
+            join: limit(config.join),
+            invite: limit(config.invite),
+            profile: limit(config.profile),
+            presence: limit(config.presence),
+            typing: limit(config.typing),
+            to_device: limit(config.to_device),
+        }
+    }
+
+    /// Takes one `action` from `user`'s budget, or answers `M_LIMIT_EXCEEDED` with how long to wait.
+    pub fn check(&self, action: UserAction, user: &UserId) -> Result<(), Error> {
+        self.limit(action).check(user.as_str())
+    }
+
+    fn limit(&self, action: UserAction) -> &KeyedLimit {
+        match action {
+            UserAction::Message => &self.message,
+            UserAction::RoomCreation => &self.room_creation,
+            UserAction::Join => &self.join,
+            UserAction::Invite => &self.invite,
+            UserAction::Profile => &self.profile,
+            UserAction::Presence => &self.presence,
+            UserAction::Typing => &self.typing,
+            UserAction::ToDevice => &self.to_device,
+        }
+    }
+
+    /// Forgets users whose budgets have refilled.
+    pub fn forget_idle_keys(&self) {
+        for limit in [
+            &self.message,
+            &self.room_creation,
+            &self.join,
+            &self.invite,
+            &self.profile,
+            &self.presence,
+            &self.typing,
+            &self.to_device,
+        ] {
+            limit.forget_idle_keys();
         }
     }
 }
@@ -125,6 +213,27 @@ mod tests {
         }
         // Keys are independent.
         assert!(limit.check("b").is_ok());
+    }
+
+    #[test]
+    fn user_limits_are_per_action_and_per_user() {
+        let config = RateLimitsConfig {
+            message: RateLimit { per_second: 0.01, burst: 2 },
+            typing: RateLimit { per_second: 0.01, burst: 1 },
+            ..RateLimitsConfig::default()
+        };
+        let limits = UserLimits::new(&config);
+        let (alice, bob) = (ruma::user_id!("@alice:x"), ruma::user_id!("@bob:x"));
+        assert!(limits.check(UserAction::Message, alice).is_ok());
+        assert!(limits.check(UserAction::Message, alice).is_ok());
+        assert!(matches!(limits.check(UserAction::Message, alice), Err(Error::LimitExceeded { .. })));
+        // Another action's budget and another user's are untouched.
+        assert!(limits.check(UserAction::Typing, alice).is_ok());
+        assert!(limits.check(UserAction::Message, bob).is_ok());
+        let off = UserLimits::new(&RateLimitsConfig { enabled: false, ..config });
+        for _ in 0..100 {
+            assert!(off.check(UserAction::Message, alice).is_ok());
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio_tungstenite::{
     },
 };
 
-use crate::harness::{TestServer, backend_tests, enc, message_ids, timeline, two_users_in_a_room};
+use crate::harness::{Backend, TestServer, backend_tests, enc, message_ids, timeline, two_users_in_a_room};
 
 const PATH: &str = "/_matrix/client/unstable/org.hearth.ws/v1/connect";
 
@@ -235,6 +235,44 @@ fn assert_closing(closed: &Closed, code: u16, reason: &str) {
     assert_eq!((closing["code"].as_u64(), closing["reason"].as_str()), (Some(u64::from(code)), Some(reason)));
     if code == 4001 {
         assert!(closing.get("resume_token").is_none(), "{closing}");
+    }
+}
+
+/// The socket's `send`, `typing` and `presence` ops draw on the user's own budgets, shared with
+/// the HTTP endpoints; a retried transaction costs nothing.
+async fn socket_ops_share_the_users_budgets(backend: Backend) {
+    let config = "[rate_limits]\nenabled = true\n[rate_limits.message]\nper_second = 0.001\nburst = 2\n\
+                  [rate_limits.typing]\nper_second = 0.001\nburst = 1\n\
+                  [rate_limits.presence]\nper_second = 0.001\nburst = 1\n";
+    let server = TestServer::start_with(backend, config).await;
+    let (alice, _bob, room) = two_users_in_a_room(&server).await;
+    server.send_text_with_txn(&alice, &room, "http1", "over HTTP").await;
+    let mut ws = Ws::connect(&server, Some(&alice.access_token)).await;
+    let id = ws.op(send_op(&room, "w1", "over the socket")).await;
+    let sent = ws.answer(&id).await;
+    let event_id = sent["result"]["event_id"].as_str().expect("sent").to_owned();
+    let id = ws.op(send_op(&room, "w2", "one too many")).await;
+    let refused = ws.answer(&id).await;
+    assert_eq!(refused["errcode"], "M_LIMIT_EXCEEDED", "{refused}");
+    assert!(refused["retry_after_ms"].as_u64().unwrap_or(0) > 0, "{refused}");
+    let id = ws.op(send_op(&room, "w1", "over the socket")).await;
+    assert_eq!(ws.answer(&id).await["result"]["event_id"], event_id.as_str(), "a retry is answered, not limited");
+    let status = server
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/http2"),
+            Some(&alice.access_token),
+            json!({"body": "x", "msgtype": "m.text"}),
+        )
+        .await;
+    assert_eq!(status.1["errcode"], "M_LIMIT_EXCEEDED", "HTTP shares the budget: {}", status.1);
+    for op in [
+        json!({"op": "typing", "room_id": room, "typing": true, "timeout": 1000}),
+        json!({"op": "presence", "presence": "online"}),
+    ] {
+        let id = ws.op(op.clone()).await;
+        assert_eq!(ws.answer(&id).await["type"], "response", "{op}");
+        let id = ws.op(op.clone()).await;
+        assert_eq!(ws.answer(&id).await["errcode"], "M_LIMIT_EXCEEDED", "{op}");
     }
 }
 
@@ -763,5 +801,9 @@ backend_tests! {
         assert_eq!(resume, last, "the resume token is the last frame's token");
         let (_server, status) = stopper.join().unwrap();
         assert!(status.success());
+    }
+
+    async fn socket_ops_draw_on_the_users_budgets(backend) {
+        socket_ops_share_the_users_budgets(backend).await
     }
 }

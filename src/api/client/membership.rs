@@ -16,23 +16,26 @@ use ruma::{
 
 use crate::{
     api::{
+        RateLimits,
         extract::{AuthedUser, GuestOrUser, Ruma},
         respond::ApiResult,
     },
     error::Error,
     matrix::client_event::Format,
-    service::{ephemeral::Presence, rooms::Rooms, stream::StreamToken},
+    service::{ephemeral::Presence, rate_limit::UserAction, rooms::Rooms, stream::StreamToken},
 };
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/invite`
 pub async fn invite(
     State(rooms): State<Arc<Rooms>>,
+    State(limits): State<Arc<RateLimits>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<invite_user::v3::Request>,
 ) -> ApiResult<invite_user::v3::Response> {
     let invite_user::v3::InvitationRecipient::UserId(recipient) = req.recipient else {
         return Err(Error::forbidden("Third-party invites are not supported"));
     };
+    limits.user.check(UserAction::Invite, &authed.user_id)?;
     rooms.invite(&authed.user_id, &req.room_id, &recipient.user_id, recipient.reason.as_deref(), false).await?;
     Ok(invite_user::v3::Response::new().into())
 }
@@ -41,9 +44,11 @@ pub async fn invite(
 pub async fn join_by_id(
     State(rooms): State<Arc<Rooms>>,
     State(presence): State<Arc<Presence>>,
+    State(limits): State<Arc<RateLimits>>,
     GuestOrUser(authed): GuestOrUser,
     Ruma(req): Ruma<join_room_by_id::v3::Request>,
 ) -> ApiResult<join_room_by_id::v3::Response> {
+    limits.user.check(UserAction::Join, &authed.user_id)?;
     rooms.join(&authed.user_id, authed.is_guest, &req.room_id, req.reason.as_deref()).await?;
     presence.active(&authed.user_id);
     Ok(join_room_by_id::v3::Response::new(req.room_id).into())
@@ -53,9 +58,11 @@ pub async fn join_by_id(
 pub async fn join_by_id_or_alias(
     State(rooms): State<Arc<Rooms>>,
     State(presence): State<Arc<Presence>>,
+    State(limits): State<Arc<RateLimits>>,
     GuestOrUser(authed): GuestOrUser,
     Ruma(req): Ruma<join_room_by_id_or_alias::v3::Request>,
 ) -> ApiResult<join_room_by_id_or_alias::v3::Response> {
+    limits.user.check(UserAction::Join, &authed.user_id)?;
     let room_id = rooms.resolve_room(req.room_id_or_alias.as_str()).await?;
     rooms.join(&authed.user_id, authed.is_guest, &room_id, req.reason.as_deref()).await?;
     presence.active(&authed.user_id);
@@ -65,9 +72,11 @@ pub async fn join_by_id_or_alias(
 /// `POST /_matrix/client/v3/knock/{roomIdOrAlias}`
 pub async fn knock(
     State(rooms): State<Arc<Rooms>>,
+    State(limits): State<Arc<RateLimits>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<knock_room::v3::Request>,
 ) -> ApiResult<knock_room::v3::Response> {
+    limits.user.check(UserAction::Join, &authed.user_id)?;
     let room_id = rooms.resolve_room(req.room_id_or_alias.as_str()).await?;
     rooms.knock(&authed.user_id, &room_id, req.reason.as_deref()).await?;
     Ok(knock_room::v3::Response::new(room_id).into())

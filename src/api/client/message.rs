@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use crate::{
     api::{
+        RateLimits,
         extract::{AuthedUser, Ruma},
         respond::ApiResult,
     },
@@ -25,6 +26,7 @@ use crate::{
     service::{
         ephemeral::Presence,
         filter,
+        rate_limit::UserAction,
         rooms::{Rooms, send::Sender},
         stream::StreamToken,
     },
@@ -35,9 +37,16 @@ use crate::{
 pub async fn send(
     State(rooms): State<Arc<Rooms>>,
     State(presence): State<Arc<Presence>>,
+    State(limits): State<Arc<RateLimits>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<send_message_event::v3::Request>,
 ) -> ApiResult<send_message_event::v3::Response> {
+    if let Some(event_id) =
+        rooms.sent_with_txn(&authed.user_id, authed.device_id.as_str(), &req.room_id, req.txn_id.as_str()).await?
+    {
+        return Ok(send_message_event::v3::Response::new(event_id).into());
+    }
+    limits.user.check(UserAction::Message, &authed.user_id)?;
     let content: Value = serde_json::from_str(req.body.json().get()).map_err(|e| Error::BadJson(e.to_string()))?;
     if !content.is_object() {
         return Err(Error::BadJson("event content must be an object".to_owned()));
@@ -55,9 +64,16 @@ pub async fn send(
 /// `PUT /_matrix/client/v3/rooms/{roomId}/redact/{eventId}/{txnId}`
 pub async fn redact(
     State(rooms): State<Arc<Rooms>>,
+    State(limits): State<Arc<RateLimits>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<redact_event::v3::Request>,
 ) -> ApiResult<redact_event::v3::Response> {
+    if let Some(event_id) =
+        rooms.sent_with_txn(&authed.user_id, authed.device_id.as_str(), &req.room_id, req.txn_id.as_str()).await?
+    {
+        return Ok(redact_event::v3::Response::new(event_id).into());
+    }
+    limits.user.check(UserAction::Message, &authed.user_id)?;
     let sender = Sender {
         user_id: &authed.user_id,
         device_id: Some(authed.device_id.as_str()),

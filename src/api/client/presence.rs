@@ -10,22 +10,25 @@ use ruma::{
 
 use crate::{
     api::{
+        RateLimits,
         extract::{AuthedUser, Ruma},
         respond::ApiResult,
     },
     error::Error,
-    service::ephemeral::Presence,
+    service::{ephemeral::Presence, rate_limit::UserAction},
 };
 
 /// `PUT /_matrix/client/v3/presence/{userId}/status`
 pub async fn set(
     State(presence): State<Arc<Presence>>,
+    State(limits): State<Arc<RateLimits>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<set_presence::v3::Request>,
 ) -> ApiResult<set_presence::v3::Response> {
     if req.user_id != authed.user_id {
         return Err(Error::forbidden("You cannot set another user's presence"));
     }
+    limits.user.check(UserAction::Presence, &authed.user_id)?;
     let state = match req.presence {
         PresenceState::Online => "online",
         PresenceState::Unavailable => "unavailable",

@@ -10,11 +10,12 @@ use serde_json::Value;
 
 use crate::{
     api::{
+        RateLimits,
         extract::{AuthedUser, Ruma},
         respond::ApiResult,
     },
     error::Error,
-    service::{rooms::Rooms, users::Users},
+    service::{rate_limit::UserAction, rooms::Rooms, users::Users},
 };
 
 /// `GET /_matrix/client/v3/profile/{userId}`
@@ -46,9 +47,11 @@ pub async fn get_displayname(
 pub async fn set_displayname(
     State(users): State<Arc<Users>>,
     State(rooms): State<Arc<Rooms>>,
+    State(limits): State<Arc<RateLimits>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<set_display_name::v3::Request>,
 ) -> ApiResult<set_display_name::v3::Response> {
+    limits.user.check(UserAction::Profile, &authed.user_id)?;
     // The key is required; an empty string clears the name (as in Synapse).
     let displayname = req.displayname.ok_or_else(|| Error::MissingParam("displayname is required".to_owned()))?;
     users.set_displayname(&authed, &req.user_id, Some(&displayname)).await?;
@@ -69,9 +72,11 @@ pub async fn get_avatar_url(
 pub async fn set_avatar_url(
     State(users): State<Arc<Users>>,
     State(rooms): State<Arc<Rooms>>,
+    State(limits): State<Arc<RateLimits>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<set_avatar_url::v3::Request>,
 ) -> ApiResult<set_avatar_url::v3::Response> {
+    limits.user.check(UserAction::Profile, &authed.user_id)?;
     users.set_avatar_url(&authed, &req.user_id, req.avatar_url.as_ref().map(|url| url.as_str())).await?;
     rooms.propagate_profile(&authed.user_id).await?;
     Ok(set_avatar_url::v3::Response::new().into())

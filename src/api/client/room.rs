@@ -18,12 +18,14 @@ use serde_json::Value;
 
 use crate::{
     api::{
+        RateLimits,
         extract::{AuthedUser, Ruma},
         respond::ApiResult,
     },
     error::{Error, Result},
     matrix::client_event::Format,
     service::{
+        rate_limit::UserAction,
         rooms::{
             Rooms,
             create::{CreateRoom, Preset},
@@ -43,9 +45,11 @@ fn object_of<T>(raw: &Raw<T>, what: &str) -> Result<serde_json::Map<String, Valu
 /// `POST /_matrix/client/v3/createRoom`
 pub async fn create(
     State(rooms): State<Arc<Rooms>>,
+    State(limits): State<Arc<RateLimits>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<create_room::v3::Request>,
 ) -> ApiResult<create_room::v3::Response> {
+    limits.user.check(UserAction::RoomCreation, &authed.user_id)?;
     let preset = match req.preset.as_ref().map(|p| p.as_str()) {
         None => None,
         Some("private_chat") => Some(Preset::PrivateChat),
@@ -91,9 +95,11 @@ pub async fn create(
 /// `POST /_matrix/client/v3/rooms/{roomId}/upgrade`
 pub async fn upgrade(
     State(rooms): State<Arc<Rooms>>,
+    State(limits): State<Arc<RateLimits>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<upgrade_room::v3::Request>,
 ) -> ApiResult<upgrade_room::v3::Response> {
+    limits.user.check(UserAction::RoomCreation, &authed.user_id)?;
     let new_room = rooms.upgrade_room(&authed.user_id, &req.room_id, req.new_version).await?;
     Ok(upgrade_room::v3::Response::new(new_room).into())
 }

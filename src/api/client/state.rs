@@ -11,20 +11,23 @@ use serde_json::Value;
 
 use crate::{
     api::{
+        RateLimits,
         extract::{AuthedUser, GuestOrUser, Ruma},
         respond::ApiResult,
     },
     error::Error,
     matrix::client_event::Format,
-    service::rooms::Rooms,
+    service::{rate_limit::UserAction, rooms::Rooms},
 };
 
 /// `PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}`
 pub async fn send(
     State(rooms): State<Arc<Rooms>>,
+    State(limits): State<Arc<RateLimits>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<send_state_event::v3::Request>,
 ) -> ApiResult<send_state_event::v3::Response> {
+    limits.user.check(UserAction::Message, &authed.user_id)?;
     let content: Value = serde_json::from_str(req.body.json().get()).map_err(|e| Error::BadJson(e.to_string()))?;
     if !content.is_object() {
         return Err(Error::BadJson("state content must be an object".to_owned()));

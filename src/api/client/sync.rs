@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// Longest long-poll honoured.
-const MAX_TIMEOUT: Duration = Duration::from_secs(120);
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// `GET /_matrix/client/v3/sync`
 pub async fn sync(

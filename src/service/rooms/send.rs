@@ -19,6 +19,18 @@ pub struct Sender<'a> {
 }
 
 impl Rooms {
+    /// The event this device already sent into the room with this transaction ID, if any: a
+    /// retry is answered with it, and costs nothing from the sender's rate limit.
+    pub async fn sent_with_txn(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+        room_id: &RoomId,
+        txn_id: &str,
+    ) -> Result<Option<OwnedEventId>> {
+        Ok(self.db.txn_event(user_id, device_id, room_id, txn_id).await?)
+    }
+
     /// `PUT /rooms/{roomId}/send/{eventType}/{txnId}`.
     pub async fn send_message(
         &self,
