@@ -4,11 +4,44 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::harness::{TestServer, assert_error, backend_tests};
+use crate::harness::{Backend, TestServer, assert_error, backend_tests};
 
 const WHOAMI: &str = "/_matrix/client/v3/account/whoami";
 
+/// The median time of five logins as `user` with a wrong password.
+async fn median_failed_login(server: &TestServer, user: &str) -> Duration {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_error(&server.login(user, "not the password", json!({})).await, 403, "M_FORBIDDEN");
+        times.push(started.elapsed());
+    }
+    times.sort();
+    times[2]
+}
+
+/// An unknown name is answered only after hashing the guess (against a dummy hash), as a known
+/// one is, so response times do not tell which names exist. The bound is loose on purpose (a
+/// guard, not a measurement): without the dummy hash an unknown name answers in about 1% of the
+/// time a password check takes.
+async fn unknown_users_take_as_long_as_wrong_passwords(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    server.register("alice").await;
+    // Interleave, so a load spike on the machine hits both alike.
+    let mut known = Duration::ZERO;
+    let mut unknown = Duration::ZERO;
+    for _ in 0..2 {
+        known += median_failed_login(&server, "alice").await;
+        unknown += median_failed_login(&server, "nobody").await;
+    }
+    assert!(unknown * 4 >= known, "unknown user {unknown:?} vs wrong password {known:?}");
+}
+
 backend_tests! {
+    async fn unknown_user_logins_are_not_faster(backend) {
+        unknown_users_take_as_long_as_wrong_passwords(backend).await
+    }
+
     async fn login_flows_offer_password(backend) {
         let server = TestServer::start(backend).await;
         let (status, body) = server.get("/_matrix/client/v3/login", None).await;
