@@ -112,6 +112,10 @@ pub fn build(state: AppState) -> Router {
     router = room_routes(router);
     router = router.route("/_matrix/client/unstable/org.hearth.ws/v1/connect", get(crate::api::ws::connect));
     router = router.route("/_matrix/key/v2/server", get(federation::keys::server_keys)).route("/health", get(health));
+    router = endpoint::<ruma::api::federation::discovery::discover_homeserver::Request, _, _>(
+        router,
+        federation::discovery::well_known_server,
+    );
 
     router
         .fallback(unrecognized)
@@ -120,6 +124,34 @@ pub fn build(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(|_| Error::Internal("handler panicked".to_owned()).into_response()))
         .layer(from_fn(middleware::cors))
         .layer(from_fn_with_state(trusted_proxies, middleware::client_ip))
+        .layer(from_fn(middleware::log_requests))
+}
+
+/// The Server-Server API, served on the federation listener: every `/_matrix/federation/*` and
+/// `/_matrix/key/*` endpoint, and `/.well-known/matrix/server`. Bodies are buffered first, so the
+/// `Origin` extractor can verify the signature over them.
+pub fn build_federation(state: AppState) -> Router {
+    use ruma::api::federation::{discovery, query};
+
+    let mut router = Router::new();
+    router = endpoint::<discovery::get_server_version::v1::Request, _, _>(router, federation::discovery::version);
+    router =
+        endpoint::<discovery::discover_homeserver::Request, _, _>(router, federation::discovery::well_known_server);
+    router = endpoint::<discovery::get_server_keys::v2::Request, _, _>(router, federation::keys::server_keys);
+    router =
+        endpoint::<discovery::get_remote_server_keys_batch::v2::Request, _, _>(router, federation::keys::query_batch);
+    router = endpoint::<discovery::get_remote_server_keys::v2::Request, _, _>(router, federation::keys::query);
+    router = endpoint::<query::get_profile_information::v1::Request, _, _>(router, federation::query::profile);
+    router = endpoint::<query::get_room_information::v1::Request, _, _>(router, federation::query::directory);
+
+    let info = state.info.clone();
+    router
+        .fallback(unrecognized)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(CatchPanicLayer::custom(|_| Error::Internal("handler panicked".to_owned()).into_response()))
+        .layer(from_fn_with_state(info, middleware::buffer_body))
+        .layer(from_fn(middleware::cors))
         .layer(from_fn(middleware::log_requests))
 }
 

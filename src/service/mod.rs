@@ -6,6 +6,7 @@ pub mod account_data;
 pub mod ephemeral;
 pub mod filter;
 pub mod notifications;
+pub mod profiles;
 pub mod rate_limit;
 pub mod receipts;
 pub mod rooms;

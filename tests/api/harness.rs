@@ -57,6 +57,12 @@ macro_rules! backend_tests {
 }
 pub(crate) use backend_tests;
 
+/// reqwest is built with rustls but no bundled crypto provider (Hearth passes ring's); any client
+/// the tests build needs ring installed as the process default first.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_hearth")
 }
@@ -214,7 +220,10 @@ impl TestServer {
         let config_text = toml::to_string(&table).unwrap();
         let mut server = TestServer {
             base_url: String::new(),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
+            http: {
+                install_crypto_provider();
+                reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+            },
             child: None,
             log: Arc::new(Mutex::new(Vec::new())),
             dir,
