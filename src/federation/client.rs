@@ -152,8 +152,7 @@ impl FederationClient {
             Err(err) => {
                 // The next request runs discovery again: the peer may have moved.
                 self.peers.lock().pop(destination);
-                let cause = std::error::Error::source(&err).map(|source| format!(": {source}")).unwrap_or_default();
-                return Err(FederationError::Unreachable(format!("{destination}{path}: {err}{cause}")));
+                return Err(FederationError::Unreachable(format!("{destination}{path}: {}", error_chain(&err))));
             }
         };
         let status = response.status();
@@ -177,6 +176,18 @@ impl FederationClient {
         T::IncomingResponse::try_from_http_response(http_response)
             .map_err(|err| FederationError::BadResponse(format!("{destination}{path}: {err}")))
     }
+}
+
+/// An error and its sources, outermost first (reqwest's own message says only "client error").
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Reads a response body, refusing more than `limit` bytes.

@@ -446,7 +446,12 @@ impl Discovery {
 
     async fn fetch_well_known(&self, host: &str) -> Result<(OwnedServerName, Duration), String> {
         let url = format!("https://{host}/.well-known/matrix/server");
-        let mut response = self.well_known_http.get(&url).send().await.map_err(|err| format!("{url}: {err}"))?;
+        let mut response = self
+            .well_known_http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|err| format!("{url}: {}", crate::federation::client::error_chain(&err)))?;
         if !response.status().is_success() {
             return Err(format!("{url}: status {}", response.status()));
         }

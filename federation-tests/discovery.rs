@@ -1,0 +1,111 @@
+//! Discovery between Hearth servers: one found by plain port 8448, one by SRV, one by
+//! `.well-known` delegation, each talking to the others both ways (the profile query is signed,
+//! so the receiver also discovers the sender to fetch its key).
+
+use serde_json::json;
+
+use crate::{
+    harness::{Backend, assert_error, enc},
+    testnet::{Discovered, TestNet, skipped},
+};
+
+crate::backend_tests!(
+    peers_are_found_by_port_8448_srv_and_well_known_both_ways,
+    a_deprecated_matrix_srv_record_is_followed,
+    private_destinations_are_refused_unless_allowed,
+);
+
+async fn peers_are_found_by_port_8448_srv_and_well_known_both_ways(backend: Backend) {
+    let net = TestNet::new().await;
+    let Some(plain) = net.peer(backend, "plain.test", Discovered::Port8448, "").await else {
+        return skipped("port 8448");
+    };
+    let srv = net.peer(backend, "srv.test", Discovered::Srv, "").await.unwrap();
+    let Some(delegated) = net.peer(backend, "wk.test", Discovered::WellKnown, "").await else {
+        return skipped("port 443 for .well-known");
+    };
+    let alice = plain.server.register("alice").await;
+    let bob = srv.server.register("bob").await;
+    let carol = delegated.server.register("carol").await;
+    for (peer, account, name) in [(&plain, &alice, "Alice"), (&srv, &bob, "Bob"), (&delegated, &carol, "Carol")] {
+        let path = format!("/_matrix/client/v3/profile/{}/displayname", enc(&account.user_id));
+        let (status, body) = peer.server.put(&path, Some(&account.access_token), json!({"displayname": name})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, _) = plain
+        .server
+        .put(
+            &format!("/_matrix/client/v3/profile/{}/avatar_url", enc(&alice.user_id)),
+            Some(&alice.access_token),
+            json!({"avatar_url": "mxc://plain.test/alice"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // plain → srv (SRV), srv → wk (.well-known), wk → plain (8448); each receiver fetches the
+    // sender's key through the sender's own discovery method.
+    let (status, body) = plain.server.get(&format!("/_matrix/client/v3/profile/{}", enc(&bob.user_id)), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["displayname"], "Bob");
+    let (status, body) =
+        srv.server.get(&format!("/_matrix/client/v3/profile/{}/displayname", enc(&carol.user_id)), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["displayname"], "Carol");
+    let (status, body) =
+        delegated.server.get(&format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"displayname": "Alice", "avatar_url": "mxc://plain.test/alice"}));
+    let (status, body) =
+        delegated.server.get(&format!("/_matrix/client/v3/profile/{}/avatar_url", enc(&alice.user_id)), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"avatar_url": "mxc://plain.test/alice"}));
+
+    // And the other way round.
+    let (status, body) = srv.server.get(&format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)), None).await;
+    assert_eq!((status.as_u16(), &body["displayname"]), (200, &json!("Alice")), "{body}");
+    let (status, body) = delegated.server.get(&format!("/_matrix/client/v3/profile/{}", enc(&bob.user_id)), None).await;
+    assert_eq!((status.as_u16(), &body["displayname"]), (200, &json!("Bob")), "{body}");
+    let (status, body) = plain.server.get(&format!("/_matrix/client/v3/profile/{}", enc(&carol.user_id)), None).await;
+    assert_eq!((status.as_u16(), &body["displayname"]), (200, &json!("Carol")), "{body}");
+
+    // A user the other server does not have is not found, as for a local one.
+    let missing = plain.server.get("/_matrix/client/v3/profile/@nobody:srv.test", None).await;
+    assert_error(&missing, 404, "M_NOT_FOUND");
+}
+
+async fn a_deprecated_matrix_srv_record_is_followed(backend: Backend) {
+    let net = TestNet::new().await;
+    let Some(plain) = net.peer(backend, "plain.test", Discovered::Port8448, "").await else {
+        return skipped("port 8448");
+    };
+    let legacy = net.peer(backend, "legacy.test", Discovered::LegacySrv, "").await.unwrap();
+    let dave = legacy.server.register("dave").await;
+    let path = format!("/_matrix/client/v3/profile/{}/displayname", enc(&dave.user_id));
+    let (status, _) = legacy.server.put(&path, Some(&dave.access_token), json!({"displayname": "Dave"})).await;
+    assert_eq!(status, 200);
+    let (status, body) = plain.server.get(&path, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["displayname"], "Dave");
+}
+
+async fn private_destinations_are_refused_unless_allowed(backend: Backend) {
+    let net = TestNet::new().await;
+    let Some(plain) = net.peer(backend, "plain.test", Discovered::Port8448, "").await else {
+        return skipped("port 8448");
+    };
+    let bob = plain.server.register("bob").await;
+    // The same network, but this server keeps the default: loopback is off limits.
+    let cautious =
+        net.peer(backend, "cautious.test", Discovered::Srv, "allow_private_destinations = false").await.unwrap();
+
+    let refused = cautious.server.get(&format!("/_matrix/client/v3/profile/{}", enc(&bob.user_id)), None).await;
+    assert_error(&refused, 502, "M_UNKNOWN");
+    assert!(
+        cautious.server.log_lines().iter().any(|line| line.contains("private or reserved addresses")),
+        "the refusal names its reason in the log"
+    );
+    assert!(
+        !plain.server.log_lines().iter().any(|line| line.contains("/_matrix/federation/v1/query/profile")),
+        "no request reached the private address"
+    );
+}
