@@ -1,6 +1,6 @@
 //! Discovery between Hearth servers: one found by plain port 8448, one by SRV, one by
-//! `.well-known` delegation, each talking to the others both ways (the profile query is signed,
-//! so the receiver also discovers the sender to fetch its key).
+//! `.well-known` delegation, each talking to the others both ways (the profile and directory
+//! queries are signed, so the receiver also discovers the sender to fetch its key).
 
 use serde_json::json;
 
@@ -70,6 +70,16 @@ async fn peers_are_found_by_port_8448_srv_and_well_known_both_ways(backend: Back
 
     // A user the other server does not have is not found, as for a local one.
     let missing = plain.server.get("/_matrix/client/v3/profile/@nobody:srv.test", None).await;
+    assert_error(&missing, 404, "M_NOT_FOUND");
+
+    // Another server's room alias is asked of that server (query/directory).
+    let room = srv.server.create_room(&bob, json!({"room_alias_name": "lounge"})).await;
+    let (status, body) = plain.server.get("/_matrix/client/v3/directory/room/%23lounge%3Asrv.test", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"room_id": room, "servers": ["srv.test"]}));
+    let (status, body) = delegated.server.get("/_matrix/client/v3/directory/room/%23lounge%3Asrv.test", None).await;
+    assert_eq!((status.as_u16(), &body["room_id"]), (200, &json!(room)), "{body}");
+    let missing = plain.server.get("/_matrix/client/v3/directory/room/%23nowhere%3Asrv.test", None).await;
     assert_error(&missing, 404, "M_NOT_FOUND");
 }
 

@@ -12,6 +12,7 @@ use crate::{
     federation::{client::FederationClient, discovery::Discovery, keys::Keys, tls},
     service::{
         account_data::AccountData,
+        aliases::Aliases,
         ephemeral::{Presence, Typing},
         notifications::Notifications,
         profiles::Profiles,
@@ -273,7 +274,8 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         server_keys.clone(),
         config.federation.trusted_key_servers.clone(),
     ));
-    let profiles = Arc::new(Profiles::new(users.clone(), federation_client, config.is_federation_enabled()));
+    let profiles = Arc::new(Profiles::new(users.clone(), federation_client.clone(), config.is_federation_enabled()));
+    let aliases = Arc::new(Aliases::new(rooms.clone(), federation_client, config.is_federation_enabled()));
 
     let limits = &config.rate_limits;
     let enabled = |limit| limits.enabled.then_some(limit);
@@ -307,6 +309,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         ws: Arc::new(WsHub::new(config.websocket.clone(), limits.enabled.then_some(limits.websocket_ops))),
         keys,
         profiles,
+        aliases,
     };
     Ok(state)
 }

@@ -20,6 +20,7 @@ use crate::{
     federation::keys::Keys,
     service::{
         account_data::AccountData,
+        aliases::Aliases,
         ephemeral::{Presence, Typing},
         profiles::Profiles,
         rate_limit::KeyedLimit,
@@ -68,6 +69,7 @@ pub struct AppState {
     /// Other servers' signing keys (and the notary answers about them).
     pub keys: Arc<Keys>,
     pub profiles: Arc<Profiles>,
+    pub aliases: Arc<Aliases>,
 }
 
 macro_rules! substate {
@@ -94,4 +96,5 @@ substate!(
     ws: ws::WsHub,
     keys: Keys,
     profiles: Profiles,
+    aliases: Aliases,
 );

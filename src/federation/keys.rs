@@ -35,6 +35,16 @@ use crate::{
 /// After a failed fetch, a server's keys are not asked for again for this long (a flood of
 /// requests claiming to come from an unreachable server must not become a flood of our own).
 const FETCH_FAILURE_BACKOFF: Duration = Duration::from_secs(60);
+/// After a successful fetch, the same server is asked again this soon only for a key ID we do not
+/// have (a notary query wanting validity further out than any document gives cannot make us
+/// fetch on every request).
+const REFRESH_MIN_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy)]
+struct Attempt {
+    at: Instant,
+    succeeded: bool,
+}
 /// Servers one notary request may ask about.
 pub const MAX_NOTARY_SERVERS: usize = 100;
 
@@ -43,7 +53,7 @@ pub struct Keys {
     client: Arc<FederationClient>,
     own: Arc<ServerKeys>,
     trusted_key_servers: Vec<OwnedServerName>,
-    failed: Mutex<LruCache<OwnedServerName, Instant>>,
+    attempts: Mutex<LruCache<OwnedServerName, Attempt>>,
 }
 
 /// One server asked about in a notary query.
@@ -109,7 +119,7 @@ impl Keys {
             client,
             own,
             trusted_key_servers,
-            failed: Mutex::new(LruCache::new(NonZeroUsize::new(10_000).expect("non-zero"))),
+            attempts: Mutex::new(LruCache::new(NonZeroUsize::new(10_000).expect("non-zero"))),
         }
     }
 
@@ -157,17 +167,23 @@ impl Keys {
         if satisfies(&rows, key_ids, valid_at) {
             return Ok(key_set(&rows, valid_at));
         }
-        if let Some(until) = self.failed.lock().get(server)
-            && *until > Instant::now()
-        {
-            return Ok(key_set(&rows, valid_at));
-        }
-        match self.fetch(server, key_ids, valid_at).await {
-            Ok(()) => {
-                self.failed.lock().pop(server);
+        let has_every_key_id = !rows.is_empty() && key_ids.iter().all(|id| rows.iter().any(|row| &row.key_id == id));
+        let last = self.attempts.lock().get(server).copied();
+        if let Some(last) = last {
+            let is_quiet = if last.succeeded {
+                has_every_key_id && last.at.elapsed() < REFRESH_MIN_INTERVAL
+            } else {
+                last.at.elapsed() < FETCH_FAILURE_BACKOFF
+            };
+            if is_quiet {
+                return Ok(key_set(&rows, valid_at));
             }
+        }
+        let fetched = self.fetch(server, key_ids, valid_at).await;
+        self.attempts.lock().put(server.to_owned(), Attempt { at: Instant::now(), succeeded: fetched.is_ok() });
+        match fetched {
+            Ok(()) => {}
             Err(err) => {
-                self.failed.lock().put(server.to_owned(), Instant::now() + FETCH_FAILURE_BACKOFF);
                 if rows.is_empty() {
                     return Err(err);
                 }

@@ -3,6 +3,7 @@
 //! Services never see HTTP types; they return `crate::error::Error`.
 
 pub mod account_data;
+pub mod aliases;
 pub mod ephemeral;
 pub mod filter;
 pub mod notifications;
