@@ -79,7 +79,7 @@ async fn bad_federation_values_stop_the_start_naming_the_key() {
 async fn a_listener_without_a_certificate_says_it_speaks_plain_http() {
     let net = TestNet::new().await;
     let config = format!(
-        "server_name = \"plain-http.test\"\n[registration]\nmode = \"open\"\n[federation]\nlisten = [\"127.0.0.1:0\"]\n\
+        "server_name = \"plain-http.test\"\n[registration]\nmode = \"open\"\n[federation]\nenabled = true\nlisten = [\"127.0.0.1:0\"]\n\
          dns_servers = [\"{}\"]\n",
         net.dns.addr
     );

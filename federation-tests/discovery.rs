@@ -60,6 +60,20 @@ async fn peers_are_found_by_port_8448_srv_and_well_known_both_ways(backend: Back
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, json!({"avatar_url": "mxc://plain.test/alice"}));
 
+    // The Host header of each step of the spec: the server name for plain 8448, the name without
+    // port for SRV, the delegated name with its port for `.well-known` with an explicit port.
+    for (peer, host) in [(&srv, "srv.test"), (&delegated, "fed.wk.test:8449"), (&plain, "plain.test")] {
+        let wanted = format!("\"host\":\"{host}\"");
+        assert!(
+            peer.server
+                .log_lines()
+                .iter()
+                .any(|line| line.contains("verified a federation request") && line.contains(&wanted)),
+            "{} saw no request with Host {host}",
+            peer.name
+        );
+    }
+
     // And the other way round.
     let (status, body) = srv.server.get(&format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)), None).await;
     assert_eq!((status.as_u16(), &body["displayname"]), (200, &json!("Alice")), "{body}");

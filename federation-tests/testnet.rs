@@ -122,6 +122,7 @@ impl TestNet {
             [registration]
             mode = "open"
             [federation]
+            enabled = true
             listen = [{listen}]
             tls_certificate = "{crt}"
             tls_private_key = "{key}"

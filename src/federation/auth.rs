@@ -47,5 +47,7 @@ pub async fn verify_request(
     x_matrix
         .verify_http_request(&request, our_name, &key_map)
         .map_err(|err| AuthError(format!("the X-Matrix signature of {} does not verify: {err}", x_matrix.origin)))?;
+    let host = headers.get(http::header::HOST).and_then(|value| value.to_str().ok()).unwrap_or_default();
+    tracing::debug!(origin = %x_matrix.origin, host, "verified a federation request");
     Ok(x_matrix.origin)
 }

@@ -205,6 +205,10 @@ impl TestServer {
             data_dir = "{}"
             [rate_limits]
             enabled = false
+            # Federation stays off even for a real server_name (it would bind 0.0.0.0:8448);
+            # the federation tests switch it on with listeners and DNS of their own.
+            [federation]
+            enabled = false
             [logging]
             format = "json"
             level = "info,hearth=debug"
