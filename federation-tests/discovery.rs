@@ -11,6 +11,7 @@ use crate::{
 
 crate::backend_tests!(
     peers_are_found_by_port_8448_srv_and_well_known_both_ways,
+    peers_named_with_a_port_or_by_ip_literal_are_reached_directly,
     a_deprecated_matrix_srv_record_is_followed,
     private_destinations_are_refused_unless_allowed,
 );
@@ -74,6 +75,11 @@ async fn peers_are_found_by_port_8448_srv_and_well_known_both_ways(backend: Back
         );
     }
 
+    // The client listener serves the delegation too, where one is configured.
+    let (status, body) = delegated.server.get("/.well-known/matrix/server", None).await;
+    assert_eq!((status.as_u16(), body), (200, json!({"m.server": "fed.wk.test:8449"})));
+    assert_error(&plain.server.get("/.well-known/matrix/server", None).await, 404, "M_NOT_FOUND");
+
     // And the other way round.
     let (status, body) = srv.server.get(&format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)), None).await;
     assert_eq!((status.as_u16(), &body["displayname"]), (200, &json!("Alice")), "{body}");
@@ -95,6 +101,39 @@ async fn peers_are_found_by_port_8448_srv_and_well_known_both_ways(backend: Back
     assert_eq!((status.as_u16(), &body["room_id"]), (200, &json!(room)), "{body}");
     let missing = plain.server.get("/_matrix/client/v3/directory/room/%23nowhere%3Asrv.test", None).await;
     assert_error(&missing, 404, "M_NOT_FOUND");
+}
+
+async fn peers_named_with_a_port_or_by_ip_literal_are_reached_directly(backend: Backend) {
+    let net = TestNet::new().await;
+    let explicit = net.peer(backend, "explicit.test", Discovered::ExplicitPort, "").await.unwrap();
+    let literal = net.peer(backend, "", Discovered::IpLiteral, "").await.unwrap();
+    assert_eq!(explicit.name, "explicit.test:8452");
+    let frank = explicit.server.register("frank").await;
+    let grace = literal.server.register("grace").await;
+    assert!(grace.user_id.ends_with(&format!(":{}", literal.name)), "{}", grace.user_id);
+    for (peer, account, name) in [(&explicit, &frank, "Frank"), (&literal, &grace, "Grace")] {
+        let path = format!("/_matrix/client/v3/profile/{}/displayname", enc(&account.user_id));
+        let (status, body) = peer.server.put(&path, Some(&account.access_token), json!({"displayname": name})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) =
+        explicit.server.get(&format!("/_matrix/client/v3/profile/{}", enc(&grace.user_id)), None).await;
+    assert_eq!((status.as_u16(), &body["displayname"]), (200, &json!("Grace")), "{body}");
+    let (status, body) = literal.server.get(&format!("/_matrix/client/v3/profile/{}", enc(&frank.user_id)), None).await;
+    assert_eq!((status.as_u16(), &body["displayname"]), (200, &json!("Frank")), "{body}");
+    // The Host header is the server name with its port in both steps.
+    for peer in [&explicit, &literal] {
+        let wanted = format!("\"host\":\"{}\"", peer.name);
+        assert!(
+            peer.server
+                .log_lines()
+                .iter()
+                .any(|line| line.contains("verified a federation request") && line.contains(&wanted)),
+            "{} saw no request with Host {}",
+            peer.name,
+            peer.name
+        );
+    }
 }
 
 async fn a_deprecated_matrix_srv_record_is_followed(backend: Backend) {

@@ -34,6 +34,10 @@ pub enum Discovered {
     /// `https://<name>/.well-known/matrix/server` (served by the peer itself on port 443)
     /// delegating to `fed.<name>:8449`.
     WellKnown,
+    /// The server name has an explicit port (`<name>:8452`): an A record, no `.well-known`.
+    ExplicitPort,
+    /// The server name is an IP literal with a port (`127.0.0.x:8453`); the given name is unused.
+    IpLiteral,
 }
 
 pub struct TestNet {
@@ -148,11 +152,25 @@ impl TestNet {
     /// Starts a server named `name`, found as `how` says, with extra `[federation]` lines. None
     /// when the port that discovery method needs is taken on every address tried.
     pub async fn peer(&self, backend: Backend, name: &str, how: Discovered, federation: &str) -> Option<Peer> {
+        let mut name = name.to_owned();
         let (listen, certificate) = match how {
+            Discovered::ExplicitPort => {
+                let addr = free_address(8452)?;
+                self.dns.a(&name, ip4(addr));
+                let certificate = self.certificate(&name, &[&name]);
+                name = format!("{name}:8452");
+                (vec![addr], certificate)
+            }
+            Discovered::IpLiteral => {
+                let addr = free_address(8453)?;
+                let ip = addr.ip().to_string();
+                name = addr.to_string();
+                (vec![addr], self.certificate(&ip, &[&ip]))
+            }
             Discovered::Port8448 => {
                 let addr = free_address(8448)?;
-                self.dns.a(name, ip4(addr));
-                (vec![addr], self.certificate(name, &[name]))
+                self.dns.a(&name, ip4(addr));
+                (vec![addr], self.certificate(&name, &[&name]))
             }
             Discovered::Srv | Discovered::LegacySrv => {
                 let addr = free_address(8450)?;
@@ -161,30 +179,32 @@ impl TestNet {
                 let service = if how == Discovered::Srv { "_matrix-fed._tcp" } else { "_matrix._tcp" };
                 self.dns.srv(&format!("{service}.{name}"), &target, 8450);
                 // The certificate proves the server name, never the SRV target.
-                (vec![addr], self.certificate(name, &[name]))
+                (vec![addr], self.certificate(&name, &[&name]))
             }
             Discovered::WellKnown => {
                 let well_known = free_address(443)?;
                 let delegated = free_address(8449)?;
                 let delegated_name = format!("fed.{name}");
-                self.dns.a(name, ip4(well_known));
+                self.dns.a(&name, ip4(well_known));
                 self.dns.a(&delegated_name, ip4(delegated));
                 let federation = format!("well_known_server = \"{delegated_name}:8449\"\n{federation}");
-                let certificate = self.certificate(name, &[name, &delegated_name]);
-                let config = self.config(name, &[well_known, delegated], &certificate, &federation);
+                let certificate = self.certificate(&name, &[&name, &delegated_name]);
+                let config = self.config(&name, &[well_known, delegated], &certificate, &federation);
                 let server = TestServer::start_with(backend, &config).await;
-                return Some(Peer { server, name: name.to_owned(), federation: vec![delegated, well_known] });
+                return Some(Peer { server, name, federation: vec![delegated, well_known] });
             }
         };
-        let config = self.config(name, &listen, &certificate, federation);
+        let config = self.config(&name, &listen, &certificate, federation);
         let server = TestServer::start_with(backend, &config).await;
-        Some(Peer { server, name: name.to_owned(), federation: listen })
+        Some(Peer { server, name, federation: listen })
     }
 
     /// An HTTPS client that trusts the test CA and reaches `peer` by its name without DNS.
     pub fn client_for(&self, peer: &Peer) -> (reqwest::Client, String) {
         let addr = peer.federation[0];
         let host = if peer.federation.len() > 1 { format!("fed.{}", peer.name) } else { peer.name.clone() };
+        // A server name with an explicit port (or an IP literal with one): the host part.
+        let host = host.split(':').next().unwrap_or_default().to_owned();
         let ca = std::fs::read(self.ca_path()).unwrap();
         let client = reqwest::Client::builder()
             .tls_certs_only(reqwest::Certificate::from_pem_bundle(&ca).unwrap())

@@ -83,6 +83,15 @@ impl Destination {
     }
 }
 
+/// Which SRV record found a server.
+#[derive(Debug, Clone, Copy)]
+enum Srv {
+    /// `_matrix-fed._tcp`.
+    MatrixFed,
+    /// `_matrix._tcp`, deprecated since v1.8.
+    Matrix,
+}
+
 #[derive(Debug, Clone)]
 struct WellKnownEntry {
     delegated: Option<OwnedServerName>,
@@ -367,21 +376,16 @@ impl Discovery {
             }
             // 3.3 and 3.4: SRV records of the delegated name; 3.5: port 8448.
             let (connect, port, step) = match self.srv(delegated_host).await {
-                Some((target, port, step)) => (ConnectHost::Name(target), port, step),
+                Some((target, port, Srv::MatrixFed)) => (ConnectHost::Name(target), port, "well-known srv _matrix-fed"),
+                Some((target, port, Srv::Matrix)) => (ConnectHost::Name(target), port, "well-known srv _matrix"),
                 None => (ConnectHost::Name(delegated_host.to_owned()), DEFAULT_PORT, "well-known default port"),
-            };
-            let step = if step == "srv _matrix-fed" {
-                "well-known srv _matrix-fed"
-            } else if step == "srv _matrix" {
-                "well-known srv _matrix"
-            } else {
-                step
             };
             return Ok(found(connect, port, delegated_host, delegated_host, step, valid_until));
         }
         // Steps 4 and 5: SRV records of the server's own name; step 6: port 8448.
         let (connect, port, step) = match self.srv(host).await {
-            Some((target, port, step)) => (ConnectHost::Name(target), port, step),
+            Some((target, port, Srv::MatrixFed)) => (ConnectHost::Name(target), port, "srv _matrix-fed"),
+            Some((target, port, Srv::Matrix)) => (ConnectHost::Name(target), port, "srv _matrix (deprecated)"),
             None => (ConnectHost::Name(host.to_owned()), DEFAULT_PORT, "default port"),
         };
         Ok(found(connect, port, host, host, step, valid_until))
@@ -389,8 +393,8 @@ impl Discovery {
 
     /// `_matrix-fed._tcp.<host>`, else the deprecated `_matrix._tcp.<host>`: the chosen target and
     /// port (lowest priority, then the highest weight), or none.
-    async fn srv(&self, host: &str) -> Option<(String, u16, &'static str)> {
-        for (service, step) in [("_matrix-fed._tcp", "srv _matrix-fed"), ("_matrix._tcp", "srv _matrix")] {
+    async fn srv(&self, host: &str) -> Option<(String, u16, Srv)> {
+        for (service, which) in [("_matrix-fed._tcp", Srv::MatrixFed), ("_matrix._tcp", Srv::Matrix)] {
             let name = fqdn(&format!("{service}.{host}"));
             let lookup = match self.dns.srv_lookup(name.as_str()).await {
                 Ok(lookup) => lookup,
@@ -411,7 +415,7 @@ impl Discovery {
                 .min_by_key(|srv| (srv.priority, std::cmp::Reverse(srv.weight)));
             if let Some(srv) = best {
                 let target = srv.target.to_ascii();
-                return Some((target.trim_end_matches('.').to_owned(), srv.port, step));
+                return Some((target.trim_end_matches('.').to_owned(), srv.port, which));
             }
         }
         None
