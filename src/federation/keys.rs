@@ -16,10 +16,12 @@ use std::{
 use lru::LruCache;
 use parking_lot::Mutex;
 use ruma::{
-    CanonicalJsonObject, MilliSecondsSinceUnixEpoch, OwnedServerName, OwnedServerSigningKeyId, ServerName, UInt,
+    CanonicalJsonObject, CanonicalJsonValue, MilliSecondsSinceUnixEpoch, OwnedServerName, OwnedServerSigningKeyId,
+    ServerName, UInt,
     api::federation::discovery::{ServerSigningKeys, get_remote_server_keys_batch::v2::QueryCriteria, get_server_keys},
+    room_version_rules::SignaturesRules,
     serde::{Base64, Raw},
-    signatures::{PublicKeyMap, PublicKeySet},
+    signatures::{PublicKeyMap, PublicKeySet, required_server_signatures_to_verify_event},
 };
 
 use crate::{
@@ -107,7 +109,42 @@ fn to_object(raw: &Raw<ServerSigningKeys>) -> Result<CanonicalJsonObject, String
     serde_json::from_str(raw.json().get()).map_err(|err| format!("not a JSON object: {err}"))
 }
 
+/// The keys needed to check an event's signatures (Server-Server API, "Validating hashes and
+/// signatures on received events"): the key IDs each required server signed it with, and the
+/// time they must be valid at (its `origin_server_ts`).
+pub fn wanted_for_event(pdu: &CanonicalJsonObject, rules: &SignaturesRules) -> Result<(WantedKeys, i64), String> {
+    let servers = required_server_signatures_to_verify_event(pdu, rules).map_err(|err| err.to_string())?;
+    let signatures = match pdu.get("signatures") {
+        Some(CanonicalJsonValue::Object(signatures)) => signatures,
+        _ => return Err("the event is not signed".to_owned()),
+    };
+    let mut wanted = WantedKeys::new();
+    for server in servers {
+        let key_ids = match signatures.get(server.as_str()) {
+            Some(CanonicalJsonValue::Object(keys)) => keys.keys().cloned().collect(),
+            _ => return Err(format!("the event carries no signature of {server}")),
+        };
+        wanted.insert(server, key_ids);
+    }
+    let origin_server_ts = match pdu.get("origin_server_ts") {
+        Some(CanonicalJsonValue::Integer(ts)) => i64::from(*ts),
+        _ => return Err("the event has no origin_server_ts".to_owned()),
+    };
+    Ok((wanted, origin_server_ts))
+}
+
 impl Keys {
+    /// The public keys that verify `pdu`'s signatures, fetched when missing: hand the map to
+    /// ruma's `verify_event`. A server whose keys cannot be had is absent, so verification fails.
+    pub async fn public_key_map_for_event(
+        &self,
+        pdu: &CanonicalJsonObject,
+        rules: &SignaturesRules,
+    ) -> Result<PublicKeyMap, String> {
+        let (wanted, valid_at) = wanted_for_event(pdu, rules)?;
+        Ok(self.public_key_map(&wanted, valid_at).await)
+    }
+
     pub fn new(
         db: Db,
         client: Arc<FederationClient>,
@@ -350,5 +387,53 @@ impl Keys {
         let json =
             serde_json::value::to_raw_value(&document).map_err(|err| FederationError::BadResponse(err.to_string()))?;
         Ok(Some(Raw::from_json(json)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::room_version_rules::RoomVersionRules;
+    use serde_json::json;
+
+    use super::*;
+
+    fn pdu(value: serde_json::Value) -> CanonicalJsonObject {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn an_event_wants_its_senders_keys_at_its_timestamp() {
+        let event = pdu(json!({
+            "type": "m.room.message",
+            "sender": "@alice:a.example",
+            "room_id": "!room:a.example",
+            "origin_server_ts": 1_234,
+            "content": {"body": "hi"},
+            "signatures": {"a.example": {"ed25519:k1": "sig"}, "b.example": {"ed25519:k2": "sig"}},
+        }));
+        let (wanted, valid_at) = wanted_for_event(&event, &RoomVersionRules::V12.signatures).unwrap();
+        assert_eq!(valid_at, 1_234);
+        let a: OwnedServerName = "a.example".try_into().unwrap();
+        assert_eq!(wanted, WantedKeys::from([(a, BTreeSet::from(["ed25519:k1".to_owned()]))]));
+    }
+
+    #[test]
+    fn a_restricted_join_also_wants_the_authorising_server() {
+        let event = pdu(json!({
+            "type": "m.room.member",
+            "state_key": "@bob:b.example",
+            "sender": "@bob:b.example",
+            "room_id": "!room:a.example",
+            "origin_server_ts": 5,
+            "content": {"membership": "join", "join_authorised_via_users_server": "@alice:a.example"},
+            "signatures": {"a.example": {"ed25519:k1": "sig"}, "b.example": {"ed25519:k2": "sig"}},
+        }));
+        let (wanted, _) = wanted_for_event(&event, &RoomVersionRules::V12.signatures).unwrap();
+        assert_eq!(wanted.len(), 2);
+        let unsigned = pdu(json!({
+            "type": "m.room.message", "sender": "@alice:a.example", "origin_server_ts": 5,
+            "content": {}, "signatures": {"b.example": {"ed25519:k2": "sig"}},
+        }));
+        assert!(wanted_for_event(&unsigned, &RoomVersionRules::V12.signatures).unwrap_err().contains("a.example"));
     }
 }
