@@ -2,17 +2,20 @@
 //! `.well-known` delegation, each talking to the others both ways (the profile and directory
 //! queries are signed, so the receiver also discovers the sender to fetch its key).
 
+use std::net::SocketAddr;
+
 use serde_json::json;
 
 use crate::{
     harness::{Backend, assert_error, enc},
-    testnet::{Discovered, TestNet, skipped},
+    testnet::{Discovered, TestNet, free_address, ip4, skipped},
 };
 
 crate::backend_tests!(
     peers_are_found_by_port_8448_srv_and_well_known_both_ways,
     peers_named_with_a_port_or_by_ip_literal_are_reached_directly,
     a_deprecated_matrix_srv_record_is_followed,
+    well_known_redirects_are_followed_but_loops_and_oversized_bodies_are_not,
     private_destinations_are_refused_unless_allowed,
 );
 
@@ -171,4 +174,56 @@ async fn private_destinations_are_refused_unless_allowed(backend: Backend) {
         !plain.server.log_lines().iter().any(|line| line.contains("/_matrix/federation/v1/query/profile")),
         "no request reached the private address"
     );
+}
+
+async fn well_known_redirects_are_followed_but_loops_and_oversized_bodies_are_not(backend: Backend) {
+    use axum::{http::header, response::IntoResponse, routing::get};
+
+    let net = TestNet::new().await;
+    let Some(asker) = net.peer(backend, "asker.test", Discovered::Port8448, "").await else {
+        return skipped("port 8448");
+    };
+    // moved.test's .well-known redirects (twice) to the real answer.
+    let moved = net.peer_behind_delegation(backend, "moved.test").await.unwrap();
+    let Some(web) = free_address(443) else { return skipped("port 443") };
+    net.dns.a("moved.test", ip4(web));
+    let redirects = axum::Router::new()
+        .route(
+            "/.well-known/matrix/server",
+            get(|| async {
+                ([(header::LOCATION, "https://moved.test/step")], http::StatusCode::FOUND).into_response()
+            }),
+        )
+        .route("/step", get(|| async { ([(header::LOCATION, "/final")], http::StatusCode::MOVED_PERMANENTLY) }))
+        .route("/final", get(|| async { axum::Json(json!({"m.server": "fed.moved.test:8449"})) }));
+    net.serve_https("moved.test", web, redirects).await;
+
+    // looping.test redirects to itself; big.test answers with more than 64 KiB naming a server
+    // that does not exist. Both must count as "no .well-known": discovery goes on to port 8448,
+    // where each really is.
+    let Some(looping) = net.peer(backend, "looping.test", Discovered::Port8448, "").await else {
+        return skipped("port 8448");
+    };
+    let loops = axum::Router::new().route(
+        "/.well-known/matrix/server",
+        get(|| async {
+            ([(header::LOCATION, "https://looping.test/.well-known/matrix/server")], http::StatusCode::FOUND)
+        }),
+    );
+    net.serve_https("looping.test", SocketAddr::new(looping.federation[0].ip(), 443), loops).await;
+    let Some(big) = net.peer(backend, "big.test", Discovered::Port8448, "").await else {
+        return skipped("port 8448");
+    };
+    let oversized = axum::Router::new().route(
+        "/.well-known/matrix/server",
+        get(|| async { axum::Json(json!({"m.server": "nowhere.test:1", "padding": "x".repeat(70 * 1024)})) }),
+    );
+    net.serve_https("big.test", SocketAddr::new(big.federation[0].ip(), 443), oversized).await;
+
+    for peer in [&moved, &looping, &big] {
+        let user = peer.server.register("someone").await;
+        let (status, body) =
+            asker.server.get(&format!("/_matrix/client/v3/profile/{}", enc(&user.user_id)), None).await;
+        assert_eq!(status, 200, "{}: {body}", peer.name);
+    }
 }

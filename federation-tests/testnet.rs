@@ -71,7 +71,7 @@ fn next_ip() -> Ipv4Addr {
 
 /// A fresh loopback address whose `port` is free (another program may hold a port on every
 /// address); none after a few tries.
-fn free_address(port: u16) -> Option<SocketAddr> {
+pub fn free_address(port: u16) -> Option<SocketAddr> {
     for _ in 0..5 {
         let addr = SocketAddr::from((next_ip(), port));
         if std::net::TcpListener::bind(addr).is_ok() {
@@ -199,6 +199,28 @@ impl TestNet {
         Some(Peer { server, name, federation: listen })
     }
 
+    /// A server named `name` listening only at `fed.<name>:8449`, for a `.well-known` the test
+    /// serves itself (see [`TestNet::serve_https`]).
+    pub async fn peer_behind_delegation(&self, backend: Backend, name: &str) -> Option<Peer> {
+        let addr = free_address(8449)?;
+        let delegated_name = format!("fed.{name}");
+        self.dns.a(&delegated_name, ip4(addr));
+        let certificate = self.certificate(name, &[name, &delegated_name]);
+        let config = self.config(name, &[addr], &certificate, "");
+        let server = TestServer::start_with(backend, &config).await;
+        Some(Peer { server, name: name.to_owned(), federation: vec![addr] })
+    }
+
+    /// Serves `app` over HTTPS on `addr` with a certificate for `name` (Hearth's own TLS listener),
+    /// until the test's runtime ends.
+    pub async fn serve_https(&self, name: &str, addr: SocketAddr, app: axum::Router) {
+        let (crt, key) = self.certificate(&format!("web-{name}"), &[name]);
+        let tls = hearth::federation::tls::server_config(&crt, &key).unwrap();
+        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let listener = hearth::api::federation::listener::TlsListener::new(tcp, tls).unwrap();
+        tokio::spawn(async move { axum::serve(listener, app.into_make_service()).await });
+    }
+
     /// An HTTPS client that trusts the test CA and reaches `peer` by its name without DNS.
     pub fn client_for(&self, peer: &Peer) -> (reqwest::Client, String) {
         let addr = peer.federation[0];
@@ -217,7 +239,7 @@ impl TestNet {
     }
 }
 
-fn ip4(addr: SocketAddr) -> Ipv4Addr {
+pub fn ip4(addr: SocketAddr) -> Ipv4Addr {
     match addr.ip() {
         std::net::IpAddr::V4(ip) => ip,
         other => panic!("loopback addresses here are IPv4, not {other}"),
