@@ -219,21 +219,19 @@ async fn bind_federation(config: &Config) -> Result<Vec<(TcpListener, Option<Arc
 /// The outbound side of federation: discovery and the signing HTTP client. With federation off
 /// nothing is ever sent, so missing system CA certificates or DNS configuration do not matter.
 fn build_federation_client(config: &Config, server_keys: Arc<ServerKeys>) -> Result<Arc<FederationClient>, AppError> {
-    let enabled = config.is_federation_enabled();
     let mut federation = config.federation.clone();
-    let tls = match tls::client_config(&federation.extra_ca_certificates) {
-        Ok(tls) => tls,
-        Err(err) if enabled => return Err(AppError(err)),
-        Err(_) => rustls::ClientConfig::builder_with_provider(tls::provider())
+    let tls = if config.is_federation_enabled() {
+        tls::client_config(&federation.extra_ca_certificates).map_err(AppError)?
+    } else {
+        // Trusts nothing and asks no DNS server: it is never used, and a machine without CA
+        // certificates or /etc/resolv.conf still starts.
+        federation.dns_servers = vec![crate::config::DnsServer(SocketAddr::from(([127, 0, 0, 1], 53)))];
+        rustls::ClientConfig::builder_with_provider(tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(|err| AppError(format!("TLS: {err}")))?
             .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth(),
+            .with_no_client_auth()
     };
-    if !enabled {
-        // Never queried: keeps a machine without /etc/resolv.conf starting.
-        federation.dns_servers = vec![crate::config::DnsServer(SocketAddr::from(([127, 0, 0, 1], 53)))];
-    }
     let discovery = Discovery::new(&federation, tls.clone()).map_err(AppError)?;
     Ok(Arc::new(FederationClient::new(server_keys, Arc::new(discovery), tls)))
 }
