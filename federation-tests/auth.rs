@@ -55,4 +55,24 @@ async fn requests_without_a_valid_x_matrix_signature_are_refused(backend: Backen
         assert_eq!(status, 401, "{what}: {body}");
         assert_eq!(body["errcode"], "M_UNAUTHORIZED", "{what}: {body}");
     }
+
+    // Bad input gets a Matrix error, never a 500.
+    let no_user = "/_matrix/federation/v1/query/profile";
+    let request = client
+        .get(format!("{base}{no_user}"))
+        .header("authorization", x_matrix(&srv_key, "srv.test", "plain.test", "GET", no_user, None));
+    let (status, body) = body_of(request.send().await.unwrap()).await;
+    assert_eq!((status, &body["errcode"]), (400, &json!("M_MISSING_PARAM")), "{body}");
+    let key_query = format!("{base}/_matrix/key/v2/query");
+    for (raw, errcode) in [("not json", "M_NOT_JSON"), (r#"{"server_keys": 5}"#, "M_BAD_JSON")] {
+        let request = client.post(&key_query).header("content-type", "application/json").body(raw);
+        let (status, body) = body_of(request.send().await.unwrap()).await;
+        assert_eq!((status, &body["errcode"]), (400, &json!(errcode)), "{raw}: {body}");
+    }
+    let (status, body) =
+        body_of(client.get(format!("{base}/_matrix/key/v2/query/not%20a%20name")).send().await.unwrap()).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) =
+        body_of(client.get(format!("{base}/_matrix/federation/v1/nonsense")).send().await.unwrap()).await;
+    assert_eq!((status, &body["errcode"]), (404, &json!("M_UNRECOGNIZED")), "{body}");
 }
