@@ -8,7 +8,7 @@
 //! Invariants: nothing here holds a lock across network I/O; every outbound address passes
 //! `discovery::is_forbidden` unless `federation.allow_private_destinations`; a peer's key is used
 //! only after its document's self-signature checked out. This layer reaches storage for its key
-//! cache and never calls services.
+//! cache; of the services it uses only the server's own key (`ServerKeys`) and the clock.
 
 pub mod auth;
 pub mod client;
