@@ -7,12 +7,15 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
-    api::{AppState, RateLimits, ServerInfo, router, ws::WsHub},
+    api::{AppState, RateLimits, ServerInfo, federation::listener::TlsListener, router, ws::WsHub},
     config::Config,
+    federation::{client::FederationClient, discovery::Discovery, keys::Keys, tls},
     service::{
         account_data::AccountData,
+        aliases::Aliases,
         ephemeral::{Presence, Typing},
         notifications::Notifications,
+        profiles::Profiles,
         rate_limit::{KeyedLimit, UserLimits},
         receipts::Receipts,
         rooms::Rooms,
@@ -93,6 +96,9 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant, lock: &mut 
     }
     let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     let public_baseurl = config.public_baseurl(bound[0]);
+    let federation_listeners = bind_federation(config).await?;
+    let federation_bound: Vec<SocketAddr> =
+        federation_listeners.iter().filter_map(|(l, _)| l.local_addr().ok()).collect();
     let state = build_state(config, db.clone(), public_baseurl.clone()).await?;
     let app = router::build(state.clone());
 
@@ -109,6 +115,28 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant, lock: &mut 
                 .await
         });
     }
+    let federation_app = router::build_federation(state.clone());
+    for (listener, tls) in federation_listeners {
+        let app = federation_app.clone();
+        let mut shutdown = shutdown_rx.clone();
+        let stop = async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        };
+        match tls {
+            Some(tls) => {
+                let listener = TlsListener::new(listener, tls)
+                    .map_err(|err| AppError(format!("cannot listen for federation: {err}")))?;
+                servers.spawn(async move {
+                    axum::serve(listener, app.into_make_service()).with_graceful_shutdown(stop).await
+                });
+            }
+            None => {
+                servers.spawn(async move {
+                    axum::serve(listener, app.into_make_service()).with_graceful_shutdown(stop).await
+                });
+            }
+        }
+    }
     let housekeeping = tokio::spawn(housekeeping(state.clone()));
     let presence_sweeper = tokio::spawn(sweep_presence(state.clone()));
     // Operators may deactivate users with the CLI while the server is down or running; their
@@ -119,6 +147,7 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant, lock: &mut 
         url = %public_baseurl.trim_end_matches('/'),
         local_address = %bound[0],
         listen = ?bound,
+        federation_listen = ?federation_bound,
         server_name = %config.server_name,
         registration = config.registration_mode().as_str(),
         database = db.backend_name(),
@@ -158,6 +187,55 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant, lock: &mut 
     outcome
 }
 
+/// Binds the Server-Server API listeners (none when federation is off), each with its TLS
+/// configuration, or none for plain HTTP behind a TLS-terminating proxy.
+async fn bind_federation(config: &Config) -> Result<Vec<(TcpListener, Option<Arc<rustls::ServerConfig>>)>, AppError> {
+    if !config.is_federation_enabled() {
+        return Ok(Vec::new());
+    }
+    let federation = &config.federation;
+    let tls = match (&federation.tls_certificate, &federation.tls_private_key) {
+        (Some(certificate), Some(key)) => Some(tls::server_config(certificate, key).map_err(AppError)?),
+        _ => None,
+    };
+    let mut listeners = Vec::new();
+    for addr in &federation.listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|err| AppError(format!("config key `federation.listen`: cannot listen on {addr}: {err}")))?;
+        if tls.is_some() {
+            tracing::info!(%addr, "federation listener: TLS");
+        } else {
+            tracing::warn!(
+                %addr,
+                "federation listener: plain HTTP (no federation.tls_certificate): put a TLS-terminating proxy in front"
+            );
+        }
+        listeners.push((listener, tls.clone()));
+    }
+    Ok(listeners)
+}
+
+/// The outbound side of federation: discovery and the signing HTTP client. With federation off
+/// nothing is ever sent, so missing system CA certificates or DNS configuration do not matter.
+fn build_federation_client(config: &Config, server_keys: Arc<ServerKeys>) -> Result<Arc<FederationClient>, AppError> {
+    let mut federation = config.federation.clone();
+    let tls = if config.is_federation_enabled() {
+        tls::client_config(&federation.extra_ca_certificates).map_err(AppError)?
+    } else {
+        // Trusts nothing and asks no DNS server: it is never used, and a machine without CA
+        // certificates or /etc/resolv.conf still starts.
+        federation.dns_servers = vec![crate::config::DnsServer(SocketAddr::from(([127, 0, 0, 1], 53)))];
+        rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|err| AppError(format!("TLS: {err}")))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    };
+    let discovery = Discovery::new(&federation, tls.clone()).map_err(AppError)?;
+    Ok(Arc::new(FederationClient::new(server_keys, Arc::new(discovery), tls)))
+}
+
 /// Builds the services and the state the API layer serves from, on an open database (also used
 /// by the benchmarks, which drive the services without HTTP).
 pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Result<AppState, AppError> {
@@ -187,6 +265,15 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
     let receipts = Arc::new(Receipts::new(rooms.clone(), streams.clone(), &config.delivered_receipts));
     let sync = Arc::new(Sync::new(rooms.clone(), typing.clone(), presence.clone(), notifications, receipts.clone()));
     let account_data = Arc::new(AccountData::new(db.clone(), streams.clone()));
+    let federation_client = build_federation_client(config, server_keys.clone())?;
+    let keys = Arc::new(Keys::new(
+        db.clone(),
+        federation_client.clone(),
+        server_keys.clone(),
+        config.federation.trusted_key_servers.clone(),
+    ));
+    let profiles = Arc::new(Profiles::new(users.clone(), federation_client.clone(), config.is_federation_enabled()));
+    let aliases = Arc::new(Aliases::new(rooms.clone(), federation_client, config.is_federation_enabled()));
 
     let limits = &config.rate_limits;
     let enabled = |limit| limits.enabled.then_some(limit);
@@ -205,6 +292,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
             .into_iter()
             .filter_map(|(enabled, feature)| enabled.then_some(feature))
             .collect(),
+            well_known_server: config.federation.well_known_server.clone(),
         }),
         users: users.clone(),
         server_keys,
@@ -220,6 +308,9 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         receipts,
         account_data,
         ws: Arc::new(WsHub::new(config.websocket.clone(), limits.enabled.then_some(limits.websocket_ops))),
+        keys,
+        profiles,
+        aliases,
     };
     Ok(state)
 }

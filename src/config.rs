@@ -47,6 +47,7 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub delivered_receipts: DeliveredReceiptsConfig,
     pub rooms: RoomsConfig,
+    pub federation: FederationConfig,
     pub logging: LoggingConfig,
 }
 
@@ -223,6 +224,68 @@ impl Default for RoomsConfig {
     }
 }
 
+/// The Server-Server API: its listener, TLS, and how Hearth reaches other servers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// Default: on, unless `server_name` is `localhost` (a name no other server can reach).
+    pub enabled: Option<bool>,
+    /// Addresses of the Server-Server API listener.
+    pub listen: Vec<SocketAddr>,
+    /// PEM certificate chain and private key for the listener; without them it speaks plain HTTP
+    /// (for a TLS-terminating proxy in front).
+    pub tls_certificate: Option<PathBuf>,
+    pub tls_private_key: Option<PathBuf>,
+    /// PEM files of CA certificates trusted for outbound requests besides the system's roots.
+    pub extra_ca_certificates: Vec<PathBuf>,
+    /// DNS servers for discovery (`IP` or `IP:port`); empty means the system resolver.
+    pub dns_servers: Vec<DnsServer>,
+    /// Whether outbound requests may reach private, loopback and link-local addresses.
+    pub allow_private_destinations: bool,
+    /// When set, `/.well-known/matrix/server` delegates to this `host[:port]`.
+    pub well_known_server: Option<String>,
+    /// Notaries asked for other servers' keys before the servers themselves.
+    pub trusted_key_servers: Vec<OwnedServerName>,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        FederationConfig {
+            enabled: None,
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], 8448))],
+            tls_certificate: None,
+            tls_private_key: None,
+            extra_ca_certificates: Vec::new(),
+            dns_servers: Vec::new(),
+            allow_private_destinations: false,
+            well_known_server: None,
+            trusted_key_servers: Vec::new(),
+        }
+    }
+}
+
+/// A DNS server address: `IP` (port 53) or `IP:port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsServer(pub SocketAddr);
+
+impl std::str::FromStr for DnsServer {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            return Ok(DnsServer(SocketAddr::new(ip, 53)));
+        }
+        text.parse::<SocketAddr>().map(DnsServer).map_err(|_| format!("`{text}` is not an IP address or IP:port"))
+    }
+}
+
+impl<'de> Deserialize<'de> for DnsServer {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
@@ -255,6 +318,7 @@ impl Default for Config {
             websocket: WebSocketConfig::default(),
             delivered_receipts: DeliveredReceiptsConfig::default(),
             rooms: RoomsConfig::default(),
+            federation: FederationConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -400,7 +464,9 @@ impl Config {
             let key = err.path().to_string();
             let origin = from_env
                 .iter()
-                .find(|(path, _)| key == *path || key.starts_with(&format!("{path}.")))
+                .find(|(path, _)| {
+                    key == *path || key.starts_with(&format!("{path}.")) || key.starts_with(&format!("{path}["))
+                })
                 .map(|(_, var)| format!(" (set by {var})"))
                 .unwrap_or_default();
             ConfigError(format!("config key `{key}`{origin}: {}", err.inner()))
@@ -469,7 +535,36 @@ impl Config {
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
             return bad("logging.level", &err.to_string());
         }
+        self.validate_federation()
+    }
+
+    /// What can be checked without reading files; the certificate files themselves are read (and
+    /// the key matched against the certificate) when the listener starts, which names the key too.
+    fn validate_federation(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("config key `federation.{key}`: {why}")));
+        let federation = &self.federation;
+        if !self.is_federation_enabled() {
+            return Ok(());
+        }
+        if federation.listen.is_empty() {
+            return bad("listen", "at least one address is needed while federation is enabled");
+        }
+        match (&federation.tls_certificate, &federation.tls_private_key) {
+            (Some(_), None) => return bad("tls_private_key", "is needed with tls_certificate"),
+            (None, Some(_)) => return bad("tls_certificate", "is needed with tls_private_key"),
+            _ => {}
+        }
+        if let Some(delegate) = &federation.well_known_server
+            && <&ruma::ServerName>::try_from(delegate.as_str()).is_err()
+        {
+            return bad("well_known_server", "must be a server name: host or host:port");
+        }
         Ok(())
+    }
+
+    /// Whether the Server-Server API runs: as configured, else on for any name but `localhost`.
+    pub fn is_federation_enabled(&self) -> bool {
+        self.federation.enabled.unwrap_or(self.server_name.as_str() != "localhost")
     }
 
     /// Registration mode in force: the configured one, or open only on a development set-up.
@@ -660,6 +755,43 @@ mod tests {
             let err = load(&format!("trusted_proxies = [\"{bad}\"]\n"), &[]).unwrap_err().to_string();
             assert!(err.contains("trusted_proxies"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn federation_defaults_off_for_localhost_only() {
+        let local = Config::default();
+        assert!(!local.is_federation_enabled());
+        let real = load("server_name = \"example.org\"\n", &[]).unwrap();
+        assert!(real.is_federation_enabled());
+        assert_eq!(real.federation.listen, vec!["0.0.0.0:8448".parse().unwrap()]);
+        let off = load("server_name = \"example.org\"\n[federation]\nenabled = false\n", &[]).unwrap();
+        assert!(!off.is_federation_enabled());
+    }
+
+    #[test]
+    fn federation_keys_are_checked_and_named() {
+        let config = load(
+            "server_name = \"ours1.test\"\n[federation]\nlisten = [\"127.0.0.21:8448\"]\n\
+             dns_servers = [\"127.0.0.53:5353\", \"10.0.0.1\"]\nwell_known_server = \"matrix.example.org:443\"\n",
+            &[("HEARTH_FEDERATION__ALLOW_PRIVATE_DESTINATIONS", "true")],
+        )
+        .unwrap();
+        assert_eq!(config.federation.dns_servers[0].0, "127.0.0.53:5353".parse().unwrap());
+        assert_eq!(config.federation.dns_servers[1].0, "10.0.0.1:53".parse().unwrap());
+        assert!(config.federation.allow_private_destinations);
+        let named = |text: &str, key: &str| {
+            let err = load(&format!("server_name = \"ours1.test\"\n[federation]\n{text}\n"), &[]).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        };
+        named("listen = [\"127.0.0.21\"]", "federation.listen");
+        named("dns_servers = [\"resolver.example\"]", "federation.dns_servers");
+        named("tls_certificate = \"x.crt\"", "federation.tls_private_key");
+        named("tls_private_key = \"x.key\"", "federation.tls_certificate");
+        named("well_known_server = \"https://x/\"", "federation.well_known_server");
+        named("listen = []", "federation.listen");
+        named("trusted_key_servers = [\"not a name\"]", "federation.trusted_key_servers");
+        let err = load("", &[("HEARTH_FEDERATION__LISTEN", "[\"nowhere\"]")]).unwrap_err().to_string();
+        assert!(err.contains("HEARTH_FEDERATION__LISTEN"), "{err}");
     }
 
     #[test]

@@ -87,6 +87,13 @@ pub enum Error {
     BadAlias(String),
     #[error("you have already sent this reaction")]
     DuplicateAnnotation,
+    /// A federation request without a valid X-Matrix signature (401 `M_UNAUTHORIZED`).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Another server could not be reached or did not answer properly (502 `M_UNKNOWN`); the
+    /// cause is logged, the client gets a short message.
+    #[error("{0}")]
+    BadGateway(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -134,6 +141,8 @@ impl Error {
             Error::InvalidRoomState(_) => (StatusCode::BAD_REQUEST, "M_INVALID_ROOM_STATE"),
             Error::BadAlias(_) => (StatusCode::BAD_REQUEST, "M_BAD_ALIAS"),
             Error::DuplicateAnnotation => (StatusCode::BAD_REQUEST, "M_DUPLICATE_ANNOTATION"),
+            Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED"),
+            Error::BadGateway(_) => (StatusCode::BAD_GATEWAY, "M_UNKNOWN"),
             Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN"),
         }
     }
@@ -157,6 +166,7 @@ impl Error {
                 Value::Object(body)
             }
             Error::Internal(_) => json!({ "errcode": errcode, "error": "Internal server error" }),
+            Error::BadGateway(_) => json!({ "errcode": errcode, "error": "The other server could not be reached" }),
             Error::UnknownToken { soft_logout } => {
                 json!({ "errcode": errcode, "error": self.to_string(), "soft_logout": soft_logout })
             }
@@ -185,6 +195,9 @@ impl IntoResponse for Error {
         let (status, _) = self.status_and_errcode();
         if let Error::Internal(cause) = &self {
             tracing::error!(%cause, "request failed");
+        }
+        if let Error::BadGateway(cause) = &self {
+            tracing::warn!(%cause, "another server did not answer");
         }
         let mut response = (status, axum::Json(self.body())).into_response();
         if let Error::TooLarge(_) = self {

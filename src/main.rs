@@ -2,7 +2,7 @@
 //!
 //! With no command it runs the server. `generate-config` prints the commented example
 //! configuration; `user …` and `registration-token …` act on the database directly (safe while the
-//! server runs).
+//! server runs); `keys rotate` replaces the signing key in the data directory.
 
 use std::{io::BufRead, path::PathBuf, process::ExitCode};
 
@@ -46,6 +46,16 @@ enum Command {
     /// Manage registration tokens (for `registration.mode = "token"`).
     #[command(subcommand)]
     RegistrationToken(TokenCommand),
+    /// Manage the server's signing key.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Replace the signing key with a new one; the old key stays published in `old_verify_keys`
+    /// (expired now), so events it signed stay verifiable. Takes effect at the next start.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -94,6 +104,7 @@ enum TokenCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    hearth::federation::tls::install_default_provider();
     if let Some(Command::GenerateConfig { output }) = &cli.command {
         return report(generate_config(output.as_deref()));
     }
@@ -118,6 +129,7 @@ fn main() -> ExitCode {
             None | Some(Command::Run) => app::run(config).await,
             Some(Command::User(command)) => user_command(&config, command).await,
             Some(Command::RegistrationToken(command)) => token_command(&config, command).await,
+            Some(Command::Keys(KeysCommand::Rotate)) => rotate_key(&config),
             Some(Command::GenerateConfig { .. }) => unreachable!("handled above"),
         }
     });
@@ -235,6 +247,15 @@ async fn user_command(config: &Config, command: UserCommand) -> Result<(), AppEr
             println!("reset the password of {user_id} and logged it out everywhere");
         }
     }
+    Ok(())
+}
+
+fn rotate_key(config: &Config) -> Result<(), AppError> {
+    let (old, new) = hearth::service::server_keys::ServerKeys::rotate(&config.data_dir, hearth::service::now_ms())
+        .map_err(AppError)?;
+    println!(
+        "rotated the signing key: {old} -> {new} ({old} stays listed in old_verify_keys); restart Hearth to use it"
+    );
     Ok(())
 }
 

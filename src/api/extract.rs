@@ -1,5 +1,6 @@
 //! Extractors: [`Ruma`] parses a request into its ruma type with Matrix errors for every kind of bad
-//! input; [`AuthedUser`] and [`GuestOrUser`] prove who is calling; [`ClientIp`] is the peer address.
+//! input; [`AuthedUser`] and [`GuestOrUser`] prove who is calling; [`Origin`] proves which server
+//! signed a federation request; [`ClientIp`] is the peer address.
 
 use std::{net::IpAddr, sync::Arc};
 
@@ -18,6 +19,7 @@ use crate::{
     api::ServerInfo,
     config::IpNet,
     error::Error,
+    federation::keys::Keys,
     service::users::{Authed, Users},
 };
 
@@ -263,6 +265,47 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
         authenticate(parts, state).await.map(GuestOrUser)
+    }
+}
+
+/// The body of a federation request, read once by [`crate::api::middleware::buffer_body`] so that
+/// [`Origin`] can check the signature over it and [`Ruma`] can still parse it.
+#[derive(Clone)]
+pub struct BufferedBody(pub bytes::Bytes);
+
+/// The server that sent a federation request, proven by its X-Matrix signature (origin,
+/// destination = us, the origin's key, the signature over method, URI and body). Any failure is
+/// 401 `M_UNAUTHORIZED`.
+#[derive(Debug, Clone)]
+pub struct Origin(pub ruma::OwnedServerName);
+
+impl<S> FromRequestParts<S> for Origin
+where
+    S: Send + Sync,
+    Arc<Keys>: FromRef<S>,
+    Arc<ServerInfo>: FromRef<S>,
+{
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        let body = parts
+            .extensions
+            .get::<BufferedBody>()
+            .map(|body| body.0.clone())
+            .ok_or_else(|| Error::Internal("federation request body was not buffered".to_owned()))?;
+        let keys = Arc::<Keys>::from_ref(state);
+        let info = Arc::<ServerInfo>::from_ref(state);
+        crate::federation::auth::verify_request(
+            &keys,
+            &info.server_name,
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            &body,
+        )
+        .await
+        .map(Origin)
+        .map_err(|err| Error::Unauthorized(err.to_string()))
     }
 }
 

@@ -12,11 +12,33 @@ use axum::{
 
 use crate::{
     api::{
-        RateLimits,
-        extract::{ClientIp, forwarded_client},
+        RateLimits, ServerInfo,
+        extract::{BufferedBody, ClientIp, forwarded_client},
     },
     config::IpNet,
+    error::Error,
 };
+
+/// Reads a federation request's body (up to the body limit) into a [`BufferedBody`], for the
+/// [`crate::api::extract::Origin`] check, and passes the request on with the same body.
+pub async fn buffer_body(State(info): State<Arc<ServerInfo>>, request: Request, next: Next) -> Response {
+    let limit = info.max_request_body_bytes;
+    let (mut parts, body) = request.into_parts();
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => bytes,
+        Err(err) => {
+            let too_large =
+                std::error::Error::source(&err).is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            return if too_large {
+                Error::TooLarge(format!("Request body is larger than {limit} bytes").into()).into_response()
+            } else {
+                Error::BadJson(format!("could not read the request body: {err}")).into_response()
+            };
+        }
+    };
+    parts.extensions.insert(BufferedBody(bytes.clone()));
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
+}
 
 /// Finds the client's address (see [`forwarded_client`]) once per request, for every extractor
 /// of [`ClientIp`] after it.

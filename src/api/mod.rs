@@ -1,5 +1,5 @@
 //! HTTP API: routing, request extraction and response shaping for the Client-Server API and the
-//! server-key endpoint of the Server-Server API.
+//! Server-Server API (served on its own listener, `api::federation::listener`).
 //!
 //! Handlers are thin: parse the ruma request type, check the caller, call one service method,
 //! shape the ruma response. No SQL and no business rules live here.
@@ -16,15 +16,20 @@ use std::sync::Arc;
 
 use axum::extract::FromRef;
 
-use crate::service::{
-    account_data::AccountData,
-    ephemeral::{Presence, Typing},
-    rate_limit::{KeyedLimit, UserLimits},
-    receipts::Receipts,
-    rooms::Rooms,
-    server_keys::ServerKeys,
-    sync::Sync,
-    users::Users,
+use crate::{
+    federation::keys::Keys,
+    service::{
+        account_data::AccountData,
+        aliases::Aliases,
+        ephemeral::{Presence, Typing},
+        profiles::Profiles,
+        rate_limit::{KeyedLimit, UserLimits},
+        receipts::Receipts,
+        rooms::Rooms,
+        server_keys::ServerKeys,
+        sync::Sync,
+        users::Users,
+    },
 };
 
 /// Facts about this server that handlers need to answer requests.
@@ -41,6 +46,8 @@ pub struct ServerInfo {
     pub trusted_proxies: Arc<Vec<crate::config::IpNet>>,
     /// Hearth extensions advertised in `/versions` `unstable_features`.
     pub unstable_features: Vec<&'static str>,
+    /// The `m.server` of `/.well-known/matrix/server`, when delegation is configured.
+    pub well_known_server: Option<String>,
 }
 
 /// Rate limits the API applies: per address on expensive unauthenticated actions, per user on
@@ -65,6 +72,10 @@ pub struct AppState {
     pub receipts: Arc<Receipts>,
     pub account_data: Arc<AccountData>,
     pub ws: Arc<ws::WsHub>,
+    /// Other servers' signing keys (and the notary answers about them).
+    pub keys: Arc<Keys>,
+    pub profiles: Arc<Profiles>,
+    pub aliases: Arc<Aliases>,
 }
 
 macro_rules! substate {
@@ -87,6 +98,9 @@ substate!(
     typing: Typing,
     presence: Presence,
     receipts: Receipts,
-        account_data: AccountData,
+    account_data: AccountData,
     ws: ws::WsHub,
+    keys: Keys,
+    profiles: Profiles,
+    aliases: Aliases,
 );

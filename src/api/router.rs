@@ -116,6 +116,10 @@ pub fn build(state: AppState) -> Router {
     router = push_routes(router);
     router = room_routes(router);
     router = router.route("/_matrix/key/v2/server", get(federation::keys::server_keys));
+    router = endpoint::<ruma::api::federation::discovery::discover_homeserver::Request, _, _>(
+        router,
+        federation::discovery::well_known_server,
+    );
     router = router.fallback(unrecognized).method_not_allowed_fallback(method_not_allowed);
 
     // Everything above is bounded in time and in number at once; what follows is added after the
@@ -177,6 +181,38 @@ async fn refuse_request(err: tower::BoxError) -> Error {
     } else {
         Error::Internal(format!("request layer: {err}"))
     }
+}
+
+/// The Server-Server API, served on the federation listener: every `/_matrix/federation/*` and
+/// `/_matrix/key/*` endpoint, and `/.well-known/matrix/server`. Bodies are buffered first, so the
+/// `Origin` extractor can verify the signature over them.
+pub fn build_federation(state: AppState) -> Router {
+    use ruma::api::federation::{discovery, query};
+
+    let mut router = Router::new();
+    router = endpoint::<discovery::get_server_version::v1::Request, _, _>(router, federation::discovery::version);
+    router =
+        endpoint::<discovery::discover_homeserver::Request, _, _>(router, federation::discovery::well_known_server);
+    router = endpoint::<discovery::get_server_keys::v2::Request, _, _>(router, federation::keys::server_keys);
+    router =
+        endpoint::<discovery::get_remote_server_keys_batch::v2::Request, _, _>(router, federation::keys::query_batch);
+    router = endpoint::<discovery::get_remote_server_keys::v2::Request, _, _>(router, federation::keys::query);
+    router = endpoint::<query::get_profile_information::v1::Request, _, _>(router, federation::query::profile);
+    router = endpoint::<query::get_room_information::v1::Request, _, _>(router, federation::query::directory);
+
+    router = router.fallback(unrecognized).method_not_allowed_fallback(method_not_allowed);
+    // Other servers get the same deadline and an in-flight cap of their own, so a flood of
+    // federation traffic cannot take the slots of the server's own users.
+    let semaphore = Arc::new(Semaphore::new(state.info.max_concurrent_requests));
+    router = router.layer(request_limits(state.info.request_timeout, Some(semaphore)));
+
+    let info = state.info.clone();
+    router
+        .with_state(state)
+        .layer(CatchPanicLayer::custom(|_| Error::Internal("handler panicked".to_owned()).into_response()))
+        .layer(from_fn_with_state(info, middleware::buffer_body))
+        .layer(from_fn(middleware::cors))
+        .layer(from_fn(middleware::log_requests))
 }
 
 /// Push rules and pushers (read only: see `client::push`).

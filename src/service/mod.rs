@@ -3,9 +3,11 @@
 //! Services never see HTTP types; they return `crate::error::Error`.
 
 pub mod account_data;
+pub mod aliases;
 pub mod ephemeral;
 pub mod filter;
 pub mod notifications;
+pub mod profiles;
 pub mod rate_limit;
 pub mod receipts;
 pub mod rooms;

@@ -14,6 +14,7 @@
 pub mod accounts;
 pub mod lock;
 pub mod rooms;
+pub mod server_keys;
 pub mod stream;
 
 use std::{borrow::Cow, path::Path, str::FromStr, time::Duration};
@@ -55,6 +56,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "accounts", include_str!("../../migrations/sqlite/0001_accounts.sql")),
     (2, "rooms", include_str!("../../migrations/sqlite/0002_rooms.sql")),
     (5, "upgrades_and_stream_position", include_str!("../../migrations/sqlite/0005_upgrades_and_stream_position.sql")),
+    (6, "federation_transport", include_str!("../../migrations/sqlite/0006_federation_transport.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "accounts", include_str!("../../migrations/postgres/0001_accounts.sql")),
@@ -64,6 +66,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         "upgrades_and_stream_position",
         include_str!("../../migrations/postgres/0005_upgrades_and_stream_position.sql"),
     ),
+    (6, "federation_transport", include_str!("../../migrations/postgres/0006_federation_transport.sql")),
 ];
 
 /// A storage failure, in terms the service layer can act on.

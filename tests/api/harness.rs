@@ -57,6 +57,12 @@ macro_rules! backend_tests {
 }
 pub(crate) use backend_tests;
 
+/// reqwest is built with rustls but no bundled crypto provider (Hearth passes ring's); any client
+/// the tests build needs ring installed as the process default first.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_hearth")
 }
@@ -199,6 +205,10 @@ impl TestServer {
             data_dir = "{}"
             [rate_limits]
             enabled = false
+            # Federation stays off even for a real server_name (it would bind 0.0.0.0:8448);
+            # the federation tests switch it on with listeners and DNS of their own.
+            [federation]
+            enabled = false
             [logging]
             format = "json"
             level = "info,hearth=debug"
@@ -214,7 +224,10 @@ impl TestServer {
         let config_text = toml::to_string(&table).unwrap();
         let mut server = TestServer {
             base_url: String::new(),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
+            http: {
+                install_crypto_provider();
+                reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+            },
             child: None,
             log: Arc::new(Mutex::new(Vec::new())),
             dir,

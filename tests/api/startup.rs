@@ -112,6 +112,7 @@ async fn zero_config_start_creates_data_dir_and_serves() {
     assert!(dir.path().join("hearth-data/hearth.db").exists());
     assert!(dir.path().join("hearth-data/signing.key").exists());
     let url = ready.split("point a Matrix client at ").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    crate::harness::install_crypto_provider();
     let client = reqwest::Client::new();
     let body: serde_json::Value = client
         .post(format!("{url}/_matrix/client/v3/register"))

@@ -20,7 +20,10 @@ use crate::{
         respond::ApiResult,
     },
     error::{Error, Result},
-    service::rooms::{Rooms, directory::PublicRoom},
+    service::{
+        aliases::Aliases,
+        rooms::{Rooms, directory::PublicRoom},
+    },
 };
 
 /// `PUT /_matrix/client/v3/directory/room/{roomAlias}`
@@ -33,13 +36,12 @@ pub async fn create(
     Ok(create_alias::v3::Response::new().into())
 }
 
-/// `GET /_matrix/client/v3/directory/room/{roomAlias}`
+/// `GET /_matrix/client/v3/directory/room/{roomAlias}` (another server's alias is asked of it)
 pub async fn get(
-    State(rooms): State<Arc<Rooms>>,
+    State(aliases): State<Arc<Aliases>>,
     Ruma(req): Ruma<get_alias::v3::Request>,
 ) -> ApiResult<get_alias::v3::Response> {
-    let (room_id, servers) = rooms.resolve_alias(&req.room_alias).await?;
-    let servers = servers.into_iter().filter_map(|s| s.try_into().ok()).collect();
+    let (room_id, servers) = aliases.resolve(&req.room_alias).await?;
     Ok(get_alias::v3::Response::new(room_id, servers).into())
 }
 

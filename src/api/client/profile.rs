@@ -1,11 +1,12 @@
-//! User profiles: display name and avatar.
-//!
-//! Only local users have profiles here until federation can ask other servers.
+//! User profiles: display name and avatar; a remote user's is asked of their server.
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use ruma::api::client::profile::{get_avatar_url, get_display_name, get_profile, set_avatar_url, set_display_name};
+use ruma::{
+    api::client::profile::{get_avatar_url, get_display_name, get_profile, set_avatar_url, set_display_name},
+    profile::ProfileFieldName,
+};
 use serde_json::Value;
 
 use crate::{
@@ -15,32 +16,34 @@ use crate::{
         respond::ApiResult,
     },
     error::Error,
-    service::{rate_limit::UserAction, rooms::Rooms, users::Users},
+    service::{profiles::Profiles, rate_limit::UserAction, rooms::Rooms, users::Users},
 };
 
 /// `GET /_matrix/client/v3/profile/{userId}`
 pub async fn get(
-    State(users): State<Arc<Users>>,
+    State(profiles): State<Arc<Profiles>>,
     Ruma(req): Ruma<get_profile::v3::Request>,
 ) -> ApiResult<get_profile::v3::Response> {
-    let user = users.profile(&req.user_id).await?;
+    let profile = profiles.profile(&req.user_id, None).await?;
     let mut response = get_profile::v3::Response::new();
-    if let Some(name) = user.displayname {
-        response.set("displayname".to_owned(), Value::String(name));
-    }
-    if let Some(url) = user.avatar_url {
-        response.set("avatar_url".to_owned(), Value::String(url));
+    for (field, value) in profile.iter() {
+        response.set(field.clone(), value.clone());
     }
     Ok(response.into())
 }
 
+/// A string field of a profile (a remote server may send anything).
+fn text_field(profile: &ruma::profile::UserProfile, field: &str) -> Option<String> {
+    profile.get(field).and_then(Value::as_str).map(str::to_owned)
+}
+
 /// `GET /_matrix/client/v3/profile/{userId}/displayname`
 pub async fn get_displayname(
-    State(users): State<Arc<Users>>,
+    State(profiles): State<Arc<Profiles>>,
     Ruma(req): Ruma<get_display_name::v3::Request>,
 ) -> ApiResult<get_display_name::v3::Response> {
-    let user = users.profile(&req.user_id).await?;
-    Ok(get_display_name::v3::Response::new(user.displayname).into())
+    let profile = profiles.profile(&req.user_id, Some(&ProfileFieldName::DisplayName)).await?;
+    Ok(get_display_name::v3::Response::new(text_field(&profile, "displayname")).into())
 }
 
 /// `PUT /_matrix/client/v3/profile/{userId}/displayname`
@@ -61,11 +64,11 @@ pub async fn set_displayname(
 
 /// `GET /_matrix/client/v3/profile/{userId}/avatar_url`
 pub async fn get_avatar_url(
-    State(users): State<Arc<Users>>,
+    State(profiles): State<Arc<Profiles>>,
     Ruma(req): Ruma<get_avatar_url::v3::Request>,
 ) -> ApiResult<get_avatar_url::v3::Response> {
-    let user = users.profile(&req.user_id).await?;
-    Ok(get_avatar_url::v3::Response::new(user.avatar_url.map(Into::into)).into())
+    let profile = profiles.profile(&req.user_id, Some(&ProfileFieldName::AvatarUrl)).await?;
+    Ok(get_avatar_url::v3::Response::new(text_field(&profile, "avatar_url").map(Into::into)).into())
 }
 
 /// `PUT /_matrix/client/v3/profile/{userId}/avatar_url`

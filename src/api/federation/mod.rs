@@ -1,4 +1,8 @@
-//! Server-Server API endpoints. Only key publication exists so far; the rest arrives with
-//! federation.
+//! Server-Server API endpoints, one file per spec section: `discovery` (server version,
+//! `/.well-known/matrix/server`), `keys` (publishing keys, notary queries), `query` (profile
+//! and directory queries), and the TLS `listener` they are served on.
 
+pub mod discovery;
 pub mod keys;
+pub mod listener;
+pub mod query;
