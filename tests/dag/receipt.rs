@@ -22,6 +22,7 @@ backend_tests!(
     conflicting_power_levels_resolve_for_the_more_powerful_sender,
     banned_users_late_message_is_soft_failed,
     forged_signature_is_dropped_without_touching_state,
+    restricted_join_needs_the_authorising_servers_signature,
     wrong_content_hash_is_stored_and_served_redacted,
     auth_violating_event_is_rejected_and_remembered,
     oversized_event_and_256_byte_type_are_dropped,
@@ -259,6 +260,50 @@ async fn forged_signature_is_dropped_without_touching_state(backend: Backend) {
     assert!(f.state.rooms.event(&forged.event_id).await.unwrap().is_none(), "nothing stored");
     assert_eq!(f.current("m.room.topic", "").await, topic_before);
     assert_eq!(f.latest().await, base);
+}
+
+/// A restricted join names a user of the authorising server; that server's signature is
+/// required besides the joining server's.
+async fn restricted_join_needs_the_authorising_servers_signature(backend: Backend) {
+    let f = Fixture::new(backend, RoomVersionId::V12).await;
+    let allow =
+        json!({"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": f.room.as_str()}]});
+    f.send_state("m.room.join_rules", "", allow).await;
+    let carol: ruma::OwnedUserId = "@carol:remote.test".try_into().unwrap();
+    let base = f.latest().await;
+    let join = f
+        .remote_event(Spec {
+            sender: &carol,
+            event_type: "m.room.member",
+            state_key: Some(carol.as_str()),
+            content: json!({"membership": "join", "join_authorised_via_users_server": f.alice.as_str()}),
+            prev_events: vec![base.clone()],
+            auth_from: base.clone(),
+            ts: now(),
+            redacts: None,
+        })
+        .await;
+    let outcome = f.receive(&join).await;
+    assert!(matches!(&outcome, Outcome::Dropped { reason } if reason.contains("signature")), "{outcome:?}");
+    assert_eq!(f.latest().await, base);
+
+    // Countersigned by this server (as its make_join/send_join would), it is accepted.
+    let local_key = f.state.server_keys.key();
+    let mut object = join.canonical_object();
+    ruma::signatures::hash_and_sign_event(
+        f.state.info.server_name.as_str(),
+        local_key.key_pair(),
+        &mut object,
+        &f.rules.redaction,
+    )
+    .unwrap();
+    let mut keys = f.remote.keys.clone();
+    let mut set = ruma::signatures::PublicKeySet::new();
+    set.insert(local_key.key_id(), ruma::serde::Base64::parse(local_key.public_key_base64()).unwrap());
+    keys.insert(f.state.info.server_name.to_string(), set);
+    let outcome = f.state.rooms.receive_pdu(&f.remote.server, &f.room, object, &keys, Vec::new()).await.unwrap();
+    let id = accepted(&outcome);
+    assert_eq!(f.current("m.room.member", carol.as_str()).await, Some(id));
 }
 
 async fn wrong_content_hash_is_stored_and_served_redacted(backend: Backend) {
