@@ -26,6 +26,7 @@ backend_tests!(
     wrong_content_hash_is_stored_and_served_redacted,
     auth_violating_event_is_rejected_and_remembered,
     oversized_event_and_256_byte_type_are_dropped,
+    malformed_pdus_are_dropped_never_an_error,
     local_event_with_256_byte_type_is_refused,
     redaction_received_before_its_target_redacts_the_target,
     outliers_never_appear_in_sync_or_messages,
@@ -370,6 +371,42 @@ async fn oversized_event_and_256_byte_type_are_dropped(backend: Backend) {
     assert_eq!(f.latest().await, base, "the room did not change");
     // The well-formed original is still accepted.
     accepted(&f.receive(&message).await);
+}
+
+async fn malformed_pdus_are_dropped_never_an_error(backend: Backend) {
+    let f = Fixture::new(backend, RoomVersionId::V12).await;
+    let base = f.latest().await;
+    let good = f.remote_message("fine", &base, now()).await.canonical_object();
+    let with = |field: &str, value: serde_json::Value| {
+        let mut object = good.clone();
+        object.insert(field.to_owned(), CanonicalJsonValue::try_from(value).unwrap());
+        object
+    };
+    let without = |field: &str| {
+        let mut object = good.clone();
+        object.remove(field);
+        object
+    };
+    let cases = vec![
+        ruma::CanonicalJsonObject::new(),
+        with("type", json!(5)),
+        with("depth", json!("deep")),
+        with("depth", json!(-1)),
+        with("prev_events", json!("$not-a-list")),
+        with("auth_events", json!([1, 2])),
+        with("sender", json!("not a user id")),
+        with("room_id", json!("!another:remote.test")),
+        with("prev_events", json!((0..21).map(|i| format!("$e{i}")).collect::<Vec<_>>())),
+        with("content", json!("not an object")),
+        without("signatures"),
+        without("hashes"),
+        without("sender"),
+    ];
+    for (i, object) in cases.into_iter().enumerate() {
+        let outcome = f.receive_object(object).await;
+        assert!(matches!(outcome, Outcome::Dropped { .. }), "case {i}: {outcome:?}");
+    }
+    assert_eq!(f.latest().await, base);
 }
 
 async fn local_event_with_256_byte_type_is_refused(backend: Backend) {
