@@ -341,10 +341,21 @@ impl Db {
         rows.into_iter().map(parse_id).collect()
     }
 
+    /// An event by ID: from the timeline, else an outlier (stream position 0, state groups 0).
     pub async fn event(&self, event_id: &EventId) -> StorageResult<Option<EventRow>> {
         let sql = sqlx::AssertSqlSafe(format!("SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1"));
         let row: Option<EventTuple> = on_reader!(self, pool => {
-            sqlx::query_as(sql).bind(event_id.as_str()).fetch_optional(pool).await?
+            let mut conn = pool.acquire().await?;
+            match sqlx::query_as(sql).bind(event_id.as_str()).fetch_optional(&mut *conn).await? {
+                Some(row) => Some(row),
+                None => sqlx::query_as(
+                    "SELECT CAST(0 AS BIGINT), event_id, room_id, json, CAST(NULL AS TEXT), FALSE, CAST(0 AS BIGINT),
+                        CAST(0 AS BIGINT), CAST(NULL AS TEXT) FROM outliers WHERE event_id = $1",
+                )
+                .bind(event_id.as_str())
+                .fetch_optional(&mut *conn)
+                .await?,
+            }
         });
         row.map(event_row).transpose()
     }

@@ -9,6 +9,7 @@
 //! `HEARTH_TEST_REQUIRE_POSTGRES=1`.
 
 mod harness;
+mod join;
 mod receipt;
 
 /// Runs each test body once per storage backend, as `<name>::sqlite` and `<name>::postgres`.

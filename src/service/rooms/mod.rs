@@ -86,6 +86,11 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
+    /// Known without its place in the graph: in no timeline, with no stream position.
+    pub fn is_outlier(&self) -> bool {
+        self.stream_pos == 0
+    }
+
     fn from_row(row: EventRow) -> Result<StoredEvent> {
         let pdu = Pdu::from_json(row.json, row.room_id, row.event_id).map_err(Error::Internal)?;
         Ok(StoredEvent {
@@ -298,7 +303,13 @@ impl Rooms {
         Ok(self.handle(room_id).await?.version.clone())
     }
 
-    /// Fetches an event by ID (cache, then database).
+    /// An event of the timeline by ID (soft-failed ones included, outliers not).
+    pub async fn timeline_event(&self, event_id: &EventId) -> Result<Option<Arc<StoredEvent>>> {
+        Ok(self.event(event_id).await?.filter(|event| !event.is_outlier()))
+    }
+
+    /// Fetches an event by ID (cache, then database): of the timeline, or an outlier (a state
+    /// event of a room joined over federation, say), which has no stream position.
     pub async fn event(&self, event_id: &EventId) -> Result<Option<Arc<StoredEvent>>> {
         let generation = {
             let mut cache = self.events.lock();
@@ -802,7 +813,7 @@ impl Rooms {
     /// The state after a stored event (of the timeline; a rejected event's is the state before
     /// it, which it did not change).
     pub(super) async fn state_after_event(&self, event_id: &EventId) -> Result<Arc<StateMap>> {
-        if let Some(event) = self.event(event_id).await? {
+        if let Some(event) = self.timeline_event(event_id).await? {
             return self.state_at(event.state_after).await;
         }
         if let Some(rejected) = self.db.rejected(event_id).await?
@@ -846,7 +857,7 @@ impl Rooms {
         target: &EventId,
         rules: &RoomVersionRules,
     ) -> Result<Option<(OwnedEventId, String)>> {
-        let Some(event) = self.event(target).await? else { return Ok(None) };
+        let Some(event) = self.timeline_event(target).await? else { return Ok(None) };
         if event.pdu.room_id != room_id || event.redacted_by.is_some() {
             return Ok(None);
         }

@@ -13,7 +13,7 @@
 use std::{collections::HashSet, sync::Arc};
 
 use ruma::{
-    CanonicalJsonObject, EventId, OwnedEventId, RoomId, ServerName,
+    CanonicalJsonObject, EventId, OwnedEventId, RoomId, RoomVersionId, ServerName,
     signatures::{PublicKeyMap, Verified},
 };
 
@@ -32,7 +32,7 @@ use crate::{
     service::now_ms,
     storage::{
         rooms::{OutlierRow, RejectedRow},
-        stream::{EventWrite, StreamWrite},
+        stream::{EventWrite, NewRoom, StreamWrite},
     },
 };
 
@@ -64,6 +64,19 @@ pub struct OutlierReport {
     pub rejected: usize,
     /// Malformed, wrongly signed, of another room, or citing auth events nobody supplied.
     pub dropped: usize,
+}
+
+/// A received event placed in the graph, on its way to the commit.
+struct Placed {
+    pdu: Pdu,
+    was_redacted: bool,
+    before: GroupState,
+    /// Its state before is the room's current state (it cites every forward extremity).
+    before_is_current: bool,
+    soft_failed: bool,
+    new_state_groups: Vec<crate::storage::stream::NewStateGroup>,
+    /// The room row, for the first event of a room this server did not know.
+    new_room: Option<NewRoom>,
 }
 
 /// A received PDU past the checks that need no room state (1–3).
@@ -202,7 +215,7 @@ impl Rooms {
             }
         };
         let event_id = checked.pdu.event_id.clone();
-        if self.event(&event_id).await?.is_some() {
+        if self.timeline_event(&event_id).await?.is_some() {
             return Ok(Outcome::AlreadyKnown { event_id });
         }
         if let Some(rejected) = self.db.rejected(&event_id).await? {
@@ -231,14 +244,14 @@ impl Rooms {
     async fn place_received(&self, handle: &RoomHandle, writer: &mut WriterState, checked: Checked) -> Result<Outcome> {
         let Checked { pdu, was_redacted } = checked;
         let event_id = pdu.event_id.clone();
-        if self.event(&event_id).await?.is_some() {
+        if self.timeline_event(&event_id).await?.is_some() {
             return Ok(Outcome::AlreadyKnown { event_id });
         }
         // Where it sits: the states after its prev events.
         let mut prev_groups = Vec::with_capacity(pdu.prev_events.len());
         let mut missing = Vec::new();
         for prev in &pdu.prev_events {
-            if let Some(event) = self.event(prev).await? {
+            if let Some(event) = self.timeline_event(prev).await? {
                 prev_groups.push(event.state_after);
             } else if let Some(rejected) = self.db.rejected(prev).await?
                 && let Some(group) = rejected.state_group
@@ -289,6 +302,141 @@ impl Rooms {
             auth::check_against_state(rules, &pdu, &current_auth).is_err()
         };
 
+        self.commit_placed(
+            handle,
+            writer,
+            Placed { pdu, was_redacted, before, before_is_current, soft_failed, new_state_groups, new_room: None },
+        )
+        .await
+    }
+
+    /// Places a received event whose prev events we do not have, with the state before it that
+    /// the caller fetched: the state and auth chain of a `send_join` response, or the state at
+    /// an event across a gap. The state and auth chain are stored as outliers first (checked as
+    /// [`Rooms::store_outliers`] checks them); the event then gets the usual checks, with that
+    /// state (its events that passed) as the state before it. For a room this server does not
+    /// know yet, `version` creates it, and the event is its one forward extremity.
+    #[allow(clippy::too_many_arguments)] // The parts of a send_join response, as they come.
+    pub async fn receive_with_state(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        pdu: CanonicalJsonObject,
+        state: Vec<CanonicalJsonObject>,
+        auth_chain: Vec<CanonicalJsonObject>,
+        keys: &PublicKeyMap,
+    ) -> Result<Outcome> {
+        let handle = match self.handle(room_id).await {
+            Ok(handle) => handle,
+            Err(Error::NotFound(_)) => match self.reserve_handle(room_id, version.clone())? {
+                Some(handle) => handle,
+                None => self.handle(room_id).await?,
+            },
+            Err(err) => return Err(err),
+        };
+        let checked = match self.check_received(&handle, pdu, keys) {
+            Ok(checked) => checked,
+            Err(reason) => {
+                tracing::info!(%origin, %room_id, %reason, "dropped a received event");
+                return Ok(Outcome::Dropped { reason });
+            }
+        };
+        let event_id = checked.pdu.event_id.clone();
+        if self.timeline_event(&event_id).await?.is_some() {
+            return Ok(Outcome::AlreadyKnown { event_id });
+        }
+        if let Some(rejected) = self.db.rejected(&event_id).await? {
+            return Ok(Outcome::Rejected { event_id, reason: rejected.reason });
+        }
+        let mut keyed: Vec<((String, String), OwnedEventId)> = Vec::with_capacity(state.len());
+        for object in &state {
+            if let Ok(event) = Pdu::from_received(object, &handle.rules)
+                && let Some(state_key) = &event.state_key
+            {
+                keyed.push(((event.event_type.to_string(), state_key.clone()), event.event_id.clone()));
+            }
+        }
+        let mut outliers = auth_chain;
+        outliers.extend(state);
+        self.store_outliers(room_id, outliers, keys).await?;
+        let ids: Vec<&EventId> = keyed.iter().map(|(_, id)| &**id).collect();
+        let stored = self.pdus_by_id(&ids).await?;
+        let state_map: StateMap = keyed.into_iter().filter(|(_, id)| stored.contains_key(id)).collect();
+        match self.check_auth_events(&handle, &checked.pdu, &EventMap::new()).await? {
+            Ok(()) => {}
+            Err(Ok(missing)) => return Ok(Outcome::MissingEvents { event_id, missing }),
+            Err(Err(reason)) => return self.reject(&checked.pdu, format!("auth events: {reason}"), None).await,
+        }
+        let rooms = self.me.upgrade().ok_or_else(|| Error::Internal("the rooms service has stopped".to_owned()))?;
+        tokio::spawn(async move {
+            let mut writer = handle.writer.lock().await;
+            rooms.place_with_state(&handle, &mut writer, checked, state_map).await
+        })
+        .await
+        .map_err(|err| Error::Internal(format!("receiving failed: {err}")))?
+    }
+
+    /// Steps 5 and 6 and persistence for [`Rooms::receive_with_state`], with the writer held.
+    async fn place_with_state(
+        &self,
+        handle: &RoomHandle,
+        writer: &mut WriterState,
+        checked: Checked,
+        state: StateMap,
+    ) -> Result<Outcome> {
+        let Checked { pdu, was_redacted } = checked;
+        if self.timeline_event(&pdu.event_id).await?.is_some() {
+            return Ok(Outcome::AlreadyKnown { event_id: pdu.event_id.clone() });
+        }
+        let room = self.db.room(&handle.room_id).await?;
+        let (before, new_group) = self.derive_group(&GroupState::default(), state);
+        let new_state_groups: Vec<_> = new_group.into_iter().collect();
+        let rules = &handle.rules.authorization;
+        let before_auth = self.auth_state_for(handle, &pdu, &before.map).await?;
+        if let Err(why) = auth::check_against_state(rules, &pdu, &before_auth) {
+            return self.reject(&pdu, format!("state before it: {why}"), None).await;
+        }
+        let soft_failed = room.is_some() && writer.current.group != 0 && {
+            let current_auth = self.auth_state_for(handle, &pdu, &writer.current.map).await?;
+            auth::check_against_state(rules, &pdu, &current_auth).is_err()
+        };
+        let new_room = match room {
+            Some(_) => None,
+            None => {
+                let create = before.map.get(&("m.room.create".to_owned(), String::new())).cloned();
+                let create = match create {
+                    Some(id) => self.pdus_by_id(&[&id]).await?.remove(&id),
+                    None => None,
+                };
+                let Some(create) = create else {
+                    return self.reject(&pdu, "the state before it has no create event".to_owned(), None).await;
+                };
+                Some(NewRoom {
+                    room_version: handle.version.to_string(),
+                    creator: create.sender.clone(),
+                    is_public: false,
+                    created_ts: now_ms(),
+                    alias: None,
+                    upgrade_of: None,
+                })
+            }
+        };
+        self.commit_placed(
+            handle,
+            writer,
+            Placed { pdu, was_redacted, before, before_is_current: false, soft_failed, new_state_groups, new_room },
+        )
+        .await
+    }
+
+    /// The rest of placing a received event whose state before is known and which passed the
+    /// checks: its state after, the forward extremities and current state after it, redactions
+    /// of it or by it, and the commit.
+    async fn commit_placed(&self, handle: &RoomHandle, writer: &mut WriterState, placed: Placed) -> Result<Outcome> {
+        let Placed { pdu, was_redacted, before, before_is_current, soft_failed, mut new_state_groups, new_room } =
+            placed;
+        let event_id = pdu.event_id.clone();
         // The state after it.
         let mut replaces_state = None;
         let after = match &pdu.state_key {
@@ -336,7 +484,7 @@ impl Rooms {
         // Redactions: of a target we have, or of this event, received before it.
         let mut redaction_target = None;
         if let Some(target) = pdu.redacts.as_ref().filter(|_| !soft_failed)
-            && let Some(target_event) = self.event(target).await?
+            && let Some(target_event) = self.timeline_event(target).await?
             && target_event.pdu.room_id == handle.room_id
             && target_event.redacted_by.is_none()
             && self.may_redact(handle, &pdu, &target_event.pdu, &before.map).await?
@@ -347,7 +495,7 @@ impl Rooms {
         let mut stored_pdu = pdu.clone();
         let mut redacted_by = None;
         for redaction_id in self.db.redactions_of(&event_id).await? {
-            let Some(redaction) = self.event(&redaction_id).await? else { continue };
+            let Some(redaction) = self.timeline_event(&redaction_id).await? else { continue };
             if redaction.pdu.room_id != handle.room_id || redaction.soft_failed {
                 continue;
             }
@@ -379,7 +527,7 @@ impl Rooms {
             was_outlier,
             txn: None,
             redaction_target: redaction_target.clone(),
-            new_room: None,
+            new_room,
         };
         let stream_pos = self.streams.persist(vec![StreamWrite::Event(Box::new(write))]).await?;
 
@@ -479,7 +627,7 @@ impl Rooms {
                 if accepted.contains_key(&event_id) {
                     continue;
                 }
-                if self.event(&event_id).await?.is_some() || self.db.is_outlier(&event_id).await? {
+                if self.event(&event_id).await?.is_some() {
                     report.already_known += 1;
                     continue;
                 }
