@@ -137,3 +137,44 @@ pub fn resolve(rules: &RoomVersionRules, states: &[Arc<StateMap>], events: &Even
     )
     .map_err(|err| err.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state event citing `auth_events`, enough for the graph walks.
+    fn event(id: &str, auth_events: &[&str]) -> (OwnedEventId, Arc<Pdu>) {
+        let event_id = EventId::parse(id).unwrap();
+        let json = serde_json::json!({
+            "type": "m.room.member", "state_key": id, "sender": "@a:example.org", "content": {},
+            "depth": 1, "origin_server_ts": 1, "prev_events": [], "auth_events": auth_events,
+        });
+        let pdu = Pdu::from_json(json.to_string(), ruma::owned_room_id!("!r:example.org"), event_id.clone()).unwrap();
+        (event_id, Arc::new(pdu))
+    }
+
+    fn ids(list: &[&str]) -> HashSet<OwnedEventId> {
+        list.iter().map(|id| EventId::parse(*id).unwrap()).collect()
+    }
+
+    #[test]
+    fn the_conflicted_state_subgraph_is_every_auth_path_between_conflicted_events() {
+        // $c → $b → $a (auth edges), $d → $a, $e alone.
+        let events: EventMap =
+            [event("$a", &[]), event("$b", &["$a"]), event("$c", &["$b"]), event("$d", &["$a"]), event("$e", &[])]
+                .into_iter()
+                .collect();
+        let mut chains = HashMap::new();
+        let subgraph = conflicted_state_subgraph(&ids(&["$a", "$c", "$e"]), &events, &mut chains);
+        assert_eq!(subgraph, ids(&["$a", "$b", "$c", "$e"]), "$d leads to a conflicted event but none leads to it");
+    }
+
+    #[test]
+    fn missing_auth_events_are_found_through_the_chain() {
+        let events: EventMap = [event("$b", &["$a"]), event("$c", &["$b", "$x"])].into_iter().collect();
+        let roots = [EventId::parse("$c").unwrap()];
+        assert_eq!(missing_auth_events(roots.iter(), &events), ids(&["$a", "$x"]));
+        let mut chains = HashMap::new();
+        assert_eq!(auth_chain_of(roots.iter(), &events, &mut chains), ids(&["$a", "$b", "$x"]));
+    }
+}

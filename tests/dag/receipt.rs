@@ -398,6 +398,7 @@ async fn malformed_pdus_are_dropped_never_an_error(backend: Backend) {
         with("room_id", json!("!another:remote.test")),
         with("prev_events", json!((0..21).map(|i| format!("$e{i}")).collect::<Vec<_>>())),
         with("content", json!("not an object")),
+        with("prev_events", json!([])),
         without("signatures"),
         without("hashes"),
         without("sender"),

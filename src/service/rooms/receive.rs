@@ -262,7 +262,11 @@ impl Rooms {
                 missing.push(prev.clone());
             }
         }
-        if !missing.is_empty() || pdu.prev_events.is_empty() {
+        if pdu.prev_events.is_empty() {
+            // Only a create event starts a graph, and this room has one.
+            return Ok(Outcome::Dropped { reason: "no prev events".to_owned() });
+        }
+        if !missing.is_empty() {
             return Ok(Outcome::MissingEvents { event_id, missing });
         }
         let mut new_state_groups = Vec::new();
