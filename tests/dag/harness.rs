@@ -337,6 +337,19 @@ impl Fixture {
             .map(|e| e.pdu.event_id.clone())
     }
 
+    /// Alice's sync since `since` (a stream position) with a timeline of at most `limit` events.
+    pub async fn sync_since(&self, since: i64, limit: u32) -> serde_json::Value {
+        let filter = serde_json::from_value(json!({"room": {"timeline": {"limit": limit}}})).unwrap();
+        let request = SyncRequest {
+            user_id: self.alice.clone(),
+            device_id: "DAGTEST".to_owned(),
+            since: Some(hearth::service::stream::StreamToken::new(since, 0)),
+            filter,
+            full_state: false,
+        };
+        serde_json::to_value(self.state.sync.changes(&request).await.expect("sync")).unwrap()
+    }
+
     /// Alice's initial sync, as JSON text.
     pub async fn initial_sync(&self) -> String {
         let filter = serde_json::from_value(json!({"room": {"timeline": {"limit": 100}}})).unwrap();

@@ -19,6 +19,7 @@ backend_tests!(
     more_than_ten_extremities_are_merged_ten_at_a_time,
     conflicting_topics_resolve_by_state_resolution_in_every_room_version,
     late_side_branch_topic_that_loses_resolution_does_not_become_current,
+    limited_sync_after_a_fork_carries_the_resolved_state,
     conflicting_power_levels_resolve_for_the_more_powerful_sender,
     banned_users_late_message_is_soft_failed,
     forged_signature_is_dropped_without_touching_state,
@@ -165,6 +166,38 @@ async fn late_side_branch_topic_that_loses_resolution_does_not_become_current(ba
     let merge = f.send("merge").await;
     assert_eq!(f.prev_events(&merge).await, sorted(vec![local.clone(), late_id]));
     assert_eq!(f.current("m.room.topic", "").await, Some(local));
+}
+
+async fn limited_sync_after_a_fork_carries_the_resolved_state(backend: Backend) {
+    let f = Fixture::new(backend, RoomVersionId::V12).await;
+    let bob = f.remote.user.clone();
+    f.set_power(&bob, 50).await;
+    let since = f.state.rooms.streams.position();
+    let base = f.latest().await;
+    let local = f.send_state("m.room.topic", "", json!({"topic": "local"})).await;
+    let late = f
+        .remote_event(Spec {
+            sender: &bob,
+            event_type: "m.room.topic",
+            state_key: Some(""),
+            content: json!({"topic": "late"}),
+            prev_events: vec![base.clone()],
+            auth_from: base,
+            ts: now() - 30_000,
+            redacts: None,
+        })
+        .await;
+    let late_id = accepted(&f.receive(&late).await);
+    for i in 0..12 {
+        f.send(&format!("after the fork {i}")).await;
+    }
+    let sync = f.sync_since(since, 5).await;
+    let room = &sync["rooms"]["join"][f.room.as_str()];
+    assert_eq!(room["timeline"]["limited"], json!(true));
+    let state: Vec<&str> =
+        room["state"]["events"].as_array().unwrap().iter().filter_map(|e| e["event_id"].as_str()).collect();
+    assert!(state.contains(&local.as_str()), "the resolved topic is in the state delta: {state:?}");
+    assert!(!state.contains(&late_id.as_str()), "the losing side-branch topic is not");
 }
 
 /// Alice demotes bob while bob, concurrently, changes the power levels. Bob's change arrives
