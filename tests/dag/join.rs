@@ -20,7 +20,10 @@ use crate::{
     harness::{Backend, Fixture, now},
 };
 
-backend_tests!(a_remote_room_enters_the_graph_from_the_state_of_a_join);
+backend_tests!(
+    a_remote_room_enters_the_graph_from_the_state_of_a_join,
+    a_refused_join_leaves_no_trace_of_the_remote_room,
+);
 
 /// An event of room version 12, signed by `server` with `key`.
 #[allow(clippy::too_many_arguments)] // An event's fields, spelled out for the test.
@@ -187,4 +190,49 @@ async fn a_remote_room_enters_the_graph_from_the_state_of_a_join(backend: Backen
     assert_eq!(reply.pdu.prev_events, vec![welcome]);
     let auth: std::collections::HashSet<_> = reply.pdu.auth_events.iter().cloned().collect();
     assert_eq!(auth, [levels.event_id.clone(), alice_join.event_id.clone()].into_iter().collect());
+}
+
+async fn a_refused_join_leaves_no_trace_of_the_remote_room(backend: Backend) {
+    let f = Fixture::new(backend, RoomVersionId::V12).await;
+    let (remote, key) = (f.remote.server.clone(), &f.remote.key);
+    let bob = f.remote.user.clone();
+    let create = event(None, &bob, "m.room.create", Some(""), json!({"room_version": "12"}), &[], &[], 1, &remote, key);
+    let room = create.room_id.clone();
+    // Alice's join into a room whose state is only the create event: not allowed (the room has
+    // no join rules, so it is not public).
+    let local = f.state.server_keys.key();
+    let server_name = f.state.info.server_name.clone();
+    let join = event(
+        Some(&room),
+        &f.alice,
+        "m.room.member",
+        Some(f.alice.as_str()),
+        json!({"membership": "join"}),
+        std::slice::from_ref(&create.event_id),
+        &[],
+        2,
+        &server_name,
+        local,
+    );
+    let mut keys = f.remote.keys.clone();
+    let mut set = PublicKeySet::new();
+    set.insert(local.key_id(), ruma::serde::Base64::parse(local.public_key_base64()).unwrap());
+    keys.insert(server_name.to_string(), set);
+    let outcome = f
+        .state
+        .rooms
+        .receive_with_state(
+            &remote,
+            &room,
+            &RoomVersionId::V12,
+            join.canonical_object(),
+            vec![create.canonical_object()],
+            Vec::new(),
+            &keys,
+        )
+        .await
+        .expect("receive with state");
+    assert!(matches!(outcome, Outcome::Rejected { .. }), "{outcome:?}");
+    assert!(f.state.rooms.handle(&room).await.is_err(), "the room is still unknown");
+    assert_eq!(f.state.rooms.streams.membership(&f.alice, &room), None);
 }

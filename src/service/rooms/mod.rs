@@ -293,6 +293,19 @@ impl Rooms {
         handle
     }
 
+    /// Drops a room's handle if nobody holds it (as eviction would): its state is all
+    /// committed, so the next use reloads it — or finds no room, for one that was reserved and
+    /// never created.
+    pub(super) fn release_idle_handle(&self, room_id: &RoomId) {
+        let mut handles = self.handles.lock();
+        if handles
+            .peek(room_id)
+            .is_some_and(|h| Arc::strong_count(h) == 1 && h.writer.try_lock().is_ok() && h.pending.lock().is_empty())
+        {
+            handles.pop(room_id);
+        }
+    }
+
     /// `NotFound` unless the room exists.
     pub async fn check_room_id_exists(db: &Db, room_id: &RoomId) -> Result<()> {
         db.room(room_id).await?.map(|_| ()).ok_or_else(|| Error::not_found("Unknown room"))

@@ -331,6 +331,25 @@ impl Rooms {
         auth_chain: Vec<CanonicalJsonObject>,
         keys: &PublicKeyMap,
     ) -> Result<Outcome> {
+        let result = self.receive_with_state_held(origin, room_id, version, pdu, state, auth_chain, keys).await;
+        if !matches!(result, Ok(Outcome::Accepted { .. } | Outcome::SoftFailed { .. })) {
+            // A handle reserved for a room that did not come to be must not make it look known.
+            self.release_idle_handle(room_id);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)] // As `receive_with_state`.
+    async fn receive_with_state_held(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        pdu: CanonicalJsonObject,
+        state: Vec<CanonicalJsonObject>,
+        auth_chain: Vec<CanonicalJsonObject>,
+        keys: &PublicKeyMap,
+    ) -> Result<Outcome> {
         let handle = match self.handle(room_id).await {
             Ok(handle) => handle,
             Err(Error::NotFound(_)) => match self.reserve_handle(room_id, version.clone())? {
