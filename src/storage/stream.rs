@@ -306,50 +306,53 @@ macro_rules! apply_write {
                         .await?;
                 }
                 if let Some(current) = &e.current {
-                    for (event_type, state_key, event_id) in &current.delta {
-                        match event_id {
-                            Some(event_id) => {
-                                sqlx::query(
-                                    "INSERT INTO room_current_state (room_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)
-                                     ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = EXCLUDED.event_id",
-                                )
-                                .bind(room)
-                                .bind(event_type)
-                                .bind(state_key)
-                                .bind(event_id.as_str())
-                                .execute(&mut *$tx)
-                                .await?;
-                            }
-                            None => {
-                                sqlx::query(
-                                    "DELETE FROM room_current_state WHERE room_id = $1 AND event_type = $2 AND state_key = $3",
-                                )
-                                .bind(room)
-                                .bind(event_type)
-                                .bind(state_key)
-                                .execute(&mut *$tx)
-                                .await?;
-                            }
+                    // A join over federation changes thousands of entries at once: multi-row
+                    // statements keep the shared stream transaction short.
+                    let upserts: Vec<(&String, &String, &OwnedEventId)> =
+                        current.delta.iter().filter_map(|(t, k, e)| e.as_ref().map(|e| (t, k, e))).collect();
+                    for chunk in upserts.chunks(ENTRIES_PER_INSERT) {
+                        let sql = multi_row_insert(
+                            "INSERT INTO room_current_state (room_id, event_type, state_key, event_id) VALUES ",
+                            4,
+                            chunk.len(),
+                        ) + " ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = EXCLUDED.event_id";
+                        // Only placeholders are generated; every value is bound.
+                        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                        for (event_type, state_key, event_id) in chunk {
+                            query = query.bind(room).bind(*event_type).bind(*state_key).bind(event_id.as_str());
                         }
+                        query.execute(&mut *$tx).await?;
                     }
-                    for m in &current.memberships {
-                        sqlx::query(
-                            "INSERT INTO room_memberships (room_id, user_id, membership, event_id, stream_pos, sender, displayname, avatar_url, forgotten)
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, FALSE)
-                             ON CONFLICT (room_id, user_id) DO UPDATE SET membership = EXCLUDED.membership,
+                    for (event_type, state_key, _) in current.delta.iter().filter(|(_, _, e)| e.is_none()) {
+                        sqlx::query("DELETE FROM room_current_state WHERE room_id = $1 AND event_type = $2 AND state_key = $3")
+                            .bind(room)
+                            .bind(event_type)
+                            .bind(state_key)
+                            .execute(&mut *$tx)
+                            .await?;
+                    }
+                    for chunk in current.memberships.chunks(ENTRIES_PER_INSERT) {
+                        let sql = multi_row_insert(
+                            "INSERT INTO room_memberships (room_id, user_id, membership, event_id, stream_pos, sender, displayname, avatar_url, forgotten) VALUES ",
+                            9,
+                            chunk.len(),
+                        ) + " ON CONFLICT (room_id, user_id) DO UPDATE SET membership = EXCLUDED.membership,
                                 event_id = EXCLUDED.event_id, stream_pos = EXCLUDED.stream_pos, sender = EXCLUDED.sender,
-                                displayname = EXCLUDED.displayname, avatar_url = EXCLUDED.avatar_url, forgotten = FALSE",
-                        )
-                        .bind(room)
-                        .bind(m.user_id.as_str())
-                        .bind(&m.membership)
-                        .bind(m.event_id.as_str())
-                        .bind(pos)
-                        .bind(m.sender.as_str())
-                        .bind(m.displayname.as_deref())
-                        .bind(m.avatar_url.as_deref())
-                        .execute(&mut *$tx)
-                        .await?;
+                                displayname = EXCLUDED.displayname, avatar_url = EXCLUDED.avatar_url, forgotten = FALSE";
+                        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                        for m in chunk {
+                            query = query
+                                .bind(room)
+                                .bind(m.user_id.as_str())
+                                .bind(&m.membership)
+                                .bind(m.event_id.as_str())
+                                .bind(pos)
+                                .bind(m.sender.as_str())
+                                .bind(m.displayname.as_deref())
+                                .bind(m.avatar_url.as_deref())
+                                .bind(false);
+                        }
+                        query.execute(&mut *$tx).await?;
                     }
                     sqlx::query("INSERT INTO room_state_changes (room_id, stream_pos, state_group) VALUES ($1, $2, $3)")
                         .bind(room)

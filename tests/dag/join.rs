@@ -236,3 +236,124 @@ async fn a_refused_join_leaves_no_trace_of_the_remote_room(backend: Backend) {
     assert!(f.state.rooms.handle(&room).await.is_err(), "the room is still unknown");
     assert_eq!(f.state.rooms.streams.membership(&f.alice, &room), None);
 }
+
+/// Joining a remote room of `MEMBERS` members while alice keeps sending in her own room: the
+/// join's outliers are written in bounded transactions outside any room's writer, so her sends
+/// keep going. Prints the join time and the slowest send; never asserted (a measurement), so
+/// `#[ignore]`d: `cargo test --test dag -- --ignored --nocapture big_join`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn big_join_leaves_other_rooms_writable() {
+    const MEMBERS: usize = 2_000;
+    let f = std::sync::Arc::new(Fixture::new(Backend::Sqlite, RoomVersionId::V12).await);
+    let (remote, key) = (f.remote.server.clone(), &f.remote.key);
+    let bob = f.remote.user.clone();
+    let create = event(None, &bob, "m.room.create", Some(""), json!({"room_version": "12"}), &[], &[], 1, &remote, key);
+    let room = create.room_id.clone();
+    let r = Some(&*room);
+    let bob_join = event(
+        r,
+        &bob,
+        "m.room.member",
+        Some(bob.as_str()),
+        json!({"membership": "join"}),
+        std::slice::from_ref(&create.event_id),
+        &[],
+        2,
+        &remote,
+        key,
+    );
+    let levels = event(
+        r,
+        &bob,
+        "m.room.power_levels",
+        Some(""),
+        json!({"users": {}}),
+        std::slice::from_ref(&bob_join.event_id),
+        std::slice::from_ref(&bob_join.event_id),
+        3,
+        &remote,
+        key,
+    );
+    let rules = event(
+        r,
+        &bob,
+        "m.room.join_rules",
+        Some(""),
+        json!({"join_rule": "public"}),
+        std::slice::from_ref(&levels.event_id),
+        &[levels.event_id.clone(), bob_join.event_id.clone()],
+        4,
+        &remote,
+        key,
+    );
+    let mut state = vec![create.clone(), bob_join, levels.clone(), rules.clone()];
+    let mut prev = rules.event_id.clone();
+    for i in 0..MEMBERS {
+        let user: ruma::OwnedUserId = format!("@member{i}:remote.test").try_into().unwrap();
+        let join = event(
+            r,
+            &user,
+            "m.room.member",
+            Some(user.as_str()),
+            json!({"membership": "join"}),
+            std::slice::from_ref(&prev),
+            &[levels.event_id.clone(), rules.event_id.clone()],
+            5 + i as u64,
+            &remote,
+            key,
+        );
+        prev = join.event_id.clone();
+        state.push(join);
+    }
+    let local = f.state.server_keys.key();
+    let server_name = f.state.info.server_name.clone();
+    let alice_join = event(
+        r,
+        &f.alice,
+        "m.room.member",
+        Some(f.alice.as_str()),
+        json!({"membership": "join"}),
+        std::slice::from_ref(&prev),
+        &[levels.event_id.clone(), rules.event_id.clone()],
+        10 + MEMBERS as u64,
+        &server_name,
+        local,
+    );
+    let mut keys = f.remote.keys.clone();
+    let mut set = PublicKeySet::new();
+    set.insert(local.key_id(), ruma::serde::Base64::parse(local.public_key_base64()).unwrap());
+    keys.insert(server_name.to_string(), set);
+
+    let joiner = f.clone();
+    let objects: Vec<_> = state.iter().map(|e| e.canonical_object()).collect();
+    let started = std::time::Instant::now();
+    let join = tokio::spawn(async move {
+        let outcome = joiner
+            .state
+            .rooms
+            .receive_with_state(
+                &remote,
+                &room,
+                &RoomVersionId::V12,
+                alice_join.canonical_object(),
+                objects,
+                Vec::new(),
+                &keys,
+            )
+            .await
+            .expect("join");
+        (outcome, started.elapsed())
+    });
+    let mut slowest = std::time::Duration::ZERO;
+    let mut sends = 0;
+    while !join.is_finished() && sends < 10_000 {
+        let sent = std::time::Instant::now();
+        f.send("while joining").await;
+        slowest = slowest.max(sent.elapsed());
+        sends += 1;
+    }
+    let (outcome, took) = join.await.unwrap();
+    assert!(matches!(outcome, Outcome::Accepted { .. }), "{outcome:?}");
+    eprintln!("joined a room of {MEMBERS} members in {took:?}; {sends} local sends meanwhile, the slowest {slowest:?}");
+}
