@@ -52,3 +52,48 @@ pub fn check(rules: &AuthorizationRules, pdu: &Pdu, state: &AuthState) -> Result
         state.get(&(event_type.clone(), state_key.to_owned())).map(|event| event.as_ref())
     })
 }
+
+/// Checks a received event against its own `auth_events` (step 4 of the checks on receipt):
+/// the state-independent rules (the list itself: same room, expected keys, no duplicates,
+/// nothing rejected) and then the state-dependent rules with those events as the state.
+/// `auth_events` holds the events it cites and, from room version 12, the create event.
+pub fn check_against_auth_events(
+    rules: &AuthorizationRules,
+    pdu: &Pdu,
+    auth_events: &HashMap<ruma::OwnedEventId, Arc<Pdu>>,
+) -> Result<(), String> {
+    check_state_independent_auth_rules(rules, pdu, |id: &EventId| auth_events.get(id).map(|e| e.as_ref()))?;
+    let mut state = AuthState::new();
+    for event in auth_events.values() {
+        if let Some(state_key) = &event.state_key {
+            state.insert((event.event_type.to_string().into(), state_key.clone()), event.clone());
+        }
+    }
+    check_against_state(rules, pdu, &state)
+}
+
+/// Checks a received event against a room state (steps 5 and 6 of the checks on receipt: the
+/// state before it, then the current state). Only the state-dependent rules: the others do not
+/// change with the state and ran once, in [`check_against_auth_events`].
+pub fn check_against_state(rules: &AuthorizationRules, pdu: &Pdu, state: &AuthState) -> Result<(), String> {
+    check_state_dependent_auth_rules(rules, pdu, |event_type: &StateEventType, state_key: &str| {
+        state.get(&(event_type.clone(), state_key.to_owned())).map(|event| event.as_ref())
+    })
+}
+
+/// The keys of the state the auth rules look at for a received event (ruma's auth event
+/// selection), with the create event.
+pub fn auth_state_keys_of(pdu: &Pdu, rules: &AuthorizationRules) -> Result<Vec<StateKey>, String> {
+    let mut keys = ruma::state_res::auth_types_for_event(
+        &pdu.event_type,
+        &pdu.sender,
+        pdu.state_key.as_deref(),
+        &pdu.content,
+        rules,
+    )?;
+    let create = (StateEventType::RoomCreate, String::new());
+    if !keys.contains(&create) {
+        keys.push(create);
+    }
+    Ok(keys)
+}

@@ -39,6 +39,9 @@ pub struct Pdu {
     pub json: String,
     /// Whether the JSON carries `room_id` (a v12 create event does not).
     pub has_room_id: bool,
+    /// Whether the event was rejected by the checks on receipt (ruma's auth rules then refuse
+    /// events that cite it).
+    pub rejected: bool,
 }
 
 /// What a new event says, before it is placed in the DAG.
@@ -148,7 +151,14 @@ impl Pdu {
             Some(room_id) => room_id.to_owned(),
             None => RoomId::parse(format!("!{hash}")).map_err(|err| BuildError::Invalid(err.to_string()))?,
         };
-        Pdu::from_json(json, room_id, event_id).map_err(BuildError::Invalid)
+        let pdu = Pdu::from_json(json, room_id, event_id).map_err(BuildError::Invalid)?;
+        // The checks every server applies on receipt, applied to what we send too: an event
+        // others would drop (a 256-byte type, say) is refused here rather than sent.
+        check_format_of_size(&object, pdu.json.len(), rules).map_err(|err| match err {
+            FormatError::TooLarge => BuildError::TooLarge,
+            FormatError::Invalid(why) => BuildError::Invalid(why),
+        })?;
+        Ok(pdu)
     }
 
     /// Reads a stored PDU. The room and event IDs are not (always) in the JSON, so the caller
@@ -177,7 +187,23 @@ impl Pdu {
             origin_server_ts: fields.origin_server_ts,
             redacts,
             json,
+            rejected: false,
         })
+    }
+
+    /// Reads a PDU received from another server: computes its event ID (the reference hash) and
+    /// takes the room ID from the JSON, or for a v12 create event from its own hash. The format
+    /// checks ([`check_format`]) come first.
+    pub fn from_received(object: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<Pdu, String> {
+        let hash = ruma::signatures::reference_hash(object, rules).map_err(|err| err.to_string())?;
+        let event_id = EventId::parse(format!("${hash}")).map_err(|err| err.to_string())?;
+        let room_id = match object.get("room_id") {
+            Some(CanonicalJsonValue::String(room_id)) => RoomId::parse(room_id).map_err(|err| err.to_string())?,
+            Some(_) => return Err("`room_id` is not a string".to_owned()),
+            None => RoomId::parse(format!("!{hash}")).map_err(|err| err.to_string())?,
+        };
+        let json = serde_json::to_string(object).map_err(|err| err.to_string())?;
+        Pdu::from_json(json, room_id, event_id)
     }
 
     pub fn is_state(&self) -> bool {
@@ -274,8 +300,43 @@ impl ruma::state_res::Event for Pdu {
     }
 
     fn rejected(&self) -> bool {
-        false
+        self.rejected
     }
+}
+
+/// Why a PDU fails the format checks.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FormatError {
+    TooLarge,
+    Invalid(String),
+}
+
+/// The format checks of a PDU (Server-Server API, "Checks performed on receipt of a PDU", step
+/// 1): ruma's `check_pdu_format` for the room version (field presence and types, 255-byte IDs,
+/// type and state key, at most 20 `prev_events` and 10 `auth_events`), and the size limit of
+/// 65,536 bytes (ruma's own bound is one byte tighter, so the size is judged here first).
+pub fn check_format(object: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<(), FormatError> {
+    let size = serde_json::to_string(object).map_err(|err| FormatError::Invalid(err.to_string()))?.len();
+    check_format_of_size(object, size, rules)
+}
+
+/// [`check_format`] for an object whose serialised size is already known.
+fn check_format_of_size(
+    object: &CanonicalJsonObject,
+    size: usize,
+    rules: &RoomVersionRules,
+) -> Result<(), FormatError> {
+    if size > MAX_PDU_BYTES {
+        return Err(FormatError::TooLarge);
+    }
+    if size == MAX_PDU_BYTES {
+        // Within the spec's limit; ruma would refuse it on size alone, so check the rest on a
+        // copy without its signatures (they do not affect the other checks).
+        let mut trimmed = object.clone();
+        trimmed.remove("signatures");
+        return ruma::state_res::check_pdu_format(&trimmed, &rules.event_format).map_err(FormatError::Invalid);
+    }
+    ruma::state_res::check_pdu_format(object, &rules.event_format).map_err(FormatError::Invalid)
 }
 
 /// Turns client-supplied JSON content into canonical JSON, refusing what canonical JSON cannot
@@ -396,6 +457,14 @@ mod tests {
             depth: 1,
             origin_server_ts: MilliSecondsSinceUnixEpoch(UInt::new(1).unwrap()),
         };
+        let long_type = template(&"t".repeat(256), None, json!({}));
+        assert!(
+            matches!(
+                Pdu::build(long_type, &placement, &rules, server_name!("example.org"), &key),
+                Err(BuildError::Invalid(why)) if why.contains("type")
+            ),
+            "the receipt checks' 255-byte limit applies to our own events"
+        );
         let big = template("m.room.message", None, json!({"body": "x".repeat(70_000)}));
         assert!(matches!(
             Pdu::build(big, &placement, &rules, server_name!("example.org"), &key),

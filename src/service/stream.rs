@@ -112,8 +112,8 @@ struct Views {
     recent: HashMap<OwnedRoomId, VecDeque<Arc<StoredEvent>>>,
     /// Per room: its latest receipt changes, so syncs need no query for them.
     recent_receipts: HashMap<OwnedRoomId, RecentReceipts>,
-    /// Per room: the state group after its latest event.
-    room_group: HashMap<OwnedRoomId, i64>,
+    /// Per room: its latest changes of current state (position, state group), oldest first.
+    room_state: HashMap<OwnedRoomId, RoomStateLog>,
     /// Per room: position of its latest edit, reference or thread reply.
     room_latest_relation: HashMap<OwnedRoomId, i64>,
     /// Per user: position of their latest account data change.
@@ -127,6 +127,20 @@ struct Views {
     /// (user, room, thread) → position of their delivered receipt.
     delivered_pos: HashMap<(OwnedUserId, OwnedRoomId, String), i64>,
 }
+
+/// The tail of a room's log of current-state changes (`room_state_changes`): enough to answer
+/// "the room's state at P" from memory for P at or after its oldest entry.
+#[derive(Default)]
+struct RoomStateLog {
+    /// (position, state group), oldest first.
+    changes: VecDeque<(i64, i64)>,
+    /// Position of the latest change that was a resolution between branches rather than one
+    /// event's own state entry (0: none since start).
+    resolved_pos: i64,
+}
+
+/// Current-state changes remembered per room.
+const STATE_LOG_PER_ROOM: usize = 8;
 
 /// A room's latest receipt changes, in position order.
 struct RecentReceipts {
@@ -218,7 +232,13 @@ impl Streams {
         let latest = self.db.room_latest_positions().await?;
         let positions = self.db.view_positions().await?;
         let mut views = self.views.write();
-        views.room_group.extend(positions.room_groups);
+        for (room_id, group, pos) in positions.room_groups {
+            // Whether that change was a resolution is not stored: assume it was, so a token from
+            // before it gets its state delta checked once.
+            views
+                .room_state
+                .insert(room_id, RoomStateLog { changes: VecDeque::from([(pos, group)]), resolved_pos: pos });
+        }
         views.room_latest_relation.extend(positions.room_relations);
         views.account_data_pos.extend(positions.account_data);
         views.to_device_pos.extend(positions.to_device.into_iter().map(|(u, d, p)| ((u, d), p)));
@@ -432,18 +452,26 @@ impl Streams {
         Some(rows)
     }
 
-    /// The room's state group as of `upto` (the state after its latest event at or before it), if
-    /// the views know it: when no event of the room came after `upto`.
+    /// The room's current state group as of `upto`, if the views know it (when `upto` is at or
+    /// after the oldest change they remember).
     pub fn room_group_at(&self, room_id: &RoomId, upto: i64) -> Option<i64> {
         let views = self.views.read();
-        let latest = *views.room_latest_event.get(room_id)?;
-        let group = *views.room_group.get(room_id)?;
-        (latest <= upto && group != 0).then_some(group)
+        let changes = &views.room_state.get(room_id)?.changes;
+        if changes.front()?.0 > upto {
+            return None;
+        }
+        changes.iter().rev().find(|(pos, _)| *pos <= upto).map(|(_, group)| *group)
     }
 
-    /// The state group after a room's latest event (0 if it has none).
+    /// The room's current state group (0 if it has none).
     pub fn room_group(&self, room_id: &RoomId) -> i64 {
-        self.views.read().room_group.get(room_id).copied().unwrap_or(0)
+        self.views.read().room_state.get(room_id).and_then(|log| log.changes.back()).map_or(0, |(_, group)| *group)
+    }
+
+    /// Whether the room's current state changed in `(since, upto]` other than by the state
+    /// events of its timeline (a resolution between branches), as far as the views know.
+    pub fn state_resolved_since(&self, room_id: &RoomId, since: i64) -> bool {
+        self.views.read().room_state.get(room_id).is_some_and(|log| log.resolved_pos > since)
     }
 
     /// Position of the room's latest relation event (edit, reference, thread reply).
@@ -541,7 +569,24 @@ impl Streams {
             match write {
                 StreamWrite::Event(event) => {
                     let room = &event.pdu.room_id;
-                    if let Some(change) = &event.membership {
+                    if event.soft_failed {
+                        // Never shown to clients and changing nothing they see: the position is
+                        // spent, nobody is woken.
+                        continue;
+                    }
+                    // Memberships follow the room's current state, not the member event itself
+                    // (a late side-branch event may lose the resolution).
+                    if let Some(current) = &event.current {
+                        let log = views.room_state.entry(room.clone()).or_default();
+                        if log.changes.len() >= STATE_LOG_PER_ROOM {
+                            log.changes.pop_front();
+                        }
+                        log.changes.push_back((pos, current.group));
+                        if current.resolved {
+                            log.resolved_pos = pos;
+                        }
+                    }
+                    for change in event.current.iter().flat_map(|c| c.memberships.iter()) {
                         let is_local = change.user_id.server_name() == self.server_name;
                         views.room_members.entry(room.clone()).or_default().set(
                             &change.user_id,
@@ -559,7 +604,6 @@ impl Streams {
                         }
                     }
                     views.room_latest_event.insert(room.clone(), pos);
-                    views.room_group.insert(room.clone(), event.state_after);
                     if matches!(event.rel_type.as_deref(), Some("m.replace" | "m.reference" | "m.thread")) {
                         views.room_latest_relation.insert(room.clone(), pos);
                     }
@@ -567,7 +611,7 @@ impl Streams {
                     let stored = Arc::new(StoredEvent {
                         pdu: (*event.pdu).clone(),
                         stream_pos: pos,
-                        redacted_by: None,
+                        redacted_by: event.redacted_by.clone(),
                         soft_failed: false,
                         state_before: event.state_before,
                         state_after: event.state_after,

@@ -522,12 +522,12 @@ impl Sync {
         let (events, limited) = self
             .timeline(user, room_id, if fresh { 0 } else { since.stream }, upto, limit, timeline_filter, ignored)
             .await?;
+        // The room's state where the timeline starts: its current state then (from the log of
+        // current-state changes), not the state before the first event, which may sit on a side
+        // branch.
         let start_group = match events.first() {
-            Some(first) => first.state_before,
-            None => match self.streams.room_group_at(room_id, upto) {
-                Some(group) => group,
-                None => self.rooms.db.room_state_group_at(room_id, upto).await?.unwrap_or(0),
-            },
+            Some(first) => self.rooms.current_group_at(room_id, first.stream_pos - 1).await?,
+            None => self.rooms.current_group_at(room_id, upto).await?,
         };
         let in_timeline: HashSet<&ruma::EventId> = events.iter().map(|e| &*e.pdu.event_id).collect();
 
@@ -548,10 +548,14 @@ impl Sync {
             } else {
                 all
             }
-        } else if limited {
-            let before_group = self.rooms.db.room_state_group_at(room_id, since.stream).await?.unwrap_or(0);
+        } else if limited || self.streams.state_resolved_since(room_id, since.stream) {
+            // A gap in the timeline, or a resolution between branches changed the state in a
+            // way its events do not show: the changes from the state at `since`. (Without
+            // either, the timeline's state events are the whole change.)
+            let before_group = self.rooms.current_group_at(room_id, since.stream).await?;
+            let after_group = if limited { start_group } else { self.rooms.current_group_at(room_id, upto).await? };
             let mut delta = Vec::new();
-            for event_id in self.rooms.state_delta(before_group, start_group).await? {
+            for event_id in self.rooms.state_delta(before_group, after_group).await? {
                 if let Some(event) = self.rooms.event(&event_id).await?
                     && filter::room_event_matches(&room_filter.state, &event.pdu)
                 {

@@ -57,6 +57,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "rooms", include_str!("../../migrations/sqlite/0002_rooms.sql")),
     (5, "upgrades_and_stream_position", include_str!("../../migrations/sqlite/0005_upgrades_and_stream_position.sql")),
     (6, "federation_transport", include_str!("../../migrations/sqlite/0006_federation_transport.sql")),
+    (7, "event_graph", include_str!("../../migrations/sqlite/0007_event_graph.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "accounts", include_str!("../../migrations/postgres/0001_accounts.sql")),
@@ -67,6 +68,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/postgres/0005_upgrades_and_stream_position.sql"),
     ),
     (6, "federation_transport", include_str!("../../migrations/postgres/0006_federation_transport.sql")),
+    (7, "event_graph", include_str!("../../migrations/postgres/0007_event_graph.sql")),
 ];
 
 /// A storage failure, in terms the service layer can act on.

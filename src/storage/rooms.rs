@@ -49,16 +49,42 @@ fn event_row(t: EventTuple) -> StorageResult<EventRow> {
     })
 }
 
-/// What a room's writer needs to resume: the tip of the DAG and the current state.
+/// What a room's writer needs to resume: the forward extremities and the current state.
 #[derive(Debug, Clone, Default)]
 pub struct RoomTip {
-    pub forward_extremities: Vec<OwnedEventId>,
-    pub max_depth: i64,
+    /// The forward extremities with their depths.
+    pub forward_extremities: Vec<(OwnedEventId, i64)>,
+    /// The current state group and its chain length.
     pub state_group: i64,
     pub state_chain_len: i64,
-    pub latest_pos: i64,
     pub current_state: Vec<(String, String, OwnedEventId)>,
 }
+
+/// An event stored as an outlier (no place in the timeline).
+#[derive(Debug, Clone)]
+pub struct OutlierRow {
+    pub event_id: OwnedEventId,
+    pub room_id: OwnedRoomId,
+    pub event_type: String,
+    pub state_key: Option<String>,
+    pub json: String,
+}
+
+/// What is kept of a rejected event.
+#[derive(Debug, Clone)]
+pub struct RejectedRow {
+    pub event_id: OwnedEventId,
+    pub room_id: OwnedRoomId,
+    pub reason: String,
+    /// The state before it, when it was known.
+    pub state_group: Option<i64>,
+    pub depth: i64,
+    pub json: String,
+}
+
+/// Outliers written per transaction: a join brings thousands, and each chunk holds the (SQLite)
+/// writer connection only briefly, so other rooms' commits go in between.
+pub const OUTLIERS_PER_COMMIT: usize = 200;
 
 #[derive(Debug, Clone)]
 pub struct StateGroupRow {
@@ -98,11 +124,15 @@ fn membership_row(t: MembershipTuple) -> StorageResult<MembershipRow> {
     })
 }
 
-/// Raw parts of a room tip: extremities, (latest position, its state group, max depth), current
+/// Raw parts of a room tip: extremities with depths, the latest current-state group, current
 /// state rows, chain length of that group.
-type TipParts = (Vec<String>, Option<(i64, i64, i64)>, Vec<(String, String, String)>, Option<i64>);
+type TipParts = (Vec<(String, i64)>, Option<i64>, Vec<(String, String, String)>, Option<i64>);
 /// Raw parts of a state group: (prev_group, chain_len) and its entries.
 type GroupParts = (Option<(Option<i64>, i64)>, Vec<(String, String, String)>);
+
+/// IDs per `IN (…)` list (well under both engines' bound-parameter limits, the list appearing
+/// twice in some queries).
+const ENTRIES_PER_QUERY: usize = 200;
 
 /// Direction of a range read over a room's events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,16 +183,17 @@ impl Db {
     /// The DAG tip and current state of a room, for its writer.
     pub async fn room_tip(&self, room_id: &RoomId) -> StorageResult<RoomTip> {
         let room = room_id.as_str();
-        let (extremities, latest, state, chain): TipParts = on_reader!(self, pool => {
+        let (extremities, group, state, chain): TipParts = on_reader!(self, pool => {
             let mut conn = pool.acquire().await?;
-            let extremities: Vec<String> =
-                sqlx::query_scalar("SELECT event_id FROM room_forward_extremities WHERE room_id = $1 ORDER BY event_id")
-                    .bind(room)
-                    .fetch_all(&mut *conn)
-                    .await?;
-            let latest: Option<(i64, i64, i64)> = sqlx::query_as(
-                "SELECT stream_pos, state_after, (SELECT MAX(depth) FROM events WHERE room_id = $1)
-                 FROM events WHERE room_id = $1 ORDER BY stream_pos DESC LIMIT 1",
+            let extremities: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT f.event_id, COALESCE(e.depth, 0) FROM room_forward_extremities f
+                 LEFT JOIN events e ON e.event_id = f.event_id WHERE f.room_id = $1 ORDER BY f.event_id",
+            )
+            .bind(room)
+            .fetch_all(&mut *conn)
+            .await?;
+            let group: Option<i64> = sqlx::query_scalar(
+                "SELECT state_group FROM room_state_changes WHERE room_id = $1 ORDER BY stream_pos DESC LIMIT 1",
             )
             .bind(room)
             .fetch_optional(&mut *conn)
@@ -173,30 +204,158 @@ impl Db {
             .bind(room)
             .fetch_all(&mut *conn)
             .await?;
-            let chain: Option<i64> = match latest {
-                Some((_, group, _)) => sqlx::query_scalar("SELECT chain_len FROM state_groups WHERE id = $1")
+            let chain: Option<i64> = match group {
+                Some(group) => sqlx::query_scalar("SELECT chain_len FROM state_groups WHERE id = $1")
                     .bind(group)
                     .fetch_optional(&mut *conn)
                     .await?,
                 None => None,
             };
-            (extremities, latest, state, chain)
+            (extremities, group, state, chain)
         });
-        let (latest_pos, state_group, max_depth) = latest.unwrap_or((0, 0, 0));
         Ok(RoomTip {
-            forward_extremities: extremities.into_iter().map(parse_id).collect::<StorageResult<_>>()?,
-            max_depth,
-            state_group,
+            forward_extremities: extremities
+                .into_iter()
+                .map(|(id, depth)| Ok((parse_id(id)?, depth)))
+                .collect::<StorageResult<_>>()?,
+            state_group: group.unwrap_or(0),
             state_chain_len: chain.unwrap_or(0),
-            latest_pos,
             current_state: state.into_iter().map(|(t, k, e)| Ok((t, k, parse_id(e)?))).collect::<StorageResult<_>>()?,
         })
     }
 
+    /// Events by ID, from the timeline and the outliers alike, as (event ID, room ID, JSON):
+    /// what the checks on receipt and state resolution read (never served to clients).
+    pub async fn pdus(&self, event_ids: &[&EventId]) -> StorageResult<Vec<(OwnedEventId, OwnedRoomId, String)>> {
+        let mut found = Vec::with_capacity(event_ids.len());
+        for chunk in event_ids.chunks(ENTRIES_PER_QUERY) {
+            let placeholders = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT event_id, room_id, json FROM events WHERE event_id IN ({placeholders})
+                 UNION ALL SELECT event_id, room_id, json FROM outliers WHERE event_id IN ({placeholders})"
+            ));
+            let rows: Vec<(String, String, String)> = on_reader!(self, pool => {
+                let mut query = sqlx::query_as(sql);
+                for id in chunk {
+                    query = query.bind(id.as_str());
+                }
+                query.fetch_all(pool).await?
+            });
+            for (id, room, json) in rows {
+                found.push((parse_id(id)?, parse_id(room)?, json));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Whether an event is stored as an outlier.
+    pub async fn is_outlier(&self, event_id: &EventId) -> StorageResult<bool> {
+        let row: Option<i64> = on_reader!(self, pool => {
+            sqlx::query_scalar("SELECT CAST(1 AS BIGINT) FROM outliers WHERE event_id = $1")
+                .bind(event_id.as_str())
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(row.is_some())
+    }
+
+    /// Stores outliers (no stream position: they are in no timeline), skipping known ones, in
+    /// transactions of [`OUTLIERS_PER_COMMIT`]. Events already in the timeline are not copied.
+    pub async fn store_outliers(&self, rows: &[OutlierRow], now: i64) -> StorageResult<()> {
+        for chunk in rows.chunks(OUTLIERS_PER_COMMIT) {
+            on_writer!(self, pool => {
+                let mut tx = pool.begin().await?;
+                for row in chunk {
+                    sqlx::query(
+                        "INSERT INTO outliers (event_id, room_id, event_type, state_key, json, received_ts)
+                         SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS (SELECT 1 FROM events WHERE event_id = $1)
+                         ON CONFLICT (event_id) DO NOTHING",
+                    )
+                    .bind(row.event_id.as_str())
+                    .bind(row.room_id.as_str())
+                    .bind(&row.event_type)
+                    .bind(row.state_key.as_deref())
+                    .bind(&row.json)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+            });
+        }
+        Ok(())
+    }
+
+    /// Records a rejected event (no stream position: it is never served or used).
+    pub async fn record_rejected(&self, row: &RejectedRow, now: i64) -> StorageResult<()> {
+        on_writer!(self, pool => {
+            sqlx::query(
+                "INSERT INTO rejected_events (event_id, room_id, reason, state_group, depth, json, rejected_ts)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(row.event_id.as_str())
+            .bind(row.room_id.as_str())
+            .bind(&row.reason)
+            .bind(row.state_group)
+            .bind(row.depth)
+            .bind(&row.json)
+            .bind(now)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// A rejected event, if this one was.
+    pub async fn rejected(&self, event_id: &EventId) -> StorageResult<Option<RejectedRow>> {
+        type Row = (String, String, String, Option<i64>, i64, String);
+        let row: Option<Row> = on_reader!(self, pool => {
+            sqlx::query_as(
+                "SELECT event_id, room_id, reason, state_group, depth, json FROM rejected_events WHERE event_id = $1",
+            )
+            .bind(event_id.as_str())
+            .fetch_optional(pool)
+            .await?
+        });
+        row.map(|r| {
+            Ok(RejectedRow {
+                event_id: parse_id(r.0)?,
+                room_id: parse_id(r.1)?,
+                reason: r.2,
+                state_group: r.3,
+                depth: r.4,
+                json: r.5,
+            })
+        })
+        .transpose()
+    }
+
+    /// The redactions recorded for `target` (which may have arrived after them).
+    pub async fn redactions_of(&self, target: &EventId) -> StorageResult<Vec<OwnedEventId>> {
+        let rows: Vec<String> = on_reader!(self, pool => {
+            sqlx::query_scalar("SELECT redaction_id FROM redactions WHERE target_id = $1 ORDER BY redaction_id")
+                .bind(target.as_str())
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter().map(parse_id).collect()
+    }
+
+    /// An event by ID: from the timeline, else an outlier (stream position 0, state groups 0).
     pub async fn event(&self, event_id: &EventId) -> StorageResult<Option<EventRow>> {
         let sql = sqlx::AssertSqlSafe(format!("SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1"));
         let row: Option<EventTuple> = on_reader!(self, pool => {
-            sqlx::query_as(sql).bind(event_id.as_str()).fetch_optional(pool).await?
+            let mut conn = pool.acquire().await?;
+            match sqlx::query_as(sql).bind(event_id.as_str()).fetch_optional(&mut *conn).await? {
+                Some(row) => Some(row),
+                None => sqlx::query_as(
+                    "SELECT CAST(0 AS BIGINT), event_id, room_id, json, CAST(NULL AS TEXT), FALSE, CAST(0 AS BIGINT),
+                        CAST(0 AS BIGINT), CAST(NULL AS TEXT) FROM outliers WHERE event_id = $1",
+                )
+                .bind(event_id.as_str())
+                .fetch_optional(&mut *conn)
+                .await?,
+            }
         });
         row.map(event_row).transpose()
     }
@@ -413,12 +572,12 @@ impl Db {
         row.map(|(id, ts)| Ok((parse_id(id)?, ts))).transpose()
     }
 
-    /// The latest position of an event in the room at or before `pos` (its state after is the
-    /// room state at `pos`).
+    /// The room's current state group as of `pos` (from the log of current-state changes: the
+    /// state after the newest event may be a side branch's).
     pub async fn room_state_group_at(&self, room_id: &RoomId, pos: i64) -> StorageResult<Option<i64>> {
         let row: Option<i64> = on_reader!(self, pool => {
             sqlx::query_scalar(
-                "SELECT state_after FROM events WHERE room_id = $1 AND stream_pos <= $2 AND NOT soft_failed
+                "SELECT state_group FROM room_state_changes WHERE room_id = $1 AND stream_pos <= $2
                  ORDER BY stream_pos DESC LIMIT 1",
             )
             .bind(room_id.as_str())

@@ -21,9 +21,11 @@ pub struct NewStateGroup {
     pub entries: Vec<(String, String, OwnedEventId)>,
 }
 
-/// A membership change that comes with a member event.
+/// A membership change that comes with a change of the room's current state.
 #[derive(Debug, Clone)]
 pub struct MembershipChange {
+    /// The member event now in the current state.
+    pub event_id: OwnedEventId,
     pub user_id: OwnedUserId,
     pub membership: String,
     pub sender: OwnedUserId,
@@ -45,19 +47,45 @@ pub struct NewRoom {
     pub upgrade_of: Option<OwnedRoomId>,
 }
 
+/// A change of the room's current state (the resolved state of its forward extremities), with
+/// the membership rows that follow it.
+#[derive(Debug, Clone)]
+pub struct CurrentStateChange {
+    /// The state group of the new current state.
+    pub group: i64,
+    /// The keys that changed: the event now there, or `None` when the key left the state.
+    pub delta: Vec<(String, String, Option<OwnedEventId>)>,
+    pub memberships: Vec<MembershipChange>,
+    /// Whether the change is more than the event's own state entry (a resolution between
+    /// branches): readers that take timeline events as the state changes must look at the log.
+    pub resolved: bool,
+}
+
 /// One event and everything that must commit with it.
 #[derive(Debug, Clone)]
 pub struct EventWrite {
+    /// The event as stored: its redacted form when its content hash did not match or a
+    /// redaction of it arrived first.
     pub pdu: Arc<Pdu>,
     pub relates_to: Option<OwnedEventId>,
     pub rel_type: Option<String>,
     pub state_before: i64,
     pub state_after: i64,
     pub replaces_state: Option<OwnedEventId>,
-    pub new_state_group: Option<NewStateGroup>,
-    pub membership: Option<MembershipChange>,
+    /// State groups this event introduces (a resolution of its prev events' states, its own
+    /// state after, the room's new current state), in dependency order.
+    pub new_state_groups: Vec<NewStateGroup>,
+    /// The room's current state after this event, when it changed.
+    pub current: Option<CurrentStateChange>,
     /// The room's forward extremities after this event.
     pub forward_extremities: Vec<OwnedEventId>,
+    /// Passed auth at its place in the graph but not against the current state: stored, never
+    /// served to clients, never a prev event.
+    pub soft_failed: bool,
+    /// The redaction it was stored redacted for, when that redaction arrived before it.
+    pub redacted_by: Option<OwnedEventId>,
+    /// It was stored as an outlier before: that row goes.
+    pub was_outlier: bool,
     /// (user, device, txn_id) of the client request that sent it.
     pub txn: Option<(OwnedUserId, String, String)>,
     /// For redactions: the redacted form of the target event to store in its place.
@@ -102,7 +130,8 @@ pub enum StreamWrite {
 /// Where each in-memory view of the stream stands at start.
 #[derive(Debug, Default)]
 pub struct ViewPositions {
-    pub room_groups: Vec<(OwnedRoomId, i64)>,
+    /// Per room: its current state group and the position it became current at.
+    pub room_groups: Vec<(OwnedRoomId, i64, i64)>,
     pub room_relations: Vec<(OwnedRoomId, i64)>,
     pub account_data: Vec<(OwnedUserId, i64)>,
     pub to_device: Vec<(OwnedUserId, String, i64)>,
@@ -223,7 +252,7 @@ macro_rules! apply_write {
                         .await?;
                     }
                 }
-                if let Some(group) = &e.new_state_group {
+                for group in &e.new_state_groups {
                     sqlx::query("INSERT INTO state_groups (id, room_id, prev_group, chain_len) VALUES ($1, $2, $3, $4)")
                         .bind(group.id)
                         .bind(room)
@@ -248,8 +277,9 @@ macro_rules! apply_write {
                 }
                 sqlx::query(
                     "INSERT INTO events (stream_pos, event_id, room_id, sender, event_type, state_key, depth,
-                        origin_server_ts, json, relates_to, rel_type, state_before, state_after, replaces_state)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                        origin_server_ts, json, relates_to, rel_type, state_before, state_after, replaces_state,
+                        soft_failed, redacted_by)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
                 )
                 .bind(pos)
                 .bind(pdu.event_id.as_str())
@@ -265,38 +295,71 @@ macro_rules! apply_write {
                 .bind(e.state_before)
                 .bind(e.state_after)
                 .bind(e.replaces_state.as_ref().map(|id| id.as_str()))
+                .bind(e.soft_failed)
+                .bind(e.redacted_by.as_ref().map(|id| id.as_str()))
                 .execute(&mut *$tx)
                 .await?;
-                if let Some(state_key) = &pdu.state_key {
-                    sqlx::query(
-                        "INSERT INTO room_current_state (room_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)
-                         ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = EXCLUDED.event_id",
-                    )
-                    .bind(room)
-                    .bind(pdu.event_type.to_string())
-                    .bind(state_key)
-                    .bind(pdu.event_id.as_str())
-                    .execute(&mut *$tx)
-                    .await?;
+                if e.was_outlier {
+                    sqlx::query("DELETE FROM outliers WHERE event_id = $1")
+                        .bind(pdu.event_id.as_str())
+                        .execute(&mut *$tx)
+                        .await?;
                 }
-                if let Some(m) = &e.membership {
-                    sqlx::query(
-                        "INSERT INTO room_memberships (room_id, user_id, membership, event_id, stream_pos, sender, displayname, avatar_url, forgotten)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, FALSE)
-                         ON CONFLICT (room_id, user_id) DO UPDATE SET membership = EXCLUDED.membership,
-                            event_id = EXCLUDED.event_id, stream_pos = EXCLUDED.stream_pos, sender = EXCLUDED.sender,
-                            displayname = EXCLUDED.displayname, avatar_url = EXCLUDED.avatar_url, forgotten = FALSE",
-                    )
-                    .bind(room)
-                    .bind(m.user_id.as_str())
-                    .bind(&m.membership)
-                    .bind(pdu.event_id.as_str())
-                    .bind(pos)
-                    .bind(m.sender.as_str())
-                    .bind(m.displayname.as_deref())
-                    .bind(m.avatar_url.as_deref())
-                    .execute(&mut *$tx)
-                    .await?;
+                if let Some(current) = &e.current {
+                    // A join over federation changes thousands of entries at once: multi-row
+                    // statements keep the shared stream transaction short.
+                    let upserts: Vec<(&String, &String, &OwnedEventId)> =
+                        current.delta.iter().filter_map(|(t, k, e)| e.as_ref().map(|e| (t, k, e))).collect();
+                    for chunk in upserts.chunks(ENTRIES_PER_INSERT) {
+                        let sql = multi_row_insert(
+                            "INSERT INTO room_current_state (room_id, event_type, state_key, event_id) VALUES ",
+                            4,
+                            chunk.len(),
+                        ) + " ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = EXCLUDED.event_id";
+                        // Only placeholders are generated; every value is bound.
+                        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                        for (event_type, state_key, event_id) in chunk {
+                            query = query.bind(room).bind(*event_type).bind(*state_key).bind(event_id.as_str());
+                        }
+                        query.execute(&mut *$tx).await?;
+                    }
+                    for (event_type, state_key, _) in current.delta.iter().filter(|(_, _, e)| e.is_none()) {
+                        sqlx::query("DELETE FROM room_current_state WHERE room_id = $1 AND event_type = $2 AND state_key = $3")
+                            .bind(room)
+                            .bind(event_type)
+                            .bind(state_key)
+                            .execute(&mut *$tx)
+                            .await?;
+                    }
+                    for chunk in current.memberships.chunks(ENTRIES_PER_INSERT) {
+                        let sql = multi_row_insert(
+                            "INSERT INTO room_memberships (room_id, user_id, membership, event_id, stream_pos, sender, displayname, avatar_url, forgotten) VALUES ",
+                            9,
+                            chunk.len(),
+                        ) + " ON CONFLICT (room_id, user_id) DO UPDATE SET membership = EXCLUDED.membership,
+                                event_id = EXCLUDED.event_id, stream_pos = EXCLUDED.stream_pos, sender = EXCLUDED.sender,
+                                displayname = EXCLUDED.displayname, avatar_url = EXCLUDED.avatar_url, forgotten = FALSE";
+                        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                        for m in chunk {
+                            query = query
+                                .bind(room)
+                                .bind(m.user_id.as_str())
+                                .bind(&m.membership)
+                                .bind(m.event_id.as_str())
+                                .bind(pos)
+                                .bind(m.sender.as_str())
+                                .bind(m.displayname.as_deref())
+                                .bind(m.avatar_url.as_deref())
+                                .bind(false);
+                        }
+                        query.execute(&mut *$tx).await?;
+                    }
+                    sqlx::query("INSERT INTO room_state_changes (room_id, stream_pos, state_group) VALUES ($1, $2, $3)")
+                        .bind(room)
+                        .bind(pos)
+                        .bind(current.group)
+                        .execute(&mut *$tx)
+                        .await?;
                 }
                 if tip {
                     sqlx::query("DELETE FROM room_forward_extremities WHERE room_id = $1")
@@ -320,6 +383,19 @@ macro_rules! apply_write {
                     .bind(room)
                     .bind(txn)
                     .bind(pdu.event_id.as_str())
+                    .execute(&mut *$tx)
+                    .await?;
+                }
+                if let Some(target) = pdu.redacts.as_ref().filter(|_| !e.soft_failed) {
+                    // Recorded whether or not the target is here: one that arrives later is
+                    // stored redacted.
+                    sqlx::query(
+                        "INSERT INTO redactions (target_id, redaction_id, room_id) VALUES ($1, $2, $3)
+                         ON CONFLICT (target_id, redaction_id) DO NOTHING",
+                    )
+                    .bind(target.as_str())
+                    .bind(pdu.event_id.as_str())
+                    .bind(room)
                     .execute(&mut *$tx)
                     .await?;
                 }
@@ -468,9 +544,10 @@ impl Db {
     pub async fn view_positions(&self) -> StorageResult<ViewPositions> {
         type Pair = (String, i64);
         type Triple = (String, String, i64);
+        type Triple2 = (String, i64, i64);
         /// Rows as read, before the ids are parsed.
         type Raw = (
-            Vec<Pair>,
+            Vec<Triple2>,
             Vec<Pair>,
             Vec<Pair>,
             Vec<Triple>,
@@ -480,10 +557,10 @@ impl Db {
         );
         let (groups, relations, account_data, to_device, device_change, reads, delivered): Raw = on_reader!(self, pool => {
             let mut conn = pool.acquire().await?;
-            let groups: Vec<Pair> = sqlx::query_as(
-                "SELECT e.room_id, e.state_after FROM events e
-                 JOIN (SELECT room_id, MAX(stream_pos) AS p FROM events WHERE NOT soft_failed GROUP BY room_id) latest
-                   ON e.stream_pos = latest.p",
+            let groups: Vec<Triple2> = sqlx::query_as(
+                "SELECT c.room_id, c.state_group, c.stream_pos FROM room_state_changes c
+                 JOIN (SELECT room_id, MAX(stream_pos) AS p FROM room_state_changes GROUP BY room_id) latest
+                   ON c.room_id = latest.room_id AND c.stream_pos = latest.p",
             )
             .fetch_all(&mut *conn)
             .await?;
@@ -517,7 +594,7 @@ impl Db {
             (groups, relations, account_data, to_device, device_change, reads, delivered)
         });
         Ok(ViewPositions {
-            room_groups: groups.into_iter().map(|(r, g)| Ok((parse_id(r)?, g))).collect::<StorageResult<_>>()?,
+            room_groups: groups.into_iter().map(|(r, g, p)| Ok((parse_id(r)?, g, p))).collect::<StorageResult<_>>()?,
             room_relations: relations.into_iter().map(|(r, p)| Ok((parse_id(r)?, p))).collect::<StorageResult<_>>()?,
             account_data: account_data.into_iter().map(|(u, p)| Ok((parse_id(u)?, p))).collect::<StorageResult<_>>()?,
             to_device: to_device.into_iter().map(|(u, d, p)| Ok((parse_id(u)?, d, p))).collect::<StorageResult<_>>()?,

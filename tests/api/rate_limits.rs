@@ -165,7 +165,10 @@ async fn requests_over_the_in_flight_cap_are_refused_at_once(backend: Backend) {
         if response.0 == StatusCode::SERVICE_UNAVAILABLE {
             break response;
         }
-        assert!(Instant::now() < deadline, "never refused with two requests stalled: {response:?}");
+        if Instant::now() >= deadline {
+            let log: Vec<String> = server.log_lines().into_iter().filter(|line| line.contains("/login")).collect();
+            panic!("never refused with two requests stalled: {response:?}; login lines: {log:#?}");
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_error(&refused, 503, "M_LIMIT_EXCEEDED");

@@ -98,6 +98,7 @@ mod tests {
                 redacts: None,
                 json: "{}".to_owned(),
                 has_room_id: true,
+                rejected: false,
             },
             stream_pos: 1,
             redacted_by,

@@ -513,7 +513,8 @@ impl Rooms {
         event_id: &EventId,
     ) -> Result<(Arc<StoredEvent>, ReadAccess)> {
         let access = self.read_access(viewer, room_id).await?;
-        let event = self.event(event_id).await?.filter(|e| e.pdu.room_id == room_id && !e.soft_failed);
+        let event =
+            self.event(event_id).await?.filter(|e| e.pdu.room_id == room_id && !e.soft_failed && !e.is_outlier());
         let Some(event) = event else { return Err(Error::not_found("Event not found")) };
         if event.stream_pos > access.upto {
             return Err(Error::not_found("Event not found"));

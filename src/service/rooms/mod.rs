@@ -1,20 +1,25 @@
 //! Rooms: the event pipeline and everything built on it.
 //!
-//! Every new event goes through [`Rooms::append`]: under the room's writer lock (one writer per
-//! room, so the DAG tip and the state never race) it is built on the forward extremities, signed,
-//! checked against the auth rules (ruma's), given its state group, and persisted through the
-//! stream writer together with its state, membership and relation bookkeeping. Reads never take
-//! the writer lock: they read committed rows and cached state groups.
+//! Every event goes through one pipeline, `build → authorize → persist → notify`, under the
+//! room's writer lock (one writer per room, so the forward extremities and the state never
+//! race): local events through [`Rooms::append`] (built on the forward extremities, signed,
+//! checked), events from other servers through [`Rooms::receive_pdu`] (the checks on receipt).
+//! Both are persisted through the stream writer with their state groups, the room's new current
+//! state, membership and relation bookkeeping, in one transaction. Reads never take the writer
+//! lock: they read committed rows and cached state groups.
 //!
-//! Submodules: `create` (createRoom, upgrade), `membership`, `send` (messages, state,
-//! redactions), `history` (messages, context, relations, threads, visibility), `directory`
-//! (aliases, public rooms, user directory).
+//! Submodules: `graph` (extremities, state before/after, current state, resolution), `receive`
+//! (PDUs from other servers, outliers), `create` (createRoom, upgrade), `membership`, `send`
+//! (messages, state, redactions), `history` (messages, context, relations, threads,
+//! visibility), `directory` (aliases, public rooms, user directory).
 
 pub mod create;
 pub mod directory;
 mod event_cache;
+pub mod graph;
 pub mod history;
 pub mod membership;
+pub mod receive;
 pub mod send;
 
 use std::{
@@ -81,6 +86,11 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
+    /// Known without its place in the graph: in no timeline, with no stream position.
+    pub fn is_outlier(&self) -> bool {
+        self.stream_pos == 0
+    }
+
     fn from_row(row: EventRow) -> Result<StoredEvent> {
         let pdu = Pdu::from_json(row.json, row.room_id, row.event_id).map_err(Error::Internal)?;
         Ok(StoredEvent {
@@ -107,11 +117,11 @@ struct GroupData {
 
 /// What a room's writer knows about the tip of its DAG.
 struct WriterState {
-    extremities: Vec<OwnedEventId>,
-    depth: u64,
-    state_group: i64,
-    chain_len: i64,
-    current: StateMap,
+    /// The forward extremities (events nothing points at yet, soft-failed ones never), with
+    /// their depths.
+    extremities: Vec<(OwnedEventId, u64)>,
+    /// The room's current state: the resolved state of the forward extremities.
+    current: graph::GroupState,
 }
 
 pub struct RoomHandle {
@@ -237,11 +247,12 @@ impl Rooms {
             version,
             rules,
             writer: tokio::sync::Mutex::new(WriterState {
-                extremities: tip.forward_extremities,
-                depth: tip.max_depth as u64,
-                state_group: tip.state_group,
-                chain_len: tip.state_chain_len,
-                current: tip.current_state.into_iter().map(|(t, k, e)| ((t, k), e)).collect(),
+                extremities: tip.forward_extremities.into_iter().map(|(id, depth)| (id, depth.max(0) as u64)).collect(),
+                current: graph::GroupState {
+                    group: tip.state_group,
+                    chain_len: tip.state_chain_len,
+                    map: Arc::new(tip.current_state.into_iter().map(|(t, k, e)| ((t, k), e)).collect()),
+                },
             }),
             pending: Mutex::new(Vec::new()),
         });
@@ -282,6 +293,19 @@ impl Rooms {
         handle
     }
 
+    /// Drops a room's handle if nobody holds it (as eviction would): its state is all
+    /// committed, so the next use reloads it — or finds no room, for one that was reserved and
+    /// never created.
+    pub(super) fn release_idle_handle(&self, room_id: &RoomId) {
+        let mut handles = self.handles.lock();
+        if handles
+            .peek(room_id)
+            .is_some_and(|h| Arc::strong_count(h) == 1 && h.writer.try_lock().is_ok() && h.pending.lock().is_empty())
+        {
+            handles.pop(room_id);
+        }
+    }
+
     /// `NotFound` unless the room exists.
     pub async fn check_room_id_exists(db: &Db, room_id: &RoomId) -> Result<()> {
         db.room(room_id).await?.map(|_| ()).ok_or_else(|| Error::not_found("Unknown room"))
@@ -292,7 +316,13 @@ impl Rooms {
         Ok(self.handle(room_id).await?.version.clone())
     }
 
-    /// Fetches an event by ID (cache, then database).
+    /// An event of the timeline by ID (soft-failed ones included, outliers not).
+    pub async fn timeline_event(&self, event_id: &EventId) -> Result<Option<Arc<StoredEvent>>> {
+        Ok(self.event(event_id).await?.filter(|event| !event.is_outlier()))
+    }
+
+    /// Fetches an event by ID (cache, then database): of the timeline, or an outlier (a state
+    /// event of a room joined over federation, say), which has no stream position.
     pub async fn event(&self, event_id: &EventId) -> Result<Option<Arc<StoredEvent>>> {
         let generation = {
             let mut cache = self.events.lock();
@@ -323,6 +353,12 @@ impl Rooms {
                 Ok(event)
             })
             .collect()
+    }
+
+    /// A new state group ID: from a counter that only moves forward, so a failed commit leaves a
+    /// gap, never a reuse.
+    fn next_group_id(&self) -> i64 {
+        self.next_group.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     async fn group(&self, group: i64) -> Result<Arc<GroupData>> {
@@ -454,7 +490,16 @@ impl Rooms {
         Ok(self.current_state_event(room_id, event_type, state_key).await?.map(|event| event.pdu.content_value()))
     }
 
-    /// The room's current state group (its latest event's state after).
+    /// The room's current state group as of stream position `pos` (the views, else the log of
+    /// current-state changes).
+    pub async fn current_group_at(&self, room_id: &RoomId, pos: i64) -> Result<i64> {
+        match self.streams.room_group_at(room_id, pos) {
+            Some(group) => Ok(group),
+            None => Ok(self.db.room_state_group_at(room_id, pos).await?.unwrap_or(0)),
+        }
+    }
+
+    /// The room's current state group (the resolved state of its forward extremities).
     pub async fn current_group(&self, room_id: &RoomId) -> Result<i64> {
         match self.streams.room_group(room_id) {
             0 => Ok(self.db.room_state_group_at(room_id, i64::MAX).await?.unwrap_or(0)),
@@ -471,10 +516,7 @@ impl Rooms {
             rules,
             writer: tokio::sync::Mutex::new(WriterState {
                 extremities: Vec::new(),
-                depth: 0,
-                state_group: 0,
-                chain_len: 0,
-                current: StateMap::new(),
+                current: graph::GroupState::default(),
             }),
             pending: Mutex::new(Vec::new()),
         });
@@ -561,6 +603,12 @@ impl Rooms {
     }
 
     /// [`Rooms::append`] with the writer lock held and, optionally, a fixed timestamp.
+    ///
+    /// Each event points at the forward extremities (all of them, up to
+    /// [`graph::MAX_PREV_EVENTS`]), so after it the room has one extremity again and the state
+    /// after it is the room's current state: the state moves on one entry at a time, as in a
+    /// chain. Only with more extremities than one event may cite is the state before it the
+    /// resolution of the branches it cites, and the current state the resolution of what is left.
     async fn append_with_clock(
         &self,
         handle: &RoomHandle,
@@ -570,13 +618,13 @@ impl Rooms {
         clock: Option<i64>,
     ) -> Result<Vec<Arc<StoredEvent>>> {
         let rules = &handle.rules;
-        // Changes made by earlier events of this batch, on top of the writer's state.
-        let mut overlay: StateMap = StateMap::new();
+        // The room's current state as this batch moves it.
+        let mut current = Working::from(&writer.current);
+        // States after events of this batch that did not become the current state.
+        let mut batch_states: HashMap<OwnedEventId, Arc<StateMap>> = HashMap::new();
+        let mut batch_pdus: HashMap<OwnedEventId, Arc<Pdu>> = HashMap::new();
         let mut built: HashMap<OwnedEventId, Arc<StoredEvent>> = HashMap::new();
         let mut extremities = writer.extremities.clone();
-        let mut depth = writer.depth;
-        let mut group = writer.state_group;
-        let mut chain_len = writer.chain_len;
         let mut writes = Vec::with_capacity(events.len());
         let mut stored = Vec::with_capacity(events.len());
         let now = clock.unwrap_or_else(now_ms);
@@ -589,14 +637,33 @@ impl Rooms {
                 stored.push(event);
                 continue;
             }
-            let lookup = |key: &(String, String)| overlay.get(key).or_else(|| writer.current.get(key)).cloned();
+            let prevs = graph::choose_prev_events(&extremities);
+            let from_current = prevs.len() == extremities.len();
+            let mut new_state_groups = Vec::new();
+            // The state before the event, then after it.
+            let mut state = if from_current {
+                std::mem::take(&mut current)
+            } else {
+                // A busy fork: the state before it is the resolution of the branches it cites.
+                let mut states = Vec::with_capacity(prevs.len());
+                for (prev, _) in &prevs {
+                    states.push(match batch_states.get(prev) {
+                        Some(state) => state.clone(),
+                        None => self.state_after_event(prev).await?,
+                    });
+                }
+                let resolved = self.resolve_states(handle, &states, &batch_pdus).await?;
+                let (before, new_group) = self.derive_group(&current.merged(), resolved);
+                new_state_groups.extend(new_group);
+                Working::from(&before)
+            };
             // Gather the auth state the rules will look at.
             let keys =
                 auth::auth_state_keys(&new.template, &new.sender, &rules.authorization).map_err(Error::BadJson)?;
             let mut auth_state = AuthState::new();
             for key in &keys {
                 let string_key = (key.0.to_string(), key.1.clone());
-                let Some(event_id) = lookup(&string_key) else { continue };
+                let Some(event_id) = state.get(&string_key) else { continue };
                 let event = match built.get(&event_id) {
                     Some(event) => event.clone(),
                     None => self
@@ -618,12 +685,14 @@ impl Rooms {
                     Some(&*handle.room_id)
                 };
             let is_create = new.template.event_type == "m.room.create";
+            let prev_ids: Vec<OwnedEventId> = prevs.iter().map(|(id, _)| id.clone()).collect();
+            let depth = prevs.iter().map(|(_, depth)| *depth).max().unwrap_or(0) + 1;
             let placement = Placement {
                 room_id: room_id_for_build,
                 sender: &new.sender,
-                prev_events: &extremities,
+                prev_events: &prev_ids,
                 auth_events: &auth_events,
-                depth: depth + 1,
+                depth,
                 origin_server_ts: MilliSecondsSinceUnixEpoch(UInt::try_from(now).unwrap_or_default()),
             };
             let redacts = new.template.redacts.clone();
@@ -642,63 +711,75 @@ impl Rooms {
             })?;
 
             // State bookkeeping.
-            let state_before = group;
+            let state_before = state.group;
             let mut replaces_state = None;
-            let mut new_state_group = None;
             if let Some(state_key) = &pdu.state_key {
                 let key = (pdu.event_type.to_string(), state_key.clone());
-                replaces_state = lookup(&key);
-                overlay.insert(key.clone(), pdu.event_id.clone());
-                let id = self.next_group.fetch_add(1, Ordering::SeqCst) + 1;
-                // Big rooms snapshot less often: a snapshot costs a row per state entry.
-                let interval = SNAPSHOT_INTERVAL.max((writer.current.len() as i64 / 10).min(MAX_SNAPSHOT_INTERVAL));
-                let snapshot = group == 0 || chain_len + 1 >= interval;
-                let entries = if snapshot {
-                    let mut full: StateMap = writer.current.clone();
-                    full.extend(overlay.iter().map(|(k, v)| (k.clone(), v.clone())));
-                    full.into_iter().map(|((t, k), e)| (t, k, e)).collect()
-                } else {
-                    vec![(key.0, key.1, pdu.event_id.clone())]
-                };
-                new_state_group = Some(NewStateGroup {
-                    id,
-                    prev_group: (group != 0).then_some(group),
-                    chain_len: if snapshot { 0 } else { chain_len + 1 },
-                    entries,
-                });
-                chain_len = if snapshot { 0 } else { chain_len + 1 };
-                group = id;
+                replaces_state = state.get(&key);
+                new_state_groups.push(self.apply_state_event(&mut state, key, pdu.event_id.clone()));
             }
-            let membership = membership_change(&pdu);
+            let state_after = state.group;
+            let pdu = Arc::new(pdu);
+            batch_pdus.insert(pdu.event_id.clone(), pdu.clone());
+            extremities = graph::extremities_after(&extremities, &prev_ids, (pdu.event_id.clone(), depth));
+            let current_change = if from_current {
+                // It cites every extremity, so it is the only one now: the state after it is
+                // the room's current state.
+                current = state;
+                match &pdu.state_key {
+                    Some(_) => Self::linear_change(&pdu, state_after),
+                    None => None,
+                }
+            } else {
+                // Extremities it could not cite remain: current state is the resolution of the
+                // state after it and theirs.
+                let after = Arc::new(state.merged().map.as_ref().clone());
+                batch_states.insert(pdu.event_id.clone(), after.clone());
+                let mut states = vec![after];
+                for (extremity, _) in extremities.iter().filter(|(id, _)| *id != pdu.event_id) {
+                    states.push(match batch_states.get(extremity) {
+                        Some(state) => state.clone(),
+                        None => self.state_after_event(extremity).await?,
+                    });
+                }
+                let resolved = self.resolve_states(handle, &states, &batch_pdus).await?;
+                let old = current.merged();
+                let (resolved, new_group) = self.derive_group(&old, resolved);
+                new_state_groups.extend(new_group);
+                let change = self.current_change(&old.map, &resolved, &batch_pdus).await?;
+                current = Working::from(&resolved);
+                change
+            };
             let (relates_to, rel_type) = relation_of(&pdu);
             let redaction_target = match &redacts {
                 Some(target) => self.redaction_target(&handle.room_id, target, rules).await?,
                 None => None,
             };
-            extremities = vec![pdu.event_id.clone()];
-            depth += 1;
             let event = Arc::new(StoredEvent {
-                pdu: pdu.clone(),
+                pdu: (*pdu).clone(),
                 stream_pos: 0,
                 redacted_by: None,
                 soft_failed: false,
                 state_before,
-                state_after: group,
+                state_after,
                 replaces_state: replaces_state.clone(),
                 txn: new.txn.clone(),
                 txn_known: true,
             });
             built.insert(pdu.event_id.clone(), event.clone());
             writes.push(StreamWrite::Event(Box::new(EventWrite {
-                pdu: Arc::new(pdu),
+                pdu,
                 relates_to,
                 rel_type,
                 state_before,
-                state_after: group,
+                state_after,
                 replaces_state,
-                new_state_group,
-                membership,
-                forward_extremities: extremities.clone(),
+                new_state_groups,
+                current: current_change,
+                forward_extremities: extremities.iter().map(|(id, _)| id.clone()).collect(),
+                soft_failed: false,
+                redacted_by: None,
+                was_outlier: false,
                 txn: new.txn.map(|(device, txn)| (new.sender.clone(), device, txn)),
                 redaction_target,
                 new_room: new_room.take(),
@@ -711,12 +792,11 @@ impl Rooms {
         let count = writes.len() as i64;
         let last_pos = self.streams.persist(writes.clone()).await?;
 
-        // Committed: advance the writer and fill the caches with the final positions.
-        writer.current.extend(overlay);
+        // Committed: advance the writer and fill the caches with the final positions. The
+        // writer's map is released first, so extending it does not copy a big room's state.
+        writer.current.map = Arc::default();
+        writer.current = current.into_group_state();
         writer.extremities = extremities;
-        writer.depth = depth;
-        writer.state_group = group;
-        writer.chain_len = chain_len;
         let mut pos = last_pos - count;
         let mut cache = self.events.lock();
         let mut result = Vec::with_capacity(stored.len());
@@ -743,6 +823,46 @@ impl Rooms {
         Ok(result)
     }
 
+    /// The state after a stored event (of the timeline; a rejected event's is the state before
+    /// it, which it did not change).
+    pub(super) async fn state_after_event(&self, event_id: &EventId) -> Result<Arc<StateMap>> {
+        if let Some(event) = self.timeline_event(event_id).await? {
+            return self.state_at(event.state_after).await;
+        }
+        if let Some(rejected) = self.db.rejected(event_id).await?
+            && let Some(group) = rejected.state_group
+        {
+            return self.state_at(group).await;
+        }
+        Err(Error::Internal(format!("no state known after {event_id}")))
+    }
+
+    /// Applies a state event to a working state: a new group, a delta on the previous one (or a
+    /// snapshot every so often).
+    fn apply_state_event(&self, state: &mut Working, key: (String, String), event_id: OwnedEventId) -> NewStateGroup {
+        state.overlay.insert(key.clone(), event_id.clone());
+        let id = self.next_group_id();
+        // Big rooms snapshot less often: a snapshot costs a row per state entry.
+        let interval = SNAPSHOT_INTERVAL.max((state.base.len() as i64 / 10).min(MAX_SNAPSHOT_INTERVAL));
+        let snapshot = state.group == 0 || state.chain_len + 1 >= interval;
+        let entries = if snapshot {
+            let mut full: StateMap = (*state.base).clone();
+            full.extend(state.overlay.iter().map(|(k, v)| (k.clone(), v.clone())));
+            full.into_iter().map(|((t, k), e)| (t, k, e)).collect()
+        } else {
+            vec![(key.0, key.1, event_id)]
+        };
+        let group = NewStateGroup {
+            id,
+            prev_group: (state.group != 0).then_some(state.group),
+            chain_len: if snapshot { 0 } else { state.chain_len + 1 },
+            entries,
+        };
+        state.chain_len = group.chain_len;
+        state.group = id;
+        group
+    }
+
     /// The redacted form of `target` to store, if it is an event of this room.
     async fn redaction_target(
         &self,
@@ -750,7 +870,7 @@ impl Rooms {
         target: &EventId,
         rules: &RoomVersionRules,
     ) -> Result<Option<(OwnedEventId, String)>> {
-        let Some(event) = self.event(target).await? else { return Ok(None) };
+        let Some(event) = self.timeline_event(target).await? else { return Ok(None) };
         if event.pdu.room_id != room_id || event.redacted_by.is_some() {
             return Ok(None);
         }
@@ -763,6 +883,47 @@ impl Rooms {
         let create = self.state_event_at(group, "m.room.create", "").await?;
         let levels = self.state_event_at(group, "m.room.power_levels", "").await?;
         Ok(PowerLevels::new(create.as_deref(), levels.as_deref(), &handle.rules))
+    }
+}
+
+/// A state being moved on by a batch of events: a full map plus the batch's changes (so a big
+/// room's state is not copied per event), and the group of the whole.
+#[derive(Default)]
+struct Working {
+    base: Arc<StateMap>,
+    overlay: StateMap,
+    group: i64,
+    chain_len: i64,
+}
+
+impl Working {
+    fn from(state: &graph::GroupState) -> Working {
+        Working { base: state.map.clone(), overlay: StateMap::new(), group: state.group, chain_len: state.chain_len }
+    }
+
+    fn get(&self, key: &(String, String)) -> Option<OwnedEventId> {
+        self.overlay.get(key).or_else(|| self.base.get(key)).cloned()
+    }
+
+    /// The whole state as a group state (copies the map when the batch changed it).
+    fn merged(&self) -> graph::GroupState {
+        let map = if self.overlay.is_empty() {
+            self.base.clone()
+        } else {
+            let mut map = (*self.base).clone();
+            map.extend(self.overlay.iter().map(|(k, v)| (k.clone(), v.clone())));
+            Arc::new(map)
+        };
+        graph::GroupState { group: self.group, chain_len: self.chain_len, map }
+    }
+
+    /// The whole state, extending the map in place when nothing else holds it.
+    fn into_group_state(self) -> graph::GroupState {
+        let mut map = self.base;
+        if !self.overlay.is_empty() {
+            Arc::make_mut(&mut map).extend(self.overlay);
+        }
+        graph::GroupState { group: self.group, chain_len: self.chain_len, map }
     }
 }
 
@@ -869,6 +1030,7 @@ fn membership_change(pdu: &Pdu) -> Option<MembershipChange> {
     let user_id = UserId::parse(pdu.state_key.as_deref()?).ok()?;
     let content = pdu.content_value();
     Some(MembershipChange {
+        event_id: pdu.event_id.clone(),
         user_id,
         membership: content.get("membership").and_then(Value::as_str).unwrap_or("leave").to_owned(),
         sender: pdu.sender.clone(),
