@@ -15,7 +15,9 @@ mod testnet;
 mod auth;
 mod config;
 mod discovery;
+mod interop;
 mod keys;
+mod synapse_peer;
 
 /// Runs each named test body (an `async fn(Backend)` of the enclosing module) once per storage
 /// backend, as `<name>::sqlite` and `<name>::postgres`. Only names go in here, so rustfmt and

@@ -1,0 +1,51 @@
+//! Hearth and a real Synapse, both ways. Heavy (a Synapse per test): `#[ignore]`d, run by
+//! `.ci/run` through `cargo test --test federation -- --ignored`.
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::{
+    harness::{Backend, enc},
+    synapse_peer::SynapsePeer,
+    testnet::{Discovered, TestNet, skipped},
+};
+
+/// Signed requests both ways: Synapse verifies Hearth's X-Matrix signature with the key it
+/// fetched from Hearth (found by the spec's fallback to port 8448), and Hearth verifies
+/// Synapse's the same way (found through the test DNS server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts a Synapse; run by .ci/run with --ignored"]
+async fn hearth_and_synapse_answer_each_others_profile_queries() {
+    let net = TestNet::new().await;
+    let Some(hearth) = net.peer(Backend::Sqlite, "hearth.test", Discovered::Port8448, "").await else {
+        return skipped("port 8448");
+    };
+    let hearth_ip = hearth.federation[0].ip();
+    let Some(synapse) = SynapsePeer::start(&net, "synapse.test", &[("hearth.test", hearth_ip)]).await else {
+        return skipped("port 8448");
+    };
+    let alice = hearth.server.register("alice").await;
+    let path = format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id));
+    let (status, _) =
+        hearth.server.put(&path, Some(&alice.access_token), json!({"displayname": "Alice on Hearth"})).await;
+    assert_eq!(status, 200);
+    let sam = synapse.register("sam").await;
+    let sam_path = format!("/_matrix/client/v3/profile/{}/displayname", enc("@sam:synapse.test"));
+    let (status, body) =
+        synapse.request(Method::PUT, &sam_path, &sam, Some(json!({"displayname": "Sam on Synapse"}))).await;
+    assert_eq!(status, 200, "{body}");
+
+    let (status, body) =
+        synapse.request(Method::GET, &format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)), &sam, None).await;
+    assert_eq!(
+        (status, body["displayname"].as_str()),
+        (200, Some("Alice on Hearth")),
+        "{body}\n{}",
+        synapse.log_tail()
+    );
+    let (status, body) = hearth
+        .server
+        .get(&format!("/_matrix/client/v3/profile/{}", enc("@sam:synapse.test")), Some(&alice.access_token))
+        .await;
+    assert_eq!((status, body["displayname"].as_str()), (reqwest::StatusCode::OK, Some("Sam on Synapse")), "{body}");
+}
