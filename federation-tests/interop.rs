@@ -10,12 +10,12 @@ use crate::{
     testnet::{Discovered, TestNet, skipped},
 };
 
-/// Signed requests both ways: Synapse verifies Hearth's X-Matrix signature with the key it
+/// Signed requests both ways (profiles and room aliases): Synapse verifies Hearth's X-Matrix signature with the key it
 /// fetched from Hearth (found by the spec's fallback to port 8448), and Hearth verifies
 /// Synapse's the same way (found through the test DNS server).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "starts a Synapse; run by .ci/run with --ignored"]
-async fn hearth_and_synapse_answer_each_others_profile_queries() {
+async fn hearth_and_synapse_answer_each_others_profile_and_alias_queries() {
     let net = TestNet::new().await;
     let Some(hearth) = net.peer(Backend::Sqlite, "hearth.test", Discovered::Port8448, "").await else {
         return skipped("port 8448");
@@ -48,4 +48,21 @@ async fn hearth_and_synapse_answer_each_others_profile_queries() {
         .get(&format!("/_matrix/client/v3/profile/{}", enc("@sam:synapse.test")), Some(&alice.access_token))
         .await;
     assert_eq!((status, body["displayname"].as_str()), (reqwest::StatusCode::OK, Some("Sam on Synapse")), "{body}");
+
+    // Room aliases resolve across servers, both ways.
+    let room = hearth.server.create_room(&alice, json!({"room_alias_name": "lobby"})).await;
+    let (status, body) = synapse
+        .request(Method::GET, &format!("/_matrix/client/v3/directory/room/{}", enc("#lobby:hearth.test")), &sam, None)
+        .await;
+    assert_eq!((status, body["room_id"].as_str()), (200, Some(room.as_str())), "{body}");
+    let (status, created) = synapse
+        .request(Method::POST, "/_matrix/client/v3/createRoom", &sam, Some(json!({"room_alias_name": "porch"})))
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let (status, body) = hearth
+        .server
+        .get(&format!("/_matrix/client/v3/directory/room/{}", enc("#porch:synapse.test")), Some(&alice.access_token))
+        .await;
+    assert_eq!((status.as_u16(), body["room_id"].clone()), (200, created["room_id"].clone()), "{body}");
+    assert!(body["servers"].as_array().is_some_and(|servers| servers.contains(&json!("synapse.test"))), "{body}");
 }
