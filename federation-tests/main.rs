@@ -15,6 +15,7 @@ mod testnet;
 mod auth;
 mod config;
 mod discovery;
+mod graph;
 mod keys;
 
 /// Runs each named test body (an `async fn(Backend)` of the enclosing module) once per storage
