@@ -17,13 +17,13 @@ crate::backend_tests!(
 );
 
 /// A GET signed by `signer` as `origin`, sent to `to`.
-async fn get_as(net: &TestNet, to: &Peer, signer: &Peer, uri: &str) -> (u16, Value) {
+pub async fn get_as(net: &TestNet, to: &Peer, signer: &Peer, uri: &str) -> (u16, Value) {
     let (client, base) = net.client_for(to);
     let authorization = x_matrix(&signer.signing_key(), &signer.name, &to.name, "GET", uri, None);
     body_of(client.get(format!("{base}{uri}")).header("authorization", authorization).send().await.unwrap()).await
 }
 
-async fn two_servers(net: &TestNet, backend: Backend) -> (Peer, Peer) {
+pub async fn two_servers(net: &TestNet, backend: Backend) -> (Peer, Peer) {
     let a = net.peer(backend, "a.test", Discovered::Srv, "").await.expect("port 8450 free on some address");
     let b = net.peer(backend, "b.test", Discovered::Srv, "").await.expect("port 8450 free on some address");
     (a, b)

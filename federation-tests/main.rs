@@ -14,6 +14,7 @@ mod testnet;
 
 mod auth;
 mod config;
+mod devices;
 mod discovery;
 mod graph;
 mod keys;

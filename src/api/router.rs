@@ -216,7 +216,7 @@ pub fn build_federation(state: AppState) -> Router {
         .layer(from_fn(middleware::log_requests))
 }
 
-/// Serving the room graph to other servers (`federation::events`).
+/// Serving the room graph to other servers (`federation::events`), and users' device lists.
 fn graph_routes(mut router: Router<AppState>) -> Router<AppState> {
     use ruma::api::federation::{authorization::get_event_authorization, event};
 
@@ -224,6 +224,8 @@ fn graph_routes(mut router: Router<AppState>) -> Router<AppState> {
     router = endpoint::<event::get_room_state::v1::Request, _, _>(router, federation::events::state);
     router = endpoint::<event::get_room_state_ids::v1::Request, _, _>(router, federation::events::state_ids);
     router = endpoint::<get_event_authorization::v1::Request, _, _>(router, federation::events::event_auth);
+    router =
+        endpoint::<ruma::api::federation::device::get_devices::v1::Request, _, _>(router, federation::device::devices);
     router
 }
 
