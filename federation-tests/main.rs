@@ -18,6 +18,7 @@ mod devices;
 mod discovery;
 mod graph;
 mod keys;
+mod public_rooms;
 
 /// Runs each named test body (an `async fn(Backend)` of the enclosing module) once per storage
 /// backend, as `<name>::sqlite` and `<name>::postgres`. Only names go in here, so rustfmt and

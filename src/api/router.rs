@@ -199,6 +199,14 @@ pub fn build_federation(state: AppState) -> Router {
     router = endpoint::<discovery::get_remote_server_keys::v2::Request, _, _>(router, federation::keys::query);
     router = endpoint::<query::get_profile_information::v1::Request, _, _>(router, federation::query::profile);
     router = endpoint::<query::get_room_information::v1::Request, _, _>(router, federation::query::directory);
+    router = endpoint::<ruma::api::federation::directory::get_public_rooms::v1::Request, _, _>(
+        router,
+        federation::query::public_rooms,
+    );
+    router = endpoint::<ruma::api::federation::directory::get_public_rooms_filtered::v1::Request, _, _>(
+        router,
+        federation::query::public_rooms_filtered,
+    );
     router = graph_routes(router);
 
     router = router.fallback(unrecognized).method_not_allowed_fallback(method_not_allowed);
