@@ -14,9 +14,12 @@ mod testnet;
 
 mod auth;
 mod config;
+mod devices;
 mod discovery;
+mod graph;
 mod interop;
 mod keys;
+mod public_rooms;
 mod synapse_peer;
 
 /// Runs each named test body (an `async fn(Backend)` of the enclosing module) once per storage

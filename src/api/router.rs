@@ -199,6 +199,15 @@ pub fn build_federation(state: AppState) -> Router {
     router = endpoint::<discovery::get_remote_server_keys::v2::Request, _, _>(router, federation::keys::query);
     router = endpoint::<query::get_profile_information::v1::Request, _, _>(router, federation::query::profile);
     router = endpoint::<query::get_room_information::v1::Request, _, _>(router, federation::query::directory);
+    router = endpoint::<ruma::api::federation::directory::get_public_rooms::v1::Request, _, _>(
+        router,
+        federation::query::public_rooms,
+    );
+    router = endpoint::<ruma::api::federation::directory::get_public_rooms_filtered::v1::Request, _, _>(
+        router,
+        federation::query::public_rooms_filtered,
+    );
+    router = graph_routes(router);
 
     router = router.fallback(unrecognized).method_not_allowed_fallback(method_not_allowed);
     // Other servers get the same deadline and an in-flight cap of their own, so a flood of
@@ -213,6 +222,19 @@ pub fn build_federation(state: AppState) -> Router {
         .layer(from_fn_with_state(info, middleware::buffer_body))
         .layer(from_fn(middleware::cors))
         .layer(from_fn(middleware::log_requests))
+}
+
+/// Serving the room graph to other servers (`federation::events`), and users' device lists.
+fn graph_routes(mut router: Router<AppState>) -> Router<AppState> {
+    use ruma::api::federation::{authorization::get_event_authorization, event};
+
+    router = endpoint::<event::get_event::v1::Request, _, _>(router, federation::events::event);
+    router = endpoint::<event::get_room_state::v1::Request, _, _>(router, federation::events::state);
+    router = endpoint::<event::get_room_state_ids::v1::Request, _, _>(router, federation::events::state_ids);
+    router = endpoint::<get_event_authorization::v1::Request, _, _>(router, federation::events::event_auth);
+    router =
+        endpoint::<ruma::api::federation::device::get_devices::v1::Request, _, _>(router, federation::device::devices);
+    router
 }
 
 /// Push rules and pushers (read only: see `client::push`).

@@ -498,6 +498,21 @@ impl Users {
         Ok(self.db.devices(user_id).await?)
     }
 
+    /// A local user's devices for another server (`GET /user/devices`), with the position of the
+    /// latest device-list change as their `stream_id` (the server-wide one: it only moves
+    /// forward, which is all a receiver needs of it). Unknown and remote users are 404.
+    pub async fn devices_for_federation(&self, user_id: &UserId) -> Result<(i64, Vec<DeviceRow>)> {
+        if user_id.server_name() != self.server_name {
+            return Err(Error::not_found("Not a user of this server"));
+        }
+        match self.db.user(user_id).await? {
+            Some(row) if !row.deactivated => {}
+            _ => return Err(Error::not_found("Unknown user")),
+        }
+        let stream_id = self.streams.as_ref().map_or(0, |streams| streams.device_change_pos());
+        Ok((stream_id, self.db.devices(user_id).await?))
+    }
+
     pub async fn device(&self, user_id: &UserId, device_id: &DeviceId) -> Result<DeviceRow> {
         self.db.device(user_id, device_id).await?.ok_or_else(|| Error::not_found("Device not found"))
     }

@@ -156,9 +156,12 @@ async fn requests_over_the_in_flight_cap_are_refused_at_once(backend: Backend) {
     let server =
         TestServer::start_with(backend, "[limits]\nmax_concurrent_requests = 2\nrequest_timeout_secs = 60\n").await;
     let alice = server.register("alice").await;
-    let first = stalled_request(&server).await;
-    let second = stalled_request(&server).await;
-    // Both hold their slots as soon as the server has read their headers.
+    // Three stalled requests for two slots: at least two hold a slot as soon as the server has
+    // read their headers (a third, or one that met another request in flight, is refused).
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        stalled.push(stalled_request(&server).await);
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     let refused = loop {
         let response = server.get("/_matrix/client/versions", None).await;
@@ -167,7 +170,7 @@ async fn requests_over_the_in_flight_cap_are_refused_at_once(backend: Backend) {
         }
         if Instant::now() >= deadline {
             let log: Vec<String> = server.log_lines().into_iter().filter(|line| line.contains("/login")).collect();
-            panic!("never refused with two requests stalled: {response:?}; login lines: {log:#?}");
+            panic!("never refused with three requests stalled for two slots: {response:?}; login lines: {log:#?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -178,8 +181,8 @@ async fn requests_over_the_in_flight_cap_are_refused_at_once(backend: Backend) {
     assert_eq!(health.status(), 200);
     let (status, _) = server.get("/_matrix/client/v3/sync?timeout=0", Some(&alice.access_token)).await;
     assert_eq!(status, 200);
-    // A slot comes back when a stalled client goes away.
-    drop(first);
+    // Slots come back when the stalled clients go away.
+    drop(stalled);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let response = server.get("/_matrix/client/versions", None).await;
@@ -189,7 +192,6 @@ async fn requests_over_the_in_flight_cap_are_refused_at_once(backend: Backend) {
         assert!(Instant::now() < deadline, "the slot never came back: {response:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    drop(second);
 }
 
 const ONE_LOGIN: &str = "[rate_limits]\nenabled = true\n[rate_limits.login]\nper_second = 0.01\nburst = 1\n";

@@ -117,7 +117,7 @@ fn sort_key(room: &PublicRoom) -> (std::cmp::Reverse<u64>, &str) {
 /// Pages through the public rooms. Tokens name a position by sort key, not by offset, so a room
 /// joining or leaving the list between two requests neither repeats nor skips others:
 /// `n{members}_{roomId}` starts after that room, `p{members}_{roomId}` ends before it.
-fn paginate(all: Vec<PublicRoom>, limit: Option<UInt>, since: Option<&str>) -> Result<DirectoryPage> {
+pub(crate) fn paginate(all: Vec<PublicRoom>, limit: Option<UInt>, since: Option<&str>) -> Result<DirectoryPage> {
     let total = all.len();
     let limit = limit.map_or(total.max(1), |l| u64::from(l) as usize).max(1);
     let (start, end) = match since {

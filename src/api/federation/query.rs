@@ -1,13 +1,20 @@
-//! Queries (Server-Server API, "Querying for information"): profiles of our users, and what our
-//! room aliases point to.
+//! Queries (Server-Server API, "Querying for information"): profiles of our users, what our
+//! room aliases point to, and our public room list ("Public Room Directory").
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use ruma::api::federation::query::{get_profile_information, get_room_information};
+use ruma::{
+    UInt,
+    api::federation::{
+        directory::{get_public_rooms, get_public_rooms_filtered},
+        query::{get_profile_information, get_room_information},
+    },
+};
 
 use crate::{
     api::{
+        client::directory::paginate,
         extract::{Origin, Ruma},
         respond::ApiResult,
     },
@@ -39,4 +46,41 @@ pub async fn directory(
     let (room_id, servers) = rooms.resolve_alias(&req.room_alias).await?;
     let servers = servers.into_iter().filter_map(|server| server.try_into().ok()).collect();
     Ok(get_room_information::v1::Response::new(room_id, servers).into())
+}
+
+/// `GET /_matrix/federation/v1/publicRooms`
+pub async fn public_rooms(
+    State(rooms): State<Arc<Rooms>>,
+    Origin(origin): Origin,
+    Ruma(req): Ruma<get_public_rooms::v1::Request>,
+) -> ApiResult<get_public_rooms::v1::Response> {
+    tracing::debug!(%origin, "public rooms query");
+    let all = rooms.public_rooms(None, None).await?;
+    let (page, next, prev, total) = paginate(all, req.limit, req.since.as_deref())?;
+    let mut response = get_public_rooms::v1::Response::new();
+    response.chunk = page;
+    response.next_batch = next;
+    response.prev_batch = prev;
+    response.total_room_count_estimate = UInt::try_from(total as u64).ok();
+    Ok(response.into())
+}
+
+/// `POST /_matrix/federation/v1/publicRooms`
+pub async fn public_rooms_filtered(
+    State(rooms): State<Arc<Rooms>>,
+    Origin(origin): Origin,
+    Ruma(req): Ruma<get_public_rooms_filtered::v1::Request>,
+) -> ApiResult<get_public_rooms_filtered::v1::Response> {
+    tracing::debug!(%origin, "public rooms query");
+    let types: Vec<Option<String>> = req.filter.room_types.iter().map(|t| t.as_str().map(str::to_owned)).collect();
+    let all = rooms
+        .public_rooms(req.filter.generic_search_term.as_deref(), (!types.is_empty()).then_some(&types[..]))
+        .await?;
+    let (page, next, prev, total) = paginate(all, req.limit, req.since.as_deref())?;
+    let mut response = get_public_rooms_filtered::v1::Response::new();
+    response.chunk = page;
+    response.next_batch = next;
+    response.prev_batch = prev;
+    response.total_room_count_estimate = UInt::try_from(total as u64).ok();
+    Ok(response.into())
 }

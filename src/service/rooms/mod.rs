@@ -21,6 +21,7 @@ pub mod history;
 pub mod membership;
 pub mod receive;
 pub mod send;
+pub mod serving;
 
 use std::{
     collections::HashMap,
