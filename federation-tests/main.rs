@@ -16,6 +16,7 @@ mod auth;
 mod config;
 mod discovery;
 mod keys;
+mod membership;
 
 /// Runs each named test body (an `async fn(Backend)` of the enclosing module) once per storage
 /// backend, as `<name>::sqlite` and `<name>::postgres`. Only names go in here, so rustfmt and
