@@ -5,9 +5,12 @@
 //! in are dropped (and have no result). Signing keys are fetched before each PDU goes to the
 //! room graph, so nothing waits on the network under a room's writer lock.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
-use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomId, RoomId, ServerName};
+use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, ServerName};
 use serde_json::value::RawValue;
 
 use crate::{
@@ -33,8 +36,9 @@ pub struct Transactions {
     rooms: Arc<Rooms>,
     keys: Arc<Keys>,
     outbox: Arc<Outbox>,
-    /// Transactions being processed, so a retry arriving meanwhile waits for the first answer.
-    in_flight: tokio::sync::Mutex<()>,
+    /// Per origin, the lock its transactions are processed under, so a retry arriving meanwhile
+    /// waits for the first answer (a server sends one transaction at a time anyway).
+    in_flight: parking_lot::Mutex<HashMap<OwnedServerName, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn room_of(object: &CanonicalJsonObject) -> Option<OwnedRoomId> {
@@ -46,7 +50,7 @@ fn room_of(object: &CanonicalJsonObject) -> Option<OwnedRoomId> {
 
 impl Transactions {
     pub fn new(db: Db, rooms: Arc<Rooms>, keys: Arc<Keys>, outbox: Arc<Outbox>) -> Transactions {
-        Transactions { db, rooms, keys, outbox, in_flight: tokio::sync::Mutex::new(()) }
+        Transactions { db, rooms, keys, outbox, in_flight: parking_lot::Mutex::new(HashMap::new()) }
     }
 
     /// Receives a transaction of `origin`.
@@ -63,9 +67,10 @@ impl Transactions {
                 format!("A transaction carries at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs").into(),
             ));
         }
-        // One transaction at a time: a retry racing its original must not process it again.
-        // TODO(issue 9): per origin, so one slow peer does not hold up the others.
-        let _guard = self.in_flight.lock().await;
+        // One transaction per origin at a time: a retry racing its original must not process it
+        // again. Other origins are not held up.
+        let lock = self.in_flight.lock().entry(origin.to_owned()).or_default().clone();
+        let _guard = lock.lock().await;
         if let Some(answer) = self.db.inbound_txn(origin.as_str(), txn_id).await? {
             return serde_json::from_str::<BTreeMap<OwnedEventId, Option<String>>>(&answer)
                 .map(|stored| stored.into_iter().map(|(id, err)| (id, err.map_or(Ok(()), Err))).collect())
