@@ -19,6 +19,7 @@ mod discovery;
 mod graph;
 mod interop;
 mod keys;
+mod membership;
 mod public_rooms;
 mod synapse_peer;
 

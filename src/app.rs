@@ -9,11 +9,12 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     api::{AppState, RateLimits, ServerInfo, federation::listener::TlsListener, router, ws::WsHub},
     config::Config,
-    federation::{client::FederationClient, discovery::Discovery, keys::Keys, tls},
+    federation::{client::FederationClient, discovery::Discovery, keys::Keys, outbox::Outbox, tls},
     service::{
         account_data::AccountData,
         aliases::Aliases,
         ephemeral::{Presence, Typing},
+        joins::Joins,
         notifications::Notifications,
         profiles::Profiles,
         rate_limit::{KeyedLimit, UserLimits},
@@ -22,6 +23,7 @@ use crate::{
         server_keys::ServerKeys,
         stream::Streams,
         sync::Sync,
+        transactions::Transactions,
         users::Users,
     },
     storage::{
@@ -273,7 +275,24 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         config.federation.trusted_key_servers.clone(),
     ));
     let profiles = Arc::new(Profiles::new(users.clone(), federation_client.clone(), config.is_federation_enabled()));
-    let aliases = Arc::new(Aliases::new(rooms.clone(), federation_client, config.is_federation_enabled()));
+    let aliases = Arc::new(Aliases::new(rooms.clone(), federation_client.clone(), config.is_federation_enabled()));
+    let outbox = Outbox::new(db.clone(), federation_client.clone());
+    if config.is_federation_enabled() {
+        // Our events reach the other servers of their rooms; what was queued before a restart
+        // is sent again.
+        rooms.set_outbox(outbox.clone());
+        outbox.resume().await;
+    }
+    let joins = Arc::new(Joins::new(
+        rooms.clone(),
+        aliases.clone(),
+        federation_client,
+        keys.clone(),
+        server_keys.clone(),
+        outbox.clone(),
+        config.is_federation_enabled(),
+    ));
+    let transactions = Arc::new(Transactions::new(db.clone(), rooms.clone(), keys.clone(), outbox));
 
     let limits = &config.rate_limits;
     let enabled = |limit| limits.enabled.then_some(limit);
@@ -311,6 +330,8 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         keys,
         profiles,
         aliases,
+        joins,
+        transactions,
     };
     Ok(state)
 }

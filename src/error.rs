@@ -75,6 +75,9 @@ pub enum Error {
     Uia(Box<UiaChallenge>),
     #[error("this room version is not supported by this server")]
     UnsupportedRoomVersion,
+    /// A server asked to join a room whose version it does not support (`make_join`).
+    #[error("the room's version {0} is not among the versions your server supports")]
+    IncompatibleRoomVersion(ruma::RoomVersionId),
     #[error("{0}")]
     RoomInUse(Cow<'static, str>),
     /// The thing to create already exists (409 `M_UNKNOWN`, as the spec says for
@@ -136,6 +139,7 @@ impl Error {
                 (StatusCode::UNAUTHORIZED, challenge.failure.as_ref().map_or("", |(code, _)| code))
             }
             Error::UnsupportedRoomVersion => (StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION"),
+            Error::IncompatibleRoomVersion(_) => (StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION"),
             Error::RoomInUse(_) => (StatusCode::BAD_REQUEST, "M_ROOM_IN_USE"),
             Error::Conflict(_) => (StatusCode::CONFLICT, "M_UNKNOWN"),
             Error::InvalidRoomState(_) => (StatusCode::BAD_REQUEST, "M_INVALID_ROOM_STATE"),
@@ -175,6 +179,9 @@ impl Error {
             }
             Error::Overloaded => {
                 json!({ "errcode": errcode, "error": self.to_string(), "retry_after_ms": OVERLOADED_RETRY_MS })
+            }
+            Error::IncompatibleRoomVersion(version) => {
+                json!({ "errcode": errcode, "error": self.to_string(), "room_version": version })
             }
             _ => json!({ "errcode": errcode, "error": self.to_string() }),
         }

@@ -76,6 +76,8 @@ pub struct AppState {
     pub keys: Arc<Keys>,
     pub profiles: Arc<Profiles>,
     pub aliases: Arc<Aliases>,
+    pub joins: Arc<crate::service::joins::Joins>,
+    pub transactions: Arc<crate::service::transactions::Transactions>,
 }
 
 macro_rules! substate {
@@ -103,4 +105,6 @@ substate!(
     keys: Keys,
     profiles: Profiles,
     aliases: Aliases,
+    joins: crate::service::joins::Joins,
+    transactions: crate::service::transactions::Transactions,
 );

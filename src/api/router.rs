@@ -208,6 +208,13 @@ pub fn build_federation(state: AppState) -> Router {
         federation::query::public_rooms_filtered,
     );
     router = graph_routes(router);
+    // Joins and transactions.
+    {
+        use ruma::api::federation::{membership as fm, transactions as ft};
+        router = endpoint::<fm::prepare_join_event::v1::Request, _, _>(router, federation::membership::make_join);
+        router = endpoint::<fm::create_join_event::v2::Request, _, _>(router, federation::membership::send_join);
+        router = endpoint::<ft::send_transaction_message::v1::Request, _, _>(router, federation::transactions::send);
+    }
 
     router = router.fallback(unrecognized).method_not_allowed_fallback(method_not_allowed);
     // Other servers get the same deadline and an in-flight cap of their own, so a flood of

@@ -2,6 +2,7 @@
 //! calling. `discovery` finds a server (DNS, `.well-known`, SRV) and refuses private addresses;
 //! `client` sends requests signed with X-Matrix over rustls; `keys` fetches, verifies and caches
 //! other servers' signing keys (directly or through notaries) and answers notary queries;
+//! `outbox` queues PDUs per destination in the database and delivers them as transactions;
 //! `auth` verifies the X-Matrix signature of inbound requests; `tls` builds the rustls
 //! configurations.
 //!
@@ -14,6 +15,7 @@ pub mod auth;
 pub mod client;
 pub mod discovery;
 pub mod keys;
+pub mod outbox;
 pub mod tls;
 
 use crate::{error::Error, storage::StorageError};

@@ -6,6 +6,7 @@ pub mod account_data;
 pub mod aliases;
 pub mod ephemeral;
 pub mod filter;
+pub mod joins;
 pub mod notifications;
 pub mod profiles;
 pub mod rate_limit;
@@ -14,6 +15,7 @@ pub mod rooms;
 pub mod server_keys;
 pub mod stream;
 pub mod sync;
+pub mod transactions;
 pub mod uia;
 pub mod users;
 

@@ -12,6 +12,7 @@
 //! network, and takes the current time as a parameter instead of reading a clock.
 
 pub mod accounts;
+pub mod federation;
 pub mod lock;
 pub mod rooms;
 pub mod server_keys;
@@ -58,6 +59,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (5, "upgrades_and_stream_position", include_str!("../../migrations/sqlite/0005_upgrades_and_stream_position.sql")),
     (6, "federation_transport", include_str!("../../migrations/sqlite/0006_federation_transport.sql")),
     (7, "event_graph", include_str!("../../migrations/sqlite/0007_event_graph.sql")),
+    (8, "federation_outbox", include_str!("../../migrations/sqlite/0008_federation_outbox.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "accounts", include_str!("../../migrations/postgres/0001_accounts.sql")),
@@ -69,6 +71,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (6, "federation_transport", include_str!("../../migrations/postgres/0006_federation_transport.sql")),
     (7, "event_graph", include_str!("../../migrations/postgres/0007_event_graph.sql")),
+    (8, "federation_outbox", include_str!("../../migrations/postgres/0008_federation_outbox.sql")),
 ];
 
 /// A storage failure, in terms the service layer can act on.

@@ -22,7 +22,7 @@ use crate::{
     },
     error::Error,
     matrix::client_event::Format,
-    service::{ephemeral::Presence, rate_limit::UserAction, rooms::Rooms, stream::StreamToken},
+    service::{ephemeral::Presence, joins::Joins, rate_limit::UserAction, rooms::Rooms, stream::StreamToken},
 };
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/invite`
@@ -42,29 +42,31 @@ pub async fn invite(
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/join`
 pub async fn join_by_id(
-    State(rooms): State<Arc<Rooms>>,
+    State(joins): State<Arc<Joins>>,
     State(presence): State<Arc<Presence>>,
     State(limits): State<Arc<RateLimits>>,
     GuestOrUser(authed): GuestOrUser,
     Ruma(req): Ruma<join_room_by_id::v3::Request>,
 ) -> ApiResult<join_room_by_id::v3::Response> {
     limits.user.check(UserAction::Join, &authed.user_id)?;
-    rooms.join(&authed.user_id, authed.is_guest, &req.room_id, req.reason.as_deref()).await?;
+    // A room on other servers is joined through the room ID's server (pre-v12 IDs name one).
+    joins.join(&authed.user_id, authed.is_guest, req.room_id.as_str(), &[], req.reason.as_deref()).await?;
     presence.active(&authed.user_id);
     Ok(join_room_by_id::v3::Response::new(req.room_id).into())
 }
 
 /// `POST /_matrix/client/v3/join/{roomIdOrAlias}`
 pub async fn join_by_id_or_alias(
-    State(rooms): State<Arc<Rooms>>,
+    State(joins): State<Arc<Joins>>,
     State(presence): State<Arc<Presence>>,
     State(limits): State<Arc<RateLimits>>,
     GuestOrUser(authed): GuestOrUser,
     Ruma(req): Ruma<join_room_by_id_or_alias::v3::Request>,
 ) -> ApiResult<join_room_by_id_or_alias::v3::Response> {
     limits.user.check(UserAction::Join, &authed.user_id)?;
-    let room_id = rooms.resolve_room(req.room_id_or_alias.as_str()).await?;
-    rooms.join(&authed.user_id, authed.is_guest, &room_id, req.reason.as_deref()).await?;
+    let room_id = joins
+        .join(&authed.user_id, authed.is_guest, req.room_id_or_alias.as_str(), &req.via, req.reason.as_deref())
+        .await?;
     presence.active(&authed.user_id);
     Ok(join_room_by_id_or_alias::v3::Response::new(room_id).into())
 }

@@ -1,11 +1,14 @@
 //! Server-Server API endpoints, one file per spec section: `discovery` (server version,
 //! `/.well-known/matrix/server`), `keys` (publishing keys, notary queries), `query` (profile
 //! and directory queries), `device` (a user's device list), `events` (serving the room graph:
-//! `/event`, `/state`, `/state_ids`, `/event_auth`), and the TLS `listener` they are served on.
+//! `/event`, `/state`, `/state_ids`, `/event_auth`), `membership` (make_join, send_join),
+//! `transactions` (`/send`), and the TLS `listener` they are served on.
 
 pub mod device;
 pub mod discovery;
 pub mod events;
 pub mod keys;
 pub mod listener;
+pub mod membership;
 pub mod query;
+pub mod transactions;

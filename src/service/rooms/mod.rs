@@ -16,6 +16,7 @@
 pub mod create;
 pub mod directory;
 mod event_cache;
+mod federated;
 pub mod graph;
 pub mod history;
 pub mod membership;
@@ -190,6 +191,9 @@ pub struct Rooms {
     upgrades: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     /// The whole public room list and when it was built (see `directory.rs`).
     public_list: Mutex<Option<(std::time::Instant, Arc<Vec<directory::PublicRoom>>)>>,
+    /// Where committed local events go for the other servers in their rooms (set once federation
+    /// is wired up; without it nothing is sent).
+    outbox: std::sync::OnceLock<Arc<crate::federation::outbox::Outbox>>,
 }
 
 impl Rooms {
@@ -217,11 +221,17 @@ impl Rooms {
             me: me.clone(),
             upgrades: Mutex::new(HashMap::new()),
             public_list: Mutex::new(None),
+            outbox: std::sync::OnceLock::new(),
         }))
     }
 
     pub fn server_name(&self) -> &OwnedServerName {
         &self.server_name
+    }
+
+    /// Sends committed local events to the other servers of their rooms from now on.
+    pub fn set_outbox(&self, outbox: Arc<crate::federation::outbox::Outbox>) {
+        let _ = self.outbox.set(outbox);
     }
 
     /// The handle of a room this server knows; `NotFound` otherwise.
@@ -792,6 +802,7 @@ impl Rooms {
         }
         let count = writes.len() as i64;
         let last_pos = self.streams.persist(writes.clone()).await?;
+        self.queue_for_other_servers(&handle.room_id, &writes).await;
 
         // Committed: advance the writer and fill the caches with the final positions. The
         // writer's map is released first, so extending it does not copy a big room's state.

@@ -1,0 +1,293 @@
+//! Joins across servers (Server-Server API, "Joining Rooms"): a local user joining a room that
+//! lives on other servers (`make_join` to a resident server, sign, `send_join` v2, check the
+//! returned state and auth chain, then `Rooms::receive_with_state`), and serving both steps to
+//! other servers. Keys are fetched before the room graph is touched, so no network IO happens
+//! under a room's writer lock.
+
+use std::sync::Arc;
+
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedServerName,
+    RoomId, RoomVersionId, ServerName, UInt, UserId,
+    api::federation::membership::{create_join_event, prepare_join_event},
+    signatures::PublicKeyMap,
+};
+use serde_json::{Map, value::RawValue};
+
+use crate::{
+    error::{Error, Result},
+    federation::{
+        client::FederationClient,
+        keys::{Keys, WantedKeys, wanted_for_event},
+        outbox::Outbox,
+    },
+    matrix::{
+        pdu::{EventTemplate, Pdu, Placement},
+        room_version,
+    },
+    service::{
+        aliases::Aliases,
+        now_ms,
+        rooms::{Rooms, receive::Outcome},
+        server_keys::ServerKeys,
+    },
+};
+
+/// Resident servers tried for one join.
+const MAX_JOIN_CANDIDATES: usize = 5;
+
+pub struct Joins {
+    rooms: Arc<Rooms>,
+    aliases: Arc<Aliases>,
+    client: Arc<FederationClient>,
+    keys: Arc<Keys>,
+    server_keys: Arc<ServerKeys>,
+    outbox: Arc<Outbox>,
+    is_federation_enabled: bool,
+}
+
+fn parse_object(raw: &RawValue) -> Result<CanonicalJsonObject> {
+    serde_json::from_str(raw.get()).map_err(|err| Error::BadJson(format!("not a PDU: {err}")))
+}
+
+fn to_raw(json: String) -> Result<Box<RawValue>> {
+    RawValue::from_string(json).map_err(|err| Error::Internal(format!("stored PDU is not JSON: {err}")))
+}
+
+fn ids_of(object: &CanonicalJsonObject, field: &str) -> Result<Vec<OwnedEventId>> {
+    match object.get(field) {
+        Some(CanonicalJsonValue::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                CanonicalJsonValue::String(id) => {
+                    OwnedEventId::try_from(id.as_str()).map_err(|err| Error::BadJson(err.to_string()))
+                }
+                _ => Err(Error::BadJson(format!("`{field}` holds a non-string"))),
+            })
+            .collect(),
+        _ => Err(Error::BadJson(format!("`{field}` is missing"))),
+    }
+}
+
+impl Joins {
+    pub fn new(
+        rooms: Arc<Rooms>,
+        aliases: Arc<Aliases>,
+        client: Arc<FederationClient>,
+        keys: Arc<Keys>,
+        server_keys: Arc<ServerKeys>,
+        outbox: Arc<Outbox>,
+        is_federation_enabled: bool,
+    ) -> Joins {
+        Joins { rooms, aliases, client, keys, server_keys, outbox, is_federation_enabled }
+    }
+
+    /// `POST /join/{roomIdOrAlias}` and `/rooms/{roomId}/join`: joins locally when this server
+    /// is in the room (or the room is ours), else through the `via` servers, the alias's servers
+    /// and the room ID's server, in that order, until one lets us in.
+    pub async fn join(
+        &self,
+        user: &UserId,
+        is_guest: bool,
+        room_id_or_alias: &str,
+        via: &[OwnedServerName],
+        reason: Option<&str>,
+    ) -> Result<OwnedRoomId> {
+        let mut candidates: Vec<OwnedServerName> = via.to_vec();
+        let room_id = if room_id_or_alias.starts_with('#') {
+            let alias = ruma::RoomAliasId::parse(room_id_or_alias).map_err(|e| Error::InvalidParam(e.to_string()))?;
+            let (room_id, servers) = self.aliases.resolve(&alias).await?;
+            candidates.extend(servers);
+            candidates.push(alias.server_name().to_owned());
+            room_id
+        } else {
+            RoomId::parse(room_id_or_alias).map_err(|e| Error::InvalidParam(e.to_string()))?
+        };
+        let is_known = self.rooms.handle(&room_id).await.is_ok();
+        let is_remote =
+            is_known && !self.rooms.has_local_member(&room_id) && !self.rooms.other_servers(&room_id).is_empty();
+        if (is_known && !is_remote) || !self.is_federation_enabled {
+            self.rooms.join(user, is_guest, &room_id, reason).await?;
+            return Ok(room_id);
+        }
+        if is_guest {
+            return Err(Error::forbidden("Guests cannot join rooms on other servers"));
+        }
+        if let Some(server) = room_id.server_name() {
+            candidates.push(server.to_owned());
+        }
+        candidates.extend(self.rooms.other_servers(&room_id));
+        let mut tried: Vec<OwnedServerName> = Vec::new();
+        let mut last_error = Error::not_found("No server in the room is known: give one with `via`");
+        for server in candidates {
+            if server == *self.rooms.server_name() || tried.contains(&server) {
+                continue;
+            }
+            if tried.len() >= MAX_JOIN_CANDIDATES {
+                break;
+            }
+            tried.push(server.clone());
+            match self.join_through(&server, user, &room_id, reason).await {
+                Ok(()) => return Ok(room_id),
+                Err(err) => {
+                    tracing::info!(%server, %room_id, %err, "a remote join failed; trying the next server");
+                    last_error = err;
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    /// One attempt through one resident server.
+    async fn join_through(
+        &self,
+        server: &ServerName,
+        user: &UserId,
+        room_id: &RoomId,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let mut request = prepare_join_event::v1::Request::new(room_id.to_owned(), user.to_owned());
+        request.ver = room_version::SUPPORTED.to_vec();
+        let template = match self.client.send(server, request).await {
+            Ok(response) => response,
+            Err(crate::federation::FederationError::Remote { status: 403, message, .. }) => {
+                return Err(Error::forbidden(format!("The room's server refused the join: {message}")));
+            }
+            Err(crate::federation::FederationError::Remote { status: 404, .. }) => {
+                return Err(Error::not_found("The room is not known to that server"));
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let version = template.room_version.unwrap_or(RoomVersionId::V1);
+        let rules = room_version::rules(&version).ok_or(Error::UnsupportedRoomVersion)?;
+        let object = parse_object(&template.event).map_err(|_| Error::BadGateway("bad make_join template".into()))?;
+        let bad = |why: &str| Error::BadGateway(format!("{server}: bad make_join template: {why}"));
+        let (prev_events, auth_events) = match (ids_of(&object, "prev_events"), ids_of(&object, "auth_events")) {
+            (Ok(prev), Ok(auth)) => (prev, auth),
+            _ => return Err(bad("prev_events or auth_events")),
+        };
+        let depth = match object.get("depth") {
+            Some(CanonicalJsonValue::Integer(depth)) => u64::try_from(i64::from(*depth)).map_err(|_| bad("depth"))?,
+            _ => return Err(bad("depth")),
+        };
+        let mut extra = Map::new();
+        if let Some(reason) = reason {
+            extra.insert("reason".into(), serde_json::json!(reason));
+        }
+        let content = self.rooms.join_content(user, extra).await?;
+        let template = EventTemplate {
+            event_type: "m.room.member".to_owned(),
+            state_key: Some(user.to_string()),
+            content: crate::matrix::pdu::canonical_content(content).map_err(Error::BadJson)?,
+            redacts: None,
+        };
+        let placement = Placement {
+            room_id: Some(room_id),
+            sender: user,
+            prev_events: &prev_events,
+            auth_events: &auth_events,
+            depth,
+            origin_server_ts: MilliSecondsSinceUnixEpoch(UInt::try_from(now_ms()).unwrap_or_default()),
+        };
+        let join = Pdu::build(template, &placement, &rules, self.rooms.server_name(), self.server_keys.key())
+            .map_err(|err| Error::BadGateway(format!("{server}: cannot build the join: {err}")))?;
+        let request =
+            create_join_event::v2::Request::new(room_id.to_owned(), join.event_id.clone(), to_raw(join.json.clone())?);
+        let answer = self.client.send(server, request).await?.room_state;
+
+        let mut state = Vec::with_capacity(answer.state.len());
+        for raw in &answer.state {
+            state.push(parse_object(raw).map_err(|_| bad("state"))?);
+        }
+        let mut auth_chain = Vec::with_capacity(answer.auth_chain.len());
+        for raw in &answer.auth_chain {
+            auth_chain.push(parse_object(raw).map_err(|_| bad("auth_chain"))?);
+        }
+        let join_object = join.canonical_object();
+        // Every signature's key, fetched before the graph is touched.
+        let mut wanted = WantedKeys::new();
+        for object in state.iter().chain(&auth_chain).chain(std::iter::once(&join_object)) {
+            if let Ok((keys, _)) = wanted_for_event(object, &rules.signatures) {
+                for (server, ids) in keys {
+                    wanted.entry(server).or_default().extend(ids);
+                }
+            }
+        }
+        let keys: PublicKeyMap = self.keys.public_key_map(&wanted, now_ms()).await;
+        let outcome =
+            self.rooms.receive_with_state(server, room_id, &version, join_object, state, auth_chain, &keys).await?;
+        match outcome {
+            Outcome::Accepted { .. } | Outcome::AlreadyKnown { .. } => Ok(()),
+            other => Err(Error::BadGateway(format!("{server}: the join's state did not check out: {other:?}"))),
+        }
+    }
+
+    /// `GET /make_join/{roomId}/{userId}` for another server's user.
+    pub async fn make_join(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        user: &UserId,
+        versions: &[RoomVersionId],
+    ) -> Result<(RoomVersionId, Box<RawValue>)> {
+        self.outbox.peer_seen(origin);
+        if user.server_name() != origin {
+            return Err(Error::forbidden("The user is not of the requesting server"));
+        }
+        let version = self.rooms.room_version(room_id).await.map_err(|_| Error::not_found("Unknown room"))?;
+        if !versions.contains(&version) {
+            return Err(Error::IncompatibleRoomVersion(version));
+        }
+        let (version, template) = self.rooms.join_template(room_id, user).await?;
+        let json = serde_json::to_string(&template).map_err(|err| Error::Internal(err.to_string()))?;
+        Ok((version, to_raw(json)?))
+    }
+
+    /// `PUT /send_join/{roomId}/{eventId}` (v2): checks the join and takes it into the room, then
+    /// answers with the state before it and its auth chain (always the full state).
+    pub async fn send_join(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &ruma::EventId,
+        pdu: &RawValue,
+    ) -> Result<create_join_event::v2::RoomState> {
+        self.outbox.peer_seen(origin);
+        let handle = self.rooms.handle(room_id).await.map_err(|_| Error::not_found("Unknown room"))?;
+        if !self.rooms.has_local_member(room_id) {
+            return Err(Error::not_found("This server is not in the room"));
+        }
+        let object = parse_object(pdu)?;
+        let parsed = Pdu::from_received(&object, &handle.rules).map_err(Error::BadJson)?;
+        if parsed.event_id != event_id || parsed.room_id != room_id {
+            return Err(Error::BadJson("The event ID or room ID does not match the event".into()));
+        }
+        let is_join = parsed.event_type == ruma::events::TimelineEventType::RoomMember
+            && parsed.state_key.as_deref() == Some(parsed.sender.as_str())
+            && parsed.content_value().get("membership").and_then(|m| m.as_str()) == Some("join");
+        if !is_join {
+            return Err(Error::BadJson("Not a join event of its sender".into()));
+        }
+        if parsed.sender.server_name() != origin {
+            return Err(Error::forbidden("The joining user is not of the requesting server"));
+        }
+        let keys =
+            self.keys.public_key_map_for_event(&object, &handle.rules.signatures).await.map_err(Error::BadJson)?;
+        match self.rooms.receive_pdu(origin, room_id, object, &keys, Vec::new()).await? {
+            Outcome::Accepted { .. } | Outcome::AlreadyKnown { .. } => {}
+            Outcome::SoftFailed { .. } | Outcome::Rejected { .. } => {
+                return Err(Error::forbidden("The join is not allowed"));
+            }
+            Outcome::Dropped { reason } => return Err(Error::BadJson(format!("The join was refused: {reason}"))),
+            Outcome::MissingEvents { .. } => {
+                return Err(Error::BadJson("The join cites events this server does not have".into()));
+            }
+        }
+        let (state, auth_chain) = self.rooms.state_and_auth_chain_before(event_id).await?;
+        let mut room_state = create_join_event::v2::RoomState::new();
+        room_state.state = state.into_iter().map(to_raw).collect::<Result<_>>()?;
+        room_state.auth_chain = auth_chain.into_iter().map(to_raw).collect::<Result<_>>()?;
+        room_state.members_omitted = false;
+        Ok(room_state)
+    }
+}

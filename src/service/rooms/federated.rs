@@ -1,0 +1,142 @@
+//! What the room graph offers federation: the servers of a room and the queueing of our events
+//! for them, the join template other servers ask for (`make_join`), and the state and auth chain
+//! before an event (`send_join`'s answer). No network IO here.
+
+use std::collections::{BTreeSet, HashSet};
+
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedServerName,
+    RoomId, RoomVersionId, UInt, UserId,
+};
+use serde_json::json;
+
+use super::{NewEvent, Rooms, graph};
+use crate::{
+    error::{Error, Result},
+    matrix::{
+        auth::{self, AuthState},
+        pdu::{BuildError, Pdu, Placement},
+    },
+    service::now_ms,
+    storage::stream::StreamWrite,
+};
+
+/// Largest auth chain served with a `send_join` answer.
+const MAX_AUTH_CHAIN: usize = 100_000;
+
+impl Rooms {
+    /// The servers of the room's joined members (current state), other than ours.
+    pub fn other_servers(&self, room_id: &RoomId) -> Vec<OwnedServerName> {
+        let servers: BTreeSet<OwnedServerName> = self
+            .streams
+            .members(room_id, "join")
+            .into_iter()
+            .map(|user| user.server_name().to_owned())
+            .filter(|server| *server != self.server_name)
+            .collect();
+        servers.into_iter().collect()
+    }
+
+    /// Whether a user of this server is joined to the room.
+    pub fn has_local_member(&self, room_id: &RoomId) -> bool {
+        self.streams.members(room_id, "join").iter().any(|user| user.server_name() == self.server_name)
+    }
+
+    /// Queues committed local events for the other servers in the room. A member event also goes
+    /// to its target's server (a kick or a leave reaches the one who left).
+    pub(super) async fn queue_for_other_servers(&self, room_id: &RoomId, writes: &[StreamWrite]) {
+        let Some(outbox) = self.outbox.get() else { return };
+        let servers = self.other_servers(room_id);
+        for write in writes {
+            let StreamWrite::Event(write) = write else { continue };
+            let mut destinations = servers.clone();
+            if write.pdu.event_type == ruma::events::TimelineEventType::RoomMember
+                && let Some(target) = write.pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok())
+                && target.server_name() != self.server_name
+                && !destinations.iter().any(|s| s == target.server_name())
+            {
+                destinations.push(target.server_name().to_owned());
+            }
+            outbox.enqueue(&destinations, write.pdu.event_id.as_str(), &write.pdu.json).await;
+        }
+    }
+
+    /// `make_join`: a join event of `user` on the room's forward extremities, allowed by the auth
+    /// rules against the current state, unsigned, for the user's server to fill in and sign.
+    pub async fn join_template(&self, room_id: &RoomId, user: &UserId) -> Result<(RoomVersionId, CanonicalJsonObject)> {
+        let handle = self.handle(room_id).await?;
+        if !self.has_local_member(room_id) {
+            return Err(Error::not_found("This server is not in the room"));
+        }
+        let (prevs, state) = {
+            let writer = handle.writer.lock().await;
+            (graph::choose_prev_events(&writer.extremities), writer.current.map.clone())
+        };
+        let rules = &handle.rules;
+        let template =
+            NewEvent::new(user, "m.room.member", Some(user.as_str()), json!({ "membership": "join" }))?.template;
+        let keys = auth::auth_state_keys(&template, user, &rules.authorization).map_err(Error::BadJson)?;
+        let mut auth_state = AuthState::new();
+        for key in keys {
+            let Some(event_id) = state.get(&(key.0.to_string(), key.1.clone())) else { continue };
+            if let Some(event) = self.event(event_id).await? {
+                auth_state.insert(key, std::sync::Arc::new(event.pdu.clone()));
+            }
+        }
+        let auth_events: Vec<OwnedEventId> = auth_state
+            .values()
+            .filter(|event| auth::belongs_in_auth_events(event, &rules.authorization))
+            .map(|event| event.event_id.clone())
+            .collect();
+        let prev_events: Vec<OwnedEventId> = prevs.iter().map(|(id, _)| id.clone()).collect();
+        let placement = Placement {
+            room_id: Some(room_id),
+            sender: user,
+            prev_events: &prev_events,
+            auth_events: &auth_events,
+            depth: prevs.iter().map(|(_, depth)| *depth).max().unwrap_or(0) + 1,
+            origin_server_ts: MilliSecondsSinceUnixEpoch(UInt::try_from(now_ms()).unwrap_or_default()),
+        };
+        let pdu =
+            Pdu::build(template, &placement, rules, &self.server_name, self.keys.key()).map_err(|err| match err {
+                BuildError::TooLarge => Error::TooLarge("Event is larger than 65536 bytes".into()),
+                BuildError::Invalid(why) => Error::BadJson(why),
+            })?;
+        auth::check(&rules.authorization, &pdu, &auth_state)
+            .map_err(|why| Error::forbidden(format!("You may not join this room: {why}")))?;
+        let mut object = pdu.canonical_object();
+        // The joining server hashes and signs it; our signature would not cover its changes.
+        object.remove("signatures");
+        object.remove("hashes");
+        object.insert("origin".to_owned(), CanonicalJsonValue::String(self.server_name.to_string()));
+        Ok((handle.version.clone(), object))
+    }
+
+    /// `send_join`'s answer: the room's state before `event_id` and the auth chain of that state
+    /// and of the event, as PDUs (canonical JSON).
+    pub async fn state_and_auth_chain_before(&self, event_id: &EventId) -> Result<(Vec<String>, Vec<String>)> {
+        let event = self.timeline_event(event_id).await?.ok_or_else(|| Error::not_found("Unknown event"))?;
+        let state = self.state_at(event.state_before).await?;
+        let state_ids: Vec<&EventId> = state.values().map(|id| &**id).collect();
+        let state_events = self.pdus_by_id(&state_ids).await?;
+        let mut seen: HashSet<OwnedEventId> = HashSet::new();
+        let mut frontier: Vec<OwnedEventId> = event.pdu.auth_events.clone();
+        for pdu in state_events.values() {
+            frontier.extend(pdu.auth_events.iter().cloned());
+        }
+        let mut chain = Vec::new();
+        while !frontier.is_empty() && seen.len() < MAX_AUTH_CHAIN {
+            frontier.retain(|id| !seen.contains(id));
+            frontier.sort();
+            frontier.dedup();
+            let ids: Vec<&EventId> = frontier.iter().map(|id| &**id).collect();
+            let found = self.pdus_by_id(&ids).await?;
+            seen.extend(frontier.drain(..));
+            for pdu in found.values() {
+                frontier.extend(pdu.auth_events.iter().filter(|id| !seen.contains(*id)).cloned());
+                chain.push(pdu.json.clone());
+            }
+        }
+        Ok((state_events.values().map(|pdu| pdu.json.clone()).collect(), chain))
+    }
+}

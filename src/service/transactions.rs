@@ -1,0 +1,127 @@
+//! Inbound transactions (`PUT /_matrix/federation/v1/send/{txnId}`): PDUs from another server,
+//! grouped by room and received in order per room through `Rooms::receive_pdu`, with a result per
+//! PDU. A transaction is answered once: the answer is stored by origin and transaction ID and a
+//! retry gets it again without the PDUs being processed twice. PDUs of rooms this server is not
+//! in are dropped (and have no result). Signing keys are fetched before each PDU goes to the
+//! room graph, so nothing waits on the network under a room's writer lock.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, ServerName};
+use serde_json::value::RawValue;
+
+use crate::{
+    error::{Error, Result},
+    federation::{keys::Keys, outbox::Outbox},
+    matrix::pdu::Pdu,
+    service::{
+        now_ms,
+        rooms::{Rooms, receive::Outcome},
+    },
+    storage::Db,
+};
+
+/// Bounds of one transaction (Server-Server API, "Transactions").
+pub const MAX_PDUS: usize = 50;
+pub const MAX_EDUS: usize = 100;
+
+/// A result per PDU: `Ok` when the event was accepted (or already known), else why not.
+pub type PduResults = BTreeMap<OwnedEventId, std::result::Result<(), String>>;
+
+pub struct Transactions {
+    db: Db,
+    rooms: Arc<Rooms>,
+    keys: Arc<Keys>,
+    outbox: Arc<Outbox>,
+    /// Per origin, the lock its transactions are processed under, so a retry arriving meanwhile
+    /// waits for the first answer (a server sends one transaction at a time anyway).
+    in_flight: parking_lot::Mutex<HashMap<OwnedServerName, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn room_of(object: &CanonicalJsonObject) -> Option<OwnedRoomId> {
+    match object.get("room_id") {
+        Some(CanonicalJsonValue::String(room_id)) => RoomId::parse(room_id).ok(),
+        _ => None,
+    }
+}
+
+impl Transactions {
+    pub fn new(db: Db, rooms: Arc<Rooms>, keys: Arc<Keys>, outbox: Arc<Outbox>) -> Transactions {
+        Transactions { db, rooms, keys, outbox, in_flight: parking_lot::Mutex::new(HashMap::new()) }
+    }
+
+    /// Receives a transaction of `origin`.
+    pub async fn receive(
+        &self,
+        origin: &ServerName,
+        txn_id: &str,
+        pdus: &[Box<RawValue>],
+        edu_count: usize,
+    ) -> Result<PduResults> {
+        self.outbox.peer_seen(origin);
+        if pdus.len() > MAX_PDUS || edu_count > MAX_EDUS {
+            return Err(Error::TooLarge(
+                format!("A transaction carries at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs").into(),
+            ));
+        }
+        // One transaction per origin at a time: a retry racing its original must not process it
+        // again. Other origins are not held up.
+        let lock = self.in_flight.lock().entry(origin.to_owned()).or_default().clone();
+        let _guard = lock.lock().await;
+        if let Some(answer) = self.db.inbound_txn(origin.as_str(), txn_id).await? {
+            return serde_json::from_str::<BTreeMap<OwnedEventId, Option<String>>>(&answer)
+                .map(|stored| stored.into_iter().map(|(id, err)| (id, err.map_or(Ok(()), Err))).collect())
+                .map_err(|err| Error::Internal(format!("stored transaction answer: {err}")));
+        }
+        // Grouped by room, in the order of the transaction within each room.
+        let mut rooms: Vec<(OwnedRoomId, Vec<CanonicalJsonObject>)> = Vec::new();
+        for raw in pdus {
+            let Ok(object) = serde_json::from_str::<CanonicalJsonObject>(raw.get()) else { continue };
+            let Some(room_id) = room_of(&object) else { continue };
+            match rooms.iter_mut().find(|(id, _)| *id == room_id) {
+                Some((_, list)) => list.push(object),
+                None => rooms.push((room_id, vec![object])),
+            }
+        }
+        let mut results = PduResults::new();
+        for (room_id, objects) in rooms {
+            if self.rooms.handle(&room_id).await.is_err() || !self.rooms.has_local_member(&room_id) {
+                tracing::debug!(%origin, %room_id, "dropped PDUs of a room this server is not in");
+                continue;
+            }
+            let handle = self.rooms.handle(&room_id).await?;
+            for object in objects {
+                let Ok(pdu) = Pdu::from_received(&object, &handle.rules) else { continue };
+                let result = self.receive_one(origin, &room_id, object, &handle.rules).await;
+                results.insert(pdu.event_id, result);
+            }
+        }
+        let stored: BTreeMap<&OwnedEventId, Option<&String>> =
+            results.iter().map(|(id, result)| (id, result.as_ref().err())).collect();
+        let answer = serde_json::to_string(&stored).map_err(|err| Error::Internal(err.to_string()))?;
+        self.db.record_inbound_txn(origin.as_str(), txn_id, &answer, now_ms()).await?;
+        Ok(results)
+    }
+
+    async fn receive_one(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        object: CanonicalJsonObject,
+        rules: &ruma::room_version_rules::RoomVersionRules,
+    ) -> std::result::Result<(), String> {
+        let keys = self.keys.public_key_map_for_event(&object, &rules.signatures).await?;
+        match self.rooms.receive_pdu(origin, room_id, object, &keys, Vec::new()).await {
+            Ok(Outcome::Accepted { .. } | Outcome::AlreadyKnown { .. }) => Ok(()),
+            Ok(Outcome::SoftFailed { .. }) => Err("soft-failed: not allowed by the room's current state".to_owned()),
+            Ok(Outcome::Rejected { reason, .. }) => Err(format!("rejected: {reason}")),
+            Ok(Outcome::Dropped { reason }) => Err(format!("dropped: {reason}")),
+            // TODO(issue 9): fetch the missing events (get_missing_events) instead of failing.
+            Ok(Outcome::MissingEvents { missing, .. }) => Err(format!("missing prev or auth events: {missing:?}")),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+}
