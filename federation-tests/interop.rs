@@ -2,7 +2,7 @@
 //! `.ci/run` through `cargo test --test federation -- --ignored`.
 
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::{
     harness::{Backend, enc},
@@ -65,4 +65,65 @@ async fn hearth_and_synapse_answer_each_others_profile_and_alias_queries() {
         .await;
     assert_eq!((status.as_u16(), body["room_id"].clone()), (200, created["room_id"].clone()), "{body}");
     assert!(body["servers"].as_array().is_some_and(|servers| servers.contains(&json!("synapse.test"))), "{body}");
+}
+
+/// Whether a sync response has a message with `body` in `room`'s timeline.
+pub fn timeline_has(response: &Value, room: &str, body: &str) -> bool {
+    response["rooms"]["join"][room]["timeline"]["events"]
+        .as_array()
+        .is_some_and(|events| events.iter().any(|event| event["content"]["body"] == body))
+}
+
+/// The heart of federation, against the homeserver most of the network runs: a Hearth user joins
+/// a Synapse room and a Synapse user joins a Hearth room (make_join, send_join, the state and
+/// auth chain checked on each side), and messages cross both ways through `/send`, in room
+/// versions 10, 11 and 12.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts a Synapse; run by .ci/run with --ignored"]
+async fn hearth_and_synapse_users_join_each_others_rooms_and_chat_in_every_room_version() {
+    let net = TestNet::new().await;
+    let Some(hearth) = net.peer(Backend::Sqlite, "hearth.test", Discovered::Port8448, "").await else {
+        return skipped("port 8448");
+    };
+    let hearth_ip = hearth.federation[0].ip();
+    let Some(synapse) = SynapsePeer::start(&net, "synapse.test", &[("hearth.test", hearth_ip)]).await else {
+        return skipped("port 8448");
+    };
+    let alice = hearth.server.register("alice").await;
+    let sam = synapse.register("sam").await;
+    for version in ["10", "11", "12"] {
+        let body = json!({"room_version": version, "preset": "public_chat"});
+        // A Synapse room, joined from Hearth.
+        let (status, created) =
+            synapse.request(Method::POST, "/_matrix/client/v3/createRoom", &sam, Some(body.clone())).await;
+        assert_eq!(status, 200, "{created}");
+        let room = created["room_id"].as_str().unwrap().to_owned();
+        let join = format!("/_matrix/client/v3/join/{}?server_name=synapse.test", enc(&room));
+        let (status, joined) = hearth.server.post(&join, Some(&alice.access_token), json!({})).await;
+        assert_eq!(status, 200, "v{version}: {joined}");
+        let text = format!("from Synapse, v{version}");
+        let send = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/s{version}", enc(&room));
+        let (status, _) =
+            synapse.request(Method::PUT, &send, &sam, Some(json!({"msgtype": "m.text", "body": text}))).await;
+        assert_eq!(status, 200);
+        hearth.server.sync_until(&alice, None, |response| timeline_has(response, &room, &text)).await;
+        let text = format!("from Hearth, v{version}");
+        hearth.server.send_text(&alice, &room, &text).await;
+        synapse.wait_for_message(&sam, &room, &text).await;
+
+        // A Hearth room, joined from Synapse.
+        let room = hearth.server.create_room(&alice, body).await;
+        let join = format!("/_matrix/client/v3/join/{}?server_name=hearth.test", enc(&room));
+        let (status, joined) = synapse.request(Method::POST, &join, &sam, Some(json!({}))).await;
+        assert_eq!(status, 200, "v{version}: {joined}\n{}", synapse.log_tail());
+        let text = format!("in Hearth's room, v{version}");
+        hearth.server.send_text(&alice, &room, &text).await;
+        synapse.wait_for_message(&sam, &room, &text).await;
+        let text = format!("Synapse in Hearth's room, v{version}");
+        let send = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/t{version}", enc(&room));
+        let (status, _) =
+            synapse.request(Method::PUT, &send, &sam, Some(json!({"msgtype": "m.text", "body": text}))).await;
+        assert_eq!(status, 200);
+        hearth.server.sync_until(&alice, None, |response| timeline_has(response, &room, &text)).await;
+    }
 }

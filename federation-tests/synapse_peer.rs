@@ -166,6 +166,26 @@ impl SynapsePeer {
     }
 }
 
+impl SynapsePeer {
+    /// Syncs as `token` until a message with `body` is in `room`'s timeline (at most 30 s).
+    pub async fn wait_for_message(&self, token: &str, room: &str, body: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut since: Option<String> = None;
+        loop {
+            let path = match &since {
+                Some(since) => format!("/_matrix/client/v3/sync?timeout=2000&since={since}"),
+                None => "/_matrix/client/v3/sync?timeout=2000".to_owned(),
+            };
+            let (_, response) = self.request(reqwest::Method::GET, &path, token, None).await;
+            if crate::interop::timeline_has(&response, room, body) {
+                return;
+            }
+            since = response["next_batch"].as_str().map(str::to_owned).or(since);
+            assert!(Instant::now() < deadline, "{body:?} never reached Synapse in {room}:\n{}", self.log_tail());
+        }
+    }
+}
+
 impl Drop for SynapsePeer {
     fn drop(&mut self) {
         // Only the process this peer started, by its pid.
