@@ -84,5 +84,6 @@ async fn a_listener_without_a_certificate_says_it_speaks_plain_http() {
         net.dns.addr
     );
     let server = crate::harness::TestServer::start_with(crate::harness::Backend::Sqlite, &config).await;
-    assert!(server.log_lines().iter().any(|line| line.contains("plain HTTP")), "{}", server.log_lines().join("\n"));
+    crate::testnet::log_line(&server, "the listener says it speaks plain HTTP", |line| line.contains("plain HTTP"))
+        .await;
 }

@@ -68,14 +68,11 @@ async fn peers_are_found_by_port_8448_srv_and_well_known_both_ways(backend: Back
     // port for SRV, the delegated name with its port for `.well-known` with an explicit port.
     for (peer, host) in [(&srv, "srv.test"), (&delegated, "fed.wk.test:8449"), (&plain, "plain.test")] {
         let wanted = format!("\"host\":\"{host}\"");
-        assert!(
-            peer.server
-                .log_lines()
-                .iter()
-                .any(|line| line.contains("verified a federation request") && line.contains(&wanted)),
-            "{} saw no request with Host {host}",
-            peer.name
-        );
+        let what = format!("{} saw a request with Host {host}", peer.name);
+        crate::testnet::log_line(&peer.server, &what, |line| {
+            line.contains("verified a federation request") && line.contains(&wanted)
+        })
+        .await;
     }
 
     // The client listener serves the delegation too, where one is configured.
@@ -127,15 +124,11 @@ async fn peers_named_with_a_port_or_by_ip_literal_are_reached_directly(backend: 
     // The Host header is the server name with its port in both steps.
     for peer in [&explicit, &literal] {
         let wanted = format!("\"host\":\"{}\"", peer.name);
-        assert!(
-            peer.server
-                .log_lines()
-                .iter()
-                .any(|line| line.contains("verified a federation request") && line.contains(&wanted)),
-            "{} saw no request with Host {}",
-            peer.name,
-            peer.name
-        );
+        let what = format!("{} saw a request with Host {}", peer.name, peer.name);
+        crate::testnet::log_line(&peer.server, &what, |line| {
+            line.contains("verified a federation request") && line.contains(&wanted)
+        })
+        .await;
     }
 }
 
@@ -166,6 +159,10 @@ async fn private_destinations_are_refused_unless_allowed(backend: Backend) {
 
     let refused = cautious.server.get(&format!("/_matrix/client/v3/profile/{}", enc(&bob.user_id)), None).await;
     assert_error(&refused, 502, "M_UNKNOWN");
+    crate::testnet::log_line(&cautious.server, "the refusal is logged", |line| {
+        line.contains("private or reserved addresses")
+    })
+    .await;
     assert!(
         cautious.server.log_lines().iter().any(|line| line.contains("private or reserved addresses")),
         "the refusal names its reason in the log"

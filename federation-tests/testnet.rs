@@ -239,6 +239,16 @@ impl TestNet {
     }
 }
 
+/// Waits (at most 10 s) until a line of `server`'s log matches: the log is read from the
+/// server's output as it comes, so a line may trail the response that caused it.
+pub async fn log_line(server: &TestServer, what: &str, matches: impl Fn(&str) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !server.log_lines().iter().any(|line| matches(line)) {
+        assert!(std::time::Instant::now() < deadline, "no log line: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub fn ip4(addr: SocketAddr) -> Ipv4Addr {
     match addr.ip() {
         std::net::IpAddr::V4(ip) => ip,
