@@ -107,12 +107,12 @@ pub async fn postgres_available() -> bool {
 }
 
 /// A database created for one test and dropped when the test ends.
-struct PgDatabase {
+pub struct PgDatabase {
     name: String,
 }
 
 impl PgDatabase {
-    async fn create() -> PgDatabase {
+    pub async fn create() -> PgDatabase {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "hearth_test_{}_{}_{}",
@@ -128,7 +128,7 @@ impl PgDatabase {
         PgDatabase { name }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         let admin = postgres_admin_url();
         let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
         format!("{base}/{}", self.name)

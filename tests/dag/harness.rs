@@ -1,11 +1,6 @@
 //! A Hearth server's services on a fresh database, a room on it, and a remote server that signs
 //! PDUs for that room.
 
-use std::{
-    sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
-};
-
 use hearth::{
     api::AppState,
     config::Config,
@@ -32,71 +27,10 @@ use ruma::{
     signatures::{PublicKeyMap, PublicKeySet},
 };
 use serde_json::{Value, json};
-use sqlx::{Connection, PgConnection};
 
-#[derive(Debug, Clone, Copy)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-fn postgres_admin_url() -> String {
-    std::env::var("HEARTH_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// Whether PostgreSQL is reachable; panics when it is required (`HEARTH_TEST_REQUIRE_POSTGRES=1`).
-pub async fn postgres_available() -> bool {
-    let ok = tokio::time::timeout(Duration::from_secs(5), PgConnection::connect(&postgres_admin_url()))
-        .await
-        .is_ok_and(|r| r.is_ok());
-    if !ok && std::env::var("HEARTH_TEST_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
-        panic!("PostgreSQL at {} is required (HEARTH_TEST_REQUIRE_POSTGRES=1) but unreachable", postgres_admin_url());
-    }
-    ok
-}
-
-/// A database created for one test and dropped after it.
-struct PgDatabase {
-    name: String,
-}
-
-impl PgDatabase {
-    async fn create() -> PgDatabase {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "hearth_dag_{}_{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst),
-            rand::random::<u32>()
-        );
-        let mut conn = PgConnection::connect(&postgres_admin_url()).await.expect("connect to PostgreSQL");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.expect("create");
-        PgDatabase { name }
-    }
-
-    fn url(&self) -> String {
-        let admin = postgres_admin_url();
-        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
-        format!("{base}/{}", self.name)
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async {
-                if let Ok(mut conn) = PgConnection::connect(&postgres_admin_url()).await {
-                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                        .execute(&mut conn)
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
+// Backends and throwaway PostgreSQL databases: the API tests' harness has them.
+use crate::api_harness::PgDatabase;
+pub use crate::api_harness::{Backend, postgres_available};
 
 /// The other server: its name, signing key and the key map a receiver checks with.
 pub struct Remote {

@@ -8,6 +8,11 @@
 //! database per test; without it the PostgreSQL variants are skipped unless
 //! `HEARTH_TEST_REQUIRE_POSTGRES=1`.
 
+// The API tests' harness, for its backends and per-test PostgreSQL databases (this binary does
+// not start servers).
+#[allow(dead_code, unused_macros, unused_imports)]
+#[path = "../api/harness.rs"]
+mod api_harness;
 mod harness;
 mod join;
 mod receipt;
