@@ -107,7 +107,21 @@ fn chunk(room: PublicRoom) -> PublicRoomsChunk {
 }
 
 /// A page of the directory: entries, next and previous tokens, total count.
-type DirectoryPage = (Vec<PublicRoomsChunk>, Option<String>, Option<String>, usize);
+pub(crate) type DirectoryPage = (Vec<PublicRoomsChunk>, Option<String>, Option<String>, usize);
+
+/// A page of the public room list matching a directory filter (search term, room types), for
+/// the client's and the federation's `POST /publicRooms`.
+pub(crate) async fn filtered_page(
+    rooms: &Rooms,
+    filter: &ruma::directory::Filter,
+    limit: Option<UInt>,
+    since: Option<&str>,
+) -> Result<DirectoryPage> {
+    let types: Vec<Option<String>> = filter.room_types.iter().map(|t| t.as_str().map(str::to_owned)).collect();
+    let all =
+        rooms.public_rooms(filter.generic_search_term.as_deref(), (!types.is_empty()).then_some(&types[..])).await?;
+    paginate(all, limit, since)
+}
 
 /// Where a room sorts in the list: most members first, then by room ID.
 fn sort_key(room: &PublicRoom) -> (std::cmp::Reverse<u64>, &str) {
@@ -178,11 +192,7 @@ pub async fn public_rooms_filtered(
     Ruma(req): Ruma<get_public_rooms_filtered::v3::Request>,
 ) -> ApiResult<get_public_rooms_filtered::v3::Response> {
     check_server(&rooms, req.server.as_deref())?;
-    let types: Vec<Option<String>> = req.filter.room_types.iter().map(|t| t.as_str().map(str::to_owned)).collect();
-    let all = rooms
-        .public_rooms(req.filter.generic_search_term.as_deref(), (!types.is_empty()).then_some(&types[..]))
-        .await?;
-    let (page, next, prev, total) = paginate(all, req.limit, req.since.as_deref())?;
+    let (page, next, prev, total) = filtered_page(&rooms, &req.filter, req.limit, req.since.as_deref()).await?;
     let mut response = get_public_rooms_filtered::v3::Response::new();
     response.chunk = page;
     response.next_batch = next;

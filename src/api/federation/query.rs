@@ -14,7 +14,7 @@ use ruma::{
 
 use crate::{
     api::{
-        client::directory::paginate,
+        client::directory::{filtered_page, paginate},
         extract::{Origin, Ruma},
         respond::ApiResult,
     },
@@ -72,11 +72,7 @@ pub async fn public_rooms_filtered(
     Ruma(req): Ruma<get_public_rooms_filtered::v1::Request>,
 ) -> ApiResult<get_public_rooms_filtered::v1::Response> {
     tracing::debug!(%origin, "public rooms query");
-    let types: Vec<Option<String>> = req.filter.room_types.iter().map(|t| t.as_str().map(str::to_owned)).collect();
-    let all = rooms
-        .public_rooms(req.filter.generic_search_term.as_deref(), (!types.is_empty()).then_some(&types[..]))
-        .await?;
-    let (page, next, prev, total) = paginate(all, req.limit, req.since.as_deref())?;
+    let (page, next, prev, total) = filtered_page(&rooms, &req.filter, req.limit, req.since.as_deref()).await?;
     let mut response = get_public_rooms_filtered::v1::Response::new();
     response.chunk = page;
     response.next_batch = next;
