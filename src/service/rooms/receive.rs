@@ -96,6 +96,33 @@ fn create_event_id(handle: &RoomHandle) -> Option<OwnedEventId> {
 }
 
 impl Rooms {
+    /// What every received PDU goes through first: the checks of [`Self::check_received`] (a
+    /// failure drops it), then whether it is already in the timeline or was rejected before.
+    async fn screen(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        handle: &RoomHandle,
+        pdu: CanonicalJsonObject,
+        keys: &PublicKeyMap,
+    ) -> Result<Result<Checked, Outcome>> {
+        let checked = match self.check_received(handle, pdu, keys) {
+            Ok(checked) => checked,
+            Err(reason) => {
+                tracing::info!(%origin, %room_id, %reason, "dropped a received event");
+                return Ok(Err(Outcome::Dropped { reason }));
+            }
+        };
+        let event_id = checked.pdu.event_id.clone();
+        if self.timeline_event(&event_id).await?.is_some() {
+            return Ok(Err(Outcome::AlreadyKnown { event_id }));
+        }
+        if let Some(rejected) = self.db.rejected(&event_id).await? {
+            return Ok(Err(Outcome::Rejected { event_id, reason: rejected.reason }));
+        }
+        Ok(Ok(checked))
+    }
+
     /// Steps 1–3 of the checks on receipt: format, signatures, content hash.
     fn check_received(
         &self,
@@ -207,20 +234,11 @@ impl Rooms {
         auth_events: Vec<CanonicalJsonObject>,
     ) -> Result<Outcome> {
         let handle = self.handle(room_id).await?;
-        let checked = match self.check_received(&handle, pdu, keys) {
+        let checked = match self.screen(origin, room_id, &handle, pdu, keys).await? {
             Ok(checked) => checked,
-            Err(reason) => {
-                tracing::info!(%origin, %room_id, %reason, "dropped a received event");
-                return Ok(Outcome::Dropped { reason });
-            }
+            Err(outcome) => return Ok(outcome),
         };
         let event_id = checked.pdu.event_id.clone();
-        if self.timeline_event(&event_id).await?.is_some() {
-            return Ok(Outcome::AlreadyKnown { event_id });
-        }
-        if let Some(rejected) = self.db.rejected(&event_id).await? {
-            return Ok(Outcome::Rejected { event_id, reason: rejected.reason });
-        }
         if !auth_events.is_empty() {
             self.store_outliers(room_id, auth_events, keys).await?;
         }
@@ -358,20 +376,11 @@ impl Rooms {
             },
             Err(err) => return Err(err),
         };
-        let checked = match self.check_received(&handle, pdu, keys) {
+        let checked = match self.screen(origin, room_id, &handle, pdu, keys).await? {
             Ok(checked) => checked,
-            Err(reason) => {
-                tracing::info!(%origin, %room_id, %reason, "dropped a received event");
-                return Ok(Outcome::Dropped { reason });
-            }
+            Err(outcome) => return Ok(outcome),
         };
         let event_id = checked.pdu.event_id.clone();
-        if self.timeline_event(&event_id).await?.is_some() {
-            return Ok(Outcome::AlreadyKnown { event_id });
-        }
-        if let Some(rejected) = self.db.rejected(&event_id).await? {
-            return Ok(Outcome::Rejected { event_id, reason: rejected.reason });
-        }
         let mut keyed: Vec<((String, String), OwnedEventId)> = Vec::with_capacity(state.len());
         for object in &state {
             if let Ok(event) = Pdu::from_received(object, &handle.rules)
