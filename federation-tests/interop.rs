@@ -7,8 +7,17 @@ use serde_json::{Value, json};
 use crate::{
     harness::{Backend, enc},
     synapse_peer::SynapsePeer,
-    testnet::{Discovered, TestNet, skipped},
+    testnet::{Discovered, Peer, TestNet, skipped},
 };
+
+/// A network with a Hearth (`hearth.test`, found by port 8448) and a Synapse (`synapse.test`)
+/// that know each other; None when port 8448 is taken on every address tried.
+async fn hearth_and_synapse() -> Option<(TestNet, Peer, SynapsePeer)> {
+    let net = TestNet::new().await;
+    let hearth = net.peer(Backend::Sqlite, "hearth.test", Discovered::Port8448, "").await?;
+    let synapse = SynapsePeer::start(&net, "synapse.test", &[("hearth.test", hearth.federation[0].ip())]).await?;
+    Some((net, hearth, synapse))
+}
 
 /// Signed requests both ways (profiles and room aliases): Synapse verifies Hearth's X-Matrix signature with the key it
 /// fetched from Hearth (found by the spec's fallback to port 8448), and Hearth verifies
@@ -16,14 +25,7 @@ use crate::{
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "starts a Synapse; run by .ci/run with --ignored"]
 async fn hearth_and_synapse_answer_each_others_profile_and_alias_queries() {
-    let net = TestNet::new().await;
-    let Some(hearth) = net.peer(Backend::Sqlite, "hearth.test", Discovered::Port8448, "").await else {
-        return skipped("port 8448");
-    };
-    let hearth_ip = hearth.federation[0].ip();
-    let Some(synapse) = SynapsePeer::start(&net, "synapse.test", &[("hearth.test", hearth_ip)]).await else {
-        return skipped("port 8448");
-    };
+    let Some((_net, hearth, synapse)) = hearth_and_synapse().await else { return skipped("port 8448") };
     let alice = hearth.server.register("alice").await;
     let path = format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id));
     let (status, _) =
@@ -81,14 +83,7 @@ pub fn timeline_has(response: &Value, room: &str, body: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "starts a Synapse; run by .ci/run with --ignored"]
 async fn hearth_and_synapse_users_join_each_others_rooms_and_chat_in_every_room_version() {
-    let net = TestNet::new().await;
-    let Some(hearth) = net.peer(Backend::Sqlite, "hearth.test", Discovered::Port8448, "").await else {
-        return skipped("port 8448");
-    };
-    let hearth_ip = hearth.federation[0].ip();
-    let Some(synapse) = SynapsePeer::start(&net, "synapse.test", &[("hearth.test", hearth_ip)]).await else {
-        return skipped("port 8448");
-    };
+    let Some((_net, hearth, synapse)) = hearth_and_synapse().await else { return skipped("port 8448") };
     let alice = hearth.server.register("alice").await;
     let sam = synapse.register("sam").await;
     for version in ["10", "11", "12"] {
