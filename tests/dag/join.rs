@@ -25,44 +25,13 @@ backend_tests!(
     a_refused_join_leaves_no_trace_of_the_remote_room,
 );
 
-/// An event of room version 12, signed by `server` with `key`.
-#[allow(clippy::too_many_arguments)] // An event's fields, spelled out for the test.
-fn event(
-    room: Option<&RoomId>,
-    sender: &UserId,
-    event_type: &str,
-    state_key: Option<&str>,
-    content: Value,
-    prev_events: &[OwnedEventId],
-    auth_events: &[OwnedEventId],
-    depth: u64,
-    server: &ServerName,
-    key: &SigningKey,
-) -> Pdu {
-    let rules = RoomVersionId::V12.rules().unwrap();
-    let template = EventTemplate {
-        event_type: event_type.to_owned(),
-        state_key: state_key.map(str::to_owned),
-        content: canonical_content(content).unwrap(),
-        redacts: None,
-    };
-    let placement = Placement {
-        room_id: room,
-        sender,
-        prev_events,
-        auth_events,
-        depth,
-        origin_server_ts: MilliSecondsSinceUnixEpoch(UInt::new(now() + depth).unwrap()),
-    };
-    Pdu::build(template, &placement, &rules, server, key).unwrap()
-}
-
-async fn a_remote_room_enters_the_graph_from_the_state_of_a_join(backend: Backend) {
-    let f = Fixture::new(backend, RoomVersionId::V12).await;
+/// The start of a public room of the remote server, room version 12: its create event, bob's
+/// join, power levels and join rules.
+fn public_remote_room(f: &Fixture) -> [Pdu; 4] {
     let (remote, key) = (f.remote.server.clone(), &f.remote.key);
     let bob = f.remote.user.clone();
     let create = event(None, &bob, "m.room.create", Some(""), json!({"room_version": "12"}), &[], &[], 1, &remote, key);
-    let room: OwnedRoomId = create.room_id.clone();
+    let room = create.room_id.clone();
     let r = Some(&*room);
     let bob_join = event(
         r,
@@ -100,6 +69,48 @@ async fn a_remote_room_enters_the_graph_from_the_state_of_a_join(backend: Backen
         &remote,
         key,
     );
+    [create, bob_join, levels, rules]
+}
+
+/// An event of room version 12, signed by `server` with `key`.
+#[allow(clippy::too_many_arguments)] // An event's fields, spelled out for the test.
+fn event(
+    room: Option<&RoomId>,
+    sender: &UserId,
+    event_type: &str,
+    state_key: Option<&str>,
+    content: Value,
+    prev_events: &[OwnedEventId],
+    auth_events: &[OwnedEventId],
+    depth: u64,
+    server: &ServerName,
+    key: &SigningKey,
+) -> Pdu {
+    let rules = RoomVersionId::V12.rules().unwrap();
+    let template = EventTemplate {
+        event_type: event_type.to_owned(),
+        state_key: state_key.map(str::to_owned),
+        content: canonical_content(content).unwrap(),
+        redacts: None,
+    };
+    let placement = Placement {
+        room_id: room,
+        sender,
+        prev_events,
+        auth_events,
+        depth,
+        origin_server_ts: MilliSecondsSinceUnixEpoch(UInt::new(now() + depth).unwrap()),
+    };
+    Pdu::build(template, &placement, &rules, server, key).unwrap()
+}
+
+async fn a_remote_room_enters_the_graph_from_the_state_of_a_join(backend: Backend) {
+    let f = Fixture::new(backend, RoomVersionId::V12).await;
+    let (remote, key) = (f.remote.server.clone(), &f.remote.key);
+    let bob = f.remote.user.clone();
+    let [create, bob_join, levels, rules] = public_remote_room(&f);
+    let room: OwnedRoomId = create.room_id.clone();
+    let r = Some(&*room);
     // Alice's join, as this server's make_join/send_join would have built it.
     let local = f.state.server_keys.key();
     let server_name = f.state.info.server_name.clone();
@@ -247,46 +258,9 @@ async fn big_join_leaves_other_rooms_writable() {
     const MEMBERS: usize = 2_000;
     let f = std::sync::Arc::new(Fixture::new(Backend::Sqlite, RoomVersionId::V12).await);
     let (remote, key) = (f.remote.server.clone(), &f.remote.key);
-    let bob = f.remote.user.clone();
-    let create = event(None, &bob, "m.room.create", Some(""), json!({"room_version": "12"}), &[], &[], 1, &remote, key);
-    let room = create.room_id.clone();
+    let [create, bob_join, levels, rules] = public_remote_room(&f);
+    let room: OwnedRoomId = create.room_id.clone();
     let r = Some(&*room);
-    let bob_join = event(
-        r,
-        &bob,
-        "m.room.member",
-        Some(bob.as_str()),
-        json!({"membership": "join"}),
-        std::slice::from_ref(&create.event_id),
-        &[],
-        2,
-        &remote,
-        key,
-    );
-    let levels = event(
-        r,
-        &bob,
-        "m.room.power_levels",
-        Some(""),
-        json!({"users": {}}),
-        std::slice::from_ref(&bob_join.event_id),
-        std::slice::from_ref(&bob_join.event_id),
-        3,
-        &remote,
-        key,
-    );
-    let rules = event(
-        r,
-        &bob,
-        "m.room.join_rules",
-        Some(""),
-        json!({"join_rule": "public"}),
-        std::slice::from_ref(&levels.event_id),
-        &[levels.event_id.clone(), bob_join.event_id.clone()],
-        4,
-        &remote,
-        key,
-    );
     let mut state = vec![create.clone(), bob_join, levels.clone(), rules.clone()];
     let mut prev = rules.event_id.clone();
     for i in 0..MEMBERS {
