@@ -13,6 +13,7 @@ mod dns;
 mod testnet;
 
 mod auth;
+mod bench;
 mod config;
 mod devices;
 mod discovery;

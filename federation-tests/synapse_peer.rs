@@ -55,8 +55,14 @@ impl SynapsePeer {
     /// given names (the Hearth peers) to their addresses. None when port 8448 is taken on every
     /// address tried.
     pub async fn start(net: &TestNet, name: &str, hosts: &[(&str, IpAddr)]) -> Option<SynapsePeer> {
-        tokio::task::spawn_blocking(install).await.unwrap();
         let addr = free_address(8448)?;
+        Some(Self::start_at(net, name, addr, hosts).await)
+    }
+
+    /// Starts Synapse as `name` on `addr` (from [`free_address`]): two Synapses that must know
+    /// each other's addresses before either starts take theirs first.
+    pub async fn start_at(net: &TestNet, name: &str, addr: SocketAddr, hosts: &[(&str, IpAddr)]) -> SynapsePeer {
+        tokio::task::spawn_blocking(install).await.unwrap();
         net.dns.a(name, ip4(addr));
         let (crt, key) = net.certificate(name, &[name]);
         let dir = tempfile::tempdir().unwrap();
@@ -110,7 +116,7 @@ impl SynapsePeer {
             .unwrap();
         let mut peer = SynapsePeer { name: name.to_owned(), addr, http, child, dir };
         peer.wait_until_up().await;
-        Some(peer)
+        peer
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -63,8 +63,10 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_hearth")
+/// The `hearth` binary under test: this build's, or `HEARTH_BIN` when set (the federation
+/// benchmarks drive a release build from the debug test binary).
+pub fn binary() -> String {
+    std::env::var("HEARTH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_hearth").to_owned())
 }
 
 /// A command for the `hearth` binary without the test run's own `HEARTH_*` variables (such as

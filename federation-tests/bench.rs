@@ -1,0 +1,370 @@
+//! Federation benchmarks (issue 8's "Measure"): cross-server delivery latency and the time to
+//! join a big remote room, Hearth beside Synapse in the same run. Measurements, never asserted
+//! on speed, so `#[ignore]`d; the figures go to BENCHMARKS.md. Run against a release build:
+//!
+//! ```sh
+//! cargo build --release --bin hearth
+//! HEARTH_BIN=target/release/hearth cargo test --test federation -- --ignored --nocapture --test-threads 1 bench::
+//! ```
+//!
+//! Every load loop is bounded in count and time; everything talks to loopback only.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::{
+    harness::{Account, Backend, TestServer, enc},
+    synapse_peer::SynapsePeer,
+    testnet::{Discovered, TestNet, free_address, skipped},
+};
+
+/// A client of either homeserver: base URL, HTTP client and access token.
+#[derive(Clone)]
+struct Client {
+    label: String,
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    fn hearth(label: &str, server: &TestServer, account: &Account) -> Client {
+        Client {
+            label: label.to_owned(),
+            http: server.http.clone(),
+            base: server.base_url.clone(),
+            token: account.access_token.clone(),
+        }
+    }
+
+    fn synapse(label: &str, peer: &SynapsePeer, token: &str) -> Client {
+        Client { label: label.to_owned(), http: peer.http.clone(), base: peer.url(""), token: token.to_owned() }
+    }
+
+    async fn request(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        match request.send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                (status, response.json().await.unwrap_or(Value::Null))
+            }
+            Err(err) => (0, json!({ "error": err.to_string() })),
+        }
+    }
+
+    async fn create_room(&self, body: Value) -> String {
+        let (status, created) = self.request(Method::POST, "/_matrix/client/v3/createRoom", Some(body)).await;
+        assert_eq!(status, 200, "{}: createRoom: {created}", self.label);
+        created["room_id"].as_str().unwrap().to_owned()
+    }
+
+    async fn join(&self, room: &str, via: &str) {
+        let path = format!("/_matrix/client/v3/join/{}?server_name={}", enc(room), enc(via));
+        let (status, body) = self.request(Method::POST, &path, Some(json!({}))).await;
+        assert_eq!(status, 200, "{}: join: {body}", self.label);
+    }
+
+    async fn send(&self, room: &str, txn: &str, text: &str) -> u16 {
+        let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room));
+        self.request(Method::PUT, &path, Some(json!({"msgtype": "m.text", "body": text}))).await.0
+    }
+
+    /// The sync token after everything so far.
+    async fn sync_token(&self) -> String {
+        let (status, body) = self.request(Method::GET, "/_matrix/client/v3/sync?timeout=0", None).await;
+        assert_eq!(status, 200, "{}: sync: {body}", self.label);
+        body["next_batch"].as_str().unwrap().to_owned()
+    }
+}
+
+/// Latencies in milliseconds, summarised.
+struct Summary {
+    p50: f64,
+    p99: f64,
+    max: f64,
+    count: usize,
+}
+
+fn summarise(mut values: Vec<f64>) -> Summary {
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        if values.is_empty() {
+            return f64::NAN;
+        }
+        values[((values.len() as f64 * q).ceil() as usize).clamp(1, values.len()) - 1]
+    };
+    Summary { p50: at(0.50), p99: at(0.99), max: at(1.0), count: values.len() }
+}
+
+/// Syncs as `receiver` from `since` and records when each message whose body starts with
+/// `prefix` first shows up, until `expected` have or `deadline` passes.
+async fn watch(
+    receiver: Client,
+    room: String,
+    prefix: String,
+    expected: usize,
+    since: String,
+    deadline: Instant,
+) -> HashMap<String, Instant> {
+    let mut seen = HashMap::new();
+    let mut since = since;
+    while seen.len() < expected && Instant::now() < deadline {
+        let path = format!("/_matrix/client/v3/sync?timeout=5000&since={}", enc(&since));
+        let (status, body) = receiver.request(Method::GET, &path, None).await;
+        let now = Instant::now();
+        if status != 200 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let events = body["rooms"]["join"][room.as_str()]["timeline"]["events"].as_array().cloned().unwrap_or_default();
+        for event in events {
+            if let Some(text) = event["content"]["body"].as_str()
+                && text.starts_with(&prefix)
+            {
+                seen.entry(text.to_owned()).or_insert(now);
+            }
+        }
+        if let Some(next) = body["next_batch"].as_str() {
+            since = next.to_owned();
+        }
+    }
+    seen
+}
+
+/// `count` messages from `sender` at `rate` per second into `room`, each timed from the start of
+/// its send request to its arrival in `receiver`'s `/sync`.
+async fn delivery_latency(sender: &Client, receiver: &Client, room: &str, count: usize, rate: f64) -> (Summary, usize) {
+    let prefix = format!("lat {} to {} #", sender.label, receiver.label);
+    let since = receiver.sync_token().await;
+    let deadline = Instant::now() + Duration::from_secs_f64(count as f64 / rate + 60.0);
+    let watcher = tokio::spawn(watch(receiver.clone(), room.to_owned(), prefix.clone(), count, since, deadline));
+    let mut sent = HashMap::new();
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed = 0;
+    for i in 0..count {
+        ticks.tick().await;
+        let text = format!("{prefix}{i}");
+        let started = Instant::now();
+        let sender = sender.clone();
+        let room = room.to_owned();
+        let txn = format!("lat{}{i}", rand_suffix());
+        sent.insert(text.clone(), started);
+        // Each send on its own task, so a slow answer does not delay the next send.
+        tokio::spawn(async move { sender.send(&room, &txn, &text).await });
+    }
+    let arrived = watcher.await.unwrap();
+    let mut latencies = Vec::new();
+    for (text, started) in &sent {
+        match arrived.get(text) {
+            Some(at) => latencies.push(at.saturating_duration_since(*started).as_secs_f64() * 1000.0),
+            None => failed += 1,
+        }
+    }
+    (summarise(latencies), failed)
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() as u64 * 1_000_000
+}
+
+/// Two Hearths and two Synapses that know each other, on SQLite (Synapse's default here too).
+struct Network {
+    _net: TestNet,
+    hearth_a: crate::testnet::Peer,
+    hearth_b: crate::testnet::Peer,
+    synapse_a: SynapsePeer,
+    synapse_b: SynapsePeer,
+}
+
+async fn network() -> Option<Network> {
+    let net = TestNet::new().await;
+    let hearth_a = net.peer(Backend::Sqlite, "hearth-a.test", Discovered::Port8448, "").await?;
+    let hearth_b = net.peer(Backend::Sqlite, "hearth-b.test", Discovered::Port8448, "").await?;
+    let (sa, sb) = (free_address(8448)?, free_address(8448)?);
+    let hearths = [("hearth-a.test", hearth_a.federation[0].ip()), ("hearth-b.test", hearth_b.federation[0].ip())];
+    let mut hosts_a = hearths.to_vec();
+    hosts_a.push(("synapse-b.test", sb.ip()));
+    let mut hosts_b = hearths.to_vec();
+    hosts_b.push(("synapse-a.test", sa.ip()));
+    let synapse_a = SynapsePeer::start_at(&net, "synapse-a.test", sa, &hosts_a).await;
+    let synapse_b = SynapsePeer::start_at(&net, "synapse-b.test", sb, &hosts_b).await;
+    Some(Network { _net: net, hearth_a, hearth_b, synapse_a, synapse_b })
+}
+
+/// Cross-server delivery latency at a fixed rate: Hearth→Hearth, Hearth→Synapse and
+/// Synapse→Hearth beside Synapse→Synapse, each pair alone in its own room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints figures for BENCHMARKS.md"]
+async fn bench_cross_server_latency() {
+    const COUNT: usize = 300;
+    const RATE: f64 = 10.0;
+    let Some(n) = network().await else { return skipped("port 8448") };
+    let ha = n.hearth_a.server.register("alice").await;
+    let hb = n.hearth_b.server.register("bob").await;
+    let clients = [
+        Client::hearth("hearth-a", &n.hearth_a.server, &ha),
+        Client::hearth("hearth-b", &n.hearth_b.server, &hb),
+        Client::synapse("synapse-a", &n.synapse_a, &n.synapse_a.register("sam").await),
+        Client::synapse("synapse-b", &n.synapse_b, &n.synapse_b.register("sue").await),
+    ];
+    let servers = ["hearth-a.test", "hearth-b.test", "synapse-a.test", "synapse-b.test"];
+    let pairs = [
+        (0, 1, "Hearth → Hearth"),
+        (0, 2, "Hearth → Synapse"),
+        (2, 0, "Synapse → Hearth"),
+        (2, 3, "Synapse → Synapse"),
+    ];
+    println!(
+        "\nCross-server delivery latency, {COUNT} messages at {RATE}/s per pair (ms, send start → other server's /sync)"
+    );
+    println!("| path | p50 | p99 | max | delivered |");
+    println!("|---|---|---|---|---|");
+    for (from, to, label) in pairs {
+        let (sender, receiver) = (&clients[from], &clients[to]);
+        let room = sender.create_room(json!({"preset": "public_chat"})).await;
+        receiver.join(&room, servers[from]).await;
+        // Warm-up: connections, keys and the first transaction, outside the measurement.
+        let (warm, _) = delivery_latency(sender, receiver, &room, 5, 5.0).await;
+        assert_eq!(warm.count, 5, "{label}: the warm-up messages never arrived");
+        let (summary, lost) = delivery_latency(sender, receiver, &room, COUNT, RATE).await;
+        println!(
+            "| {label} | {:.1} | {:.1} | {:.1} | {}/{COUNT} |",
+            summary.p50, summary.p99, summary.max, summary.count
+        );
+        assert_eq!(lost, 0, "{label}: {lost} messages never arrived");
+    }
+}
+
+/// Registers `count` users on `server` and joins them to `room`, a few requests at a time.
+async fn fill_room(server: &TestServer, room: &str, count: usize, localpart_prefix: &str) {
+    let server = Arc::new(server_handle(server));
+    let next = Arc::new(Mutex::new(0usize));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (server, next, room, prefix) = (server.clone(), next.clone(), room.to_owned(), localpart_prefix.to_owned());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = {
+                    let mut next = next.lock().unwrap();
+                    if *next >= count {
+                        return;
+                    }
+                    *next += 1;
+                    *next - 1
+                };
+                let token = server.register(&format!("{prefix}{i}")).await;
+                let member =
+                    Client { label: "member".into(), http: server.http.clone(), base: server.base.clone(), token };
+                let path = format!("/_matrix/client/v3/rooms/{}/join", enc(&room));
+                let (status, body) = member.request(Method::POST, &path, Some(json!({}))).await;
+                assert_eq!(status, 200, "member join: {body}");
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+}
+
+/// What the fill workers need of a Hearth: its URL and client (a `TestServer` is not `Clone`).
+struct ServerHandle {
+    http: reqwest::Client,
+    base: String,
+}
+
+fn server_handle(server: &TestServer) -> ServerHandle {
+    ServerHandle { http: server.http.clone(), base: server.base_url.clone() }
+}
+
+impl ServerHandle {
+    async fn register(&self, localpart: &str) -> String {
+        let body = json!({"username": localpart, "password": "a member password", "auth": {"type": "m.login.dummy"}});
+        let response = self.http.post(format!("{}/_matrix/client/v3/register", self.base)).json(&body).send().await;
+        let value: Value = response.expect("Hearth answers").json().await.unwrap();
+        value["access_token"].as_str().unwrap_or_else(|| panic!("registered: {value}")).to_owned()
+    }
+}
+
+/// Times `join` while `local` keeps sending into a room of its own server (bounded), and
+/// returns the join time and the local sends' latencies.
+async fn join_while_sending(
+    join: impl std::future::Future<Output = ()>,
+    local: &Client,
+    local_room: &str,
+) -> (Duration, Summary) {
+    let started = Instant::now();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (local, room, done) = (local.clone(), local_room.to_owned(), done.clone());
+        tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let stop = Instant::now() + Duration::from_secs(600);
+            for i in 0..100_000 {
+                if done.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() > stop {
+                    break;
+                }
+                let sent = Instant::now();
+                let status = local.send(&room, &format!("local{}{i}", rand_suffix()), "while a join runs").await;
+                assert_eq!(status, 200, "a local send failed during the join");
+                latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            latencies
+        })
+    };
+    join.await;
+    let took = started.elapsed();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    (took, summarise(sender.await.unwrap()))
+}
+
+/// Time to join a remote room of 1,000 and of 5,000 members (on a Hearth), for a Hearth user and
+/// for a Synapse user, with each joining server's local send latency while its join runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints figures for BENCHMARKS.md"]
+async fn bench_remote_join_of_a_big_room() {
+    let Some(n) = network().await else { return skipped("port 8448") };
+    let owner = n.hearth_a.server.register("owner").await;
+    let owner_client = Client::hearth("hearth-a", &n.hearth_a.server, &owner);
+    let joiner_h = n.hearth_b.server.register("joiner").await;
+    let joiner_h = Client::hearth("hearth-b", &n.hearth_b.server, &joiner_h);
+    let joiner_s = Client::synapse("synapse-a", &n.synapse_a, &n.synapse_a.register("joiner").await);
+    let local_h = joiner_h.create_room(json!({"preset": "private_chat"})).await;
+    let local_s = joiner_s.create_room(json!({"preset": "private_chat"})).await;
+    println!(
+        "\nJoining a remote room (on Hearth) of N members; local sends every 50 ms on the joining server meanwhile"
+    );
+    println!("| members | joining server | join time (s) | local send p50 (ms) | p99 | max | sends |");
+    println!("|---|---|---|---|---|---|---|");
+    for members in [1_000usize, 5_000] {
+        let room_now = owner_client.create_room(json!({"preset": "public_chat"})).await;
+        let fill_started = Instant::now();
+        fill_room(&n.hearth_a.server, &room_now, members, &format!("m{members}_")).await;
+        eprintln!("filled a room of {members} in {:.1} s", fill_started.elapsed().as_secs_f64());
+        for joiner in [&joiner_h, &joiner_s] {
+            let local = if joiner.label.starts_with("hearth") { &local_h } else { &local_s };
+            let (took, sends) = join_while_sending(joiner.join(&room_now, "hearth-a.test"), joiner, local).await;
+            println!(
+                "| {members} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {} |",
+                if joiner.label.starts_with("hearth") { "Hearth" } else { "Synapse" },
+                took.as_secs_f64(),
+                sends.p50,
+                sends.p99,
+                sends.max,
+                sends.count
+            );
+        }
+    }
+}
