@@ -1,5 +1,5 @@
 //! A test network: a DNS server on loopback, a test CA, and Hearth servers on loopback addresses
-//! of their own (127.0.0.21, .22, …), each with a certificate from the CA for the names it must
+//! of their own (127.0.x.y, a block per test process), each with a certificate from the CA for the names it must
 //! prove, reachable by one of the spec's discovery methods.
 //!
 //! Every server's `federation.dns_servers` is this network's DNS server, and
@@ -63,8 +63,11 @@ impl Peer {
 }
 
 /// Loopback addresses handed out to servers, one per use, so concurrent tests never share one.
+/// Each test process starts in a block of 250 of its own (by process ID), so two test runs at
+/// once (two checkouts, a benchmark beside the tests) rarely meet on an address either.
 fn next_ip() -> Ipv4Addr {
-    static NEXT: AtomicU32 = AtomicU32::new(21);
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let _ = NEXT.compare_exchange(0, 21 + (std::process::id() % 200) * 250, Ordering::SeqCst, Ordering::SeqCst);
     let n = NEXT.fetch_add(1, Ordering::SeqCst);
     Ipv4Addr::new(127, 0, (n / 250) as u8, (n % 250 + 1) as u8)
 }
