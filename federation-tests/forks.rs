@@ -180,13 +180,22 @@ async fn conflicting_state_changes_during_a_partition_resolve_identically(backen
     assert_eq!(topic_a, topic_b);
     let levels_a = a.server.get(&levels_path, Some(&alice.access_token)).await.1;
     assert_eq!(levels_a, b.server.get(&levels_path, Some(&bob.access_token)).await.1);
-    // One side's power levels won whole (state resolution picks an event, never merges them).
-    let (name, avatar) = (&levels_a["events"]["m.room.name"], &levels_a["events"]["m.room.avatar"]);
-    assert!(name == &json!(75) || avatar == &json!(80), "{levels_a}");
+    // State resolution v2: power events apply in reverse topological power order, the more
+    // powerful sender's first. Alice created the room (room version 12: she outranks every
+    // level), so her power levels apply first and Bob's, allowed by them, replace them whole
+    // (events are picked, never merged). The topics cite the same power levels (one mainline
+    // position), so the later one, Alice's, wins.
+    assert_eq!(topic_a["topic"], "from A", "{topic_a}");
+    assert_eq!(levels_a["events"]["m.room.name"], 75, "{levels_a}");
+    assert_eq!(levels_a["events"]["m.room.avatar"], 50, "{levels_a}");
 
-    // The next events merge the branches, and the state stays agreed.
-    a.server.send_text(&alice, &room, "resolved").await;
+    // The next event of each side merges the branches, and the state stays agreed.
+    let resolved = a.server.send_text(&alice, &room, "resolved").await;
+    assert_eq!(prev_events(&net, &a, &b, &resolved).await.len(), 2, "A's event cites both branches");
     wait_for_message(&b.server, &bob, &room, "resolved").await;
+    let ack = b.server.send_text(&bob, &room, "ack").await;
+    assert_eq!(prev_events(&net, &b, &a, &ack).await, vec![resolved]);
+    wait_for_message(&a.server, &alice, &room, "ack").await;
     assert_eq!(state_ids(&a, &alice, &room).await, state_ids(&b, &bob, &room).await);
 }
 
@@ -209,6 +218,11 @@ async fn a_ban_racing_a_message_holds_and_the_message_is_soft_failed(backend: Ba
     // is down, cites the state before the message.
     a.server.stop();
     let late = b.server.send_text(&bob, &room, "late").await;
+    // And a state change of his own: a new display name, a member event of his (join).
+    let member = format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc(&bob.user_id));
+    let (status, body) =
+        b.server.put(&member, Some(&bob.access_token), json!({"membership": "join", "displayname": "Late Bob"})).await;
+    assert_eq!(status, 200, "{body}");
     b.server.stop();
     a.server.restart();
     let (status, body) = a
@@ -239,12 +253,18 @@ async fn a_ban_racing_a_message_holds_and_the_message_is_soft_failed(backend: Ba
     })
     .await;
     assert_eq!(a.server.get(&member_path, Some(&alice.access_token)).await.1["membership"], "ban");
+    // Bob's late member event loses to the ban on both servers: state resolution checks it
+    // against the resolved membership, where Bob is banned.
+    let banned = b.server.get(&member_path, Some(&carol.access_token)).await.1;
+    assert!(banned["displayname"] != "Late Bob", "{banned}");
 
     // Soft-failed on A: never in Alice's timeline, never a prev event of A's.
     let after = a.server.send_text(&alice, &room, "after the ban").await;
     assert!(!prev_events(&net, &a, &b, &after).await.contains(&late), "the late message is not a prev event");
     let seen = synced_bodies(&a.server, &alice, &room, alice_since, &["after the ban".to_owned()]).await;
     assert!(!seen.contains(&"late".to_owned()), "{seen:?}");
+    let sync = a.server.sync(&alice, None, Some(r#"{"room":{"timeline":{"limit":50}}}"#), 0).await;
+    assert!(!timeline(&sync, &room).iter().any(|e| e["content"]["displayname"] == "Late Bob"), "{sync}");
     let on_a = bodies(&a.server, &alice, &room).await;
     assert!(!on_a.contains_key(&late), "not in A's /messages: {on_a:?}");
     let (status, _) = a
