@@ -52,21 +52,19 @@ fn event_id_of(state: &[(String, String, String)], event_type: &str, state_key: 
     id.as_str().try_into().unwrap()
 }
 
-/// A PDU of `room` from `sender`, signed by `server` with `key`, citing `prev` (an event of the
-/// room whose stored form gives the depth) and `auth_events`.
+/// A PDU of `room` from `sender`, signed by `server` with `key`, citing `prev` (an event ID and
+/// its depth) and `auth_events`.
 #[allow(clippy::too_many_arguments)] // The parts of an event, spelled out by each test.
-pub(crate) async fn forge(
-    stored_at: &Peer,
+pub(crate) fn forge(
     room: &str,
     sender: &str,
     server: &str,
     key: &hearth::matrix::keys::SigningKey,
     (event_type, state_key): (&str, Option<&str>),
     content: Value,
-    prev: &ruma::OwnedEventId,
+    (prev, prev_depth): (&ruma::OwnedEventId, u64),
     auth_events: &[ruma::OwnedEventId],
 ) -> Value {
-    let previous = stored_at.server.stored_pdu(prev.as_str()).await;
     let rules = ruma::RoomVersionId::V12.rules().unwrap();
     let template = hearth::matrix::pdu::EventTemplate {
         event_type: event_type.to_owned(),
@@ -81,7 +79,7 @@ pub(crate) async fn forge(
         sender: &sender,
         prev_events: std::slice::from_ref(prev),
         auth_events,
-        depth: previous["depth"].as_u64().unwrap() + 1,
+        depth: prev_depth + 1,
         origin_server_ts: ruma::MilliSecondsSinceUnixEpoch::now(),
     };
     let server: &ruma::ServerName = server.try_into().unwrap();
@@ -121,7 +119,8 @@ async fn hostile_peers_events_are_refused_and_the_room_keeps_working(backend: Ba
     let (a, b) = two_servers(&net, backend).await;
     let (alice, bob, room) = bob_joins_alices_room(&a, &b).await;
     let state_before = state_ids(&a, &alice, &room).await;
-    let latest: ruma::OwnedEventId = event_ids(&a.server, &alice, &room).await.pop().unwrap().try_into().unwrap();
+    let latest_id: ruma::OwnedEventId = event_ids(&a.server, &alice, &room).await.pop().unwrap().try_into().unwrap();
+    let latest = (&latest_id, a.server.stored_pdu(latest_id.as_str()).await["depth"].as_u64().unwrap());
     let power_levels = event_id_of(&state_before, "m.room.power_levels", "");
     let bob_member = event_id_of(&state_before, "m.room.member", &bob.user_id);
     let auth = [power_levels.clone(), bob_member.clone()];
@@ -129,56 +128,40 @@ async fn hostile_peers_events_are_refused_and_the_room_keeps_working(backend: Ba
     let message = |body: &str| json!({"msgtype": "m.text", "body": body});
 
     let forged = forge(
-        &a,
         &room,
         &bob.user_id,
         "b.test",
         &impostor_of(&key),
         ("m.room.message", None),
         message("forged"),
-        &latest,
+        latest,
         &auth,
-    )
-    .await;
+    );
     // Altered after signing: the event ID (of the redacted form) and signature still hold, the
     // content hash does not.
     let mut altered =
-        forge(&a, &room, &bob.user_id, "b.test", &key, ("m.room.message", None), message("original"), &latest, &auth)
-            .await;
+        forge(&room, &bob.user_id, "b.test", &key, ("m.room.message", None), message("original"), latest, &auth);
     altered["content"]["body"] = json!("altered");
     // Bob has power level 0 and makes himself an admin.
     let mut levels = a.server.stored_pdu(power_levels.as_str()).await["content"].clone();
     levels["users"][&bob.user_id] = json!(100);
-    let usurping =
-        forge(&a, &room, &bob.user_id, "b.test", &key, ("m.room.power_levels", Some("")), levels, &latest, &auth).await;
+    let usurping = forge(&room, &bob.user_id, "b.test", &key, ("m.room.power_levels", Some("")), levels, latest, &auth);
     let mut oversized =
-        forge(&a, &room, &bob.user_id, "b.test", &key, ("m.room.message", None), message("big"), &latest, &auth).await;
+        forge(&room, &bob.user_id, "b.test", &key, ("m.room.message", None), message("big"), latest, &auth);
     oversized["content"]["body"] = json!("x".repeat(70_000));
     // B signs for a sender of A, and for one of a server that does not exist.
     let as_alice = forge(
-        &a,
         &room,
         &alice.user_id,
         "b.test",
         &key,
         ("m.room.message", None),
         message("as alice"),
-        &latest,
+        latest,
         &[power_levels.clone(), event_id_of(&state_before, "m.room.member", &alice.user_id)],
-    )
-    .await;
-    let as_mallory = forge(
-        &a,
-        &room,
-        "@mallory:c.test",
-        "b.test",
-        &key,
-        ("m.room.message", None),
-        message("as mallory"),
-        &latest,
-        &auth,
-    )
-    .await;
+    );
+    let as_mallory =
+        forge(&room, "@mallory:c.test", "b.test", &key, ("m.room.message", None), message("as mallory"), latest, &auth);
 
     let hostile = [&forged, &altered, &usurping, &oversized, &as_alice, &as_mallory];
     let ids: Vec<String> = hostile.iter().map(|pdu| id_of(pdu)).collect();
@@ -210,11 +193,32 @@ async fn hostile_peers_events_are_refused_and_the_room_keeps_working(backend: Ba
     let (status, _) = get_as(&net, &a, &b, &format!("/_matrix/federation/v1/event/{}", enc(&ids[2]))).await;
     assert_eq!(status, 404);
 
-    // A hostile server sends its altered event to every server of the room: B gets it too (here
-    // forwarded as from A), so A's next event, which cites it, is complete there. Without it, B
-    // would need to fetch it (`get_missing_events`, issue 9).
-    let to_b = send_as(&net, &b, &a, "forwarded-1", vec![altered.clone()]).await;
+    // A message citing the rejected event as its prev event: the rejected event changed
+    // nothing, so the message sits on the state before it, and is allowed there.
+    let usurping_id: ruma::OwnedEventId = ids[2].as_str().try_into().unwrap();
+    let usurping_depth = usurping["depth"].as_u64().unwrap();
+    let on_rejected = forge(
+        &room,
+        &bob.user_id,
+        "b.test",
+        &key,
+        ("m.room.message", None),
+        message("on a rejected event"),
+        (&usurping_id, usurping_depth),
+        &auth,
+    );
+    let on_rejected_id = id_of(&on_rejected);
+    let answer = send_as(&net, &a, &b, "hostile-3", vec![on_rejected.clone()]).await;
+    assert_eq!(answer[&on_rejected_id], json!({}), "{answer}");
+    assert_eq!(state_ids(&a, &alice, &room).await, state_before);
+
+    // A hostile server sends its events to every server of the room: B gets them too (here
+    // forwarded as from A), so A's next event, which cites them, is complete there. Without
+    // them, B would need to fetch them (`get_missing_events`, issue 9).
+    let to_b = send_as(&net, &b, &a, "forwarded-1", vec![altered.clone(), usurping.clone(), on_rejected]).await;
     assert_eq!(to_b[&ids[1]], json!({}), "{to_b}");
+    assert!(to_b[&ids[2]]["error"].as_str().unwrap_or_default().starts_with("rejected"), "{to_b}");
+    assert_eq!(to_b[&on_rejected_id], json!({}), "{to_b}");
 
     // The room keeps working both ways, and no hostile content reached Alice's sync.
     a.server.send_text(&alice, &room, "still here").await;
@@ -223,6 +227,7 @@ async fn hostile_peers_events_are_refused_and_the_room_keeps_working(backend: Ba
     wait_for_message(&a.server, &alice, &room, "me too").await;
     let sync = a.server.sync(&alice, None, Some(r#"{"room":{"timeline":{"limit":50}}}"#), 0).await;
     let bodies: Vec<&Value> = timeline(&sync, &room).iter().map(|e| &e["content"]["body"]).collect();
+    assert!(bodies.contains(&&json!("on a rejected event")), "{bodies:?}");
     for hostile_body in ["forged", "altered", "original", "as alice", "as mallory"] {
         assert!(!bodies.contains(&&json!(hostile_body)), "{hostile_body} in {bodies:?}");
     }
