@@ -118,6 +118,7 @@ async fn hostile_peers_events_are_refused_and_the_room_keeps_working(backend: Ba
     let net = TestNet::new().await;
     let (a, b) = two_servers(&net, backend).await;
     let (alice, bob, room) = bob_joins_alices_room(&a, &b).await;
+    let keep = a.server.send_text(&alice, &room, "keep me").await;
     let state_before = state_ids(&a, &alice, &room).await;
     let latest_id: ruma::OwnedEventId = event_ids(&a.server, &alice, &room).await.pop().unwrap().try_into().unwrap();
     let latest = (&latest_id, a.server.stored_pdu(latest_id.as_str()).await["depth"].as_u64().unwrap());
@@ -162,8 +163,16 @@ async fn hostile_peers_events_are_refused_and_the_room_keeps_working(backend: Ba
     );
     let as_mallory =
         forge(&room, "@mallory:c.test", "b.test", &key, ("m.room.message", None), message("as mallory"), latest, &auth);
+    // Redactions pass the auth rules (room versions 3+), but one by a server that did not send
+    // the target, below the redact level, is never applied.
+    let redaction =
+        forge(&room, &bob.user_id, "b.test", &key, ("m.room.redaction", None), json!({"redacts": keep}), latest, &auth);
+    // More prev events than the format allows (20).
+    let mut many_prevs =
+        forge(&room, &bob.user_id, "b.test", &key, ("m.room.message", None), message("many"), latest, &auth);
+    many_prevs["prev_events"] = json!(vec![latest_id.as_str(); 21]);
 
-    let hostile = [&forged, &altered, &usurping, &oversized, &as_alice, &as_mallory];
+    let hostile = [&forged, &altered, &usurping, &oversized, &as_alice, &as_mallory, &redaction, &many_prevs];
     let ids: Vec<String> = hostile.iter().map(|pdu| id_of(pdu)).collect();
     let answer = send_as(&net, &a, &b, "hostile-1", hostile.iter().map(|pdu| (*pdu).clone()).collect()).await;
     let error_of = |i: usize| answer[&ids[i]]["error"].as_str().unwrap_or_default().to_owned();
@@ -173,10 +182,17 @@ async fn hostile_peers_events_are_refused_and_the_room_keeps_working(backend: Ba
     assert!(error_of(3).contains("larger than"), "oversized: {answer}");
     assert!(!error_of(4).is_empty(), "a sender of another server: {answer}");
     assert!(!error_of(5).is_empty(), "a sender of an unknown server: {answer}");
+    assert_eq!(answer[&ids[6]], json!({}), "a redaction is allowed by the auth rules: {answer}");
+    assert!(error_of(7).starts_with("dropped"), "21 prev events: {answer}");
+    let (status, kept) = a
+        .server
+        .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&keep)), Some(&alice.access_token))
+        .await;
+    assert_eq!((status.as_u16(), &kept["content"]["body"]), (200, &json!("keep me")), "not redacted by Bob: {kept}");
 
     // Nothing reached the room's state; the forged, oversized and foreign events are unknown.
     assert_eq!(state_ids(&a, &alice, &room).await, state_before);
-    for i in [0, 3, 4, 5] {
+    for i in [0, 3, 4, 5, 7] {
         let (status, body) = get_as(&net, &a, &b, &format!("/_matrix/federation/v1/event/{}", enc(&ids[i]))).await;
         assert_eq!(status, 404, "event {i} is not served: {body}");
     }
@@ -215,10 +231,18 @@ async fn hostile_peers_events_are_refused_and_the_room_keeps_working(backend: Ba
     // A hostile server sends its events to every server of the room: B gets them too (here
     // forwarded as from A), so A's next event, which cites them, is complete there. Without
     // them, B would need to fetch them (`get_missing_events`, issue 9).
-    let to_b = send_as(&net, &b, &a, "forwarded-1", vec![altered.clone(), usurping.clone(), on_rejected]).await;
+    let to_b =
+        send_as(&net, &b, &a, "forwarded-1", vec![altered.clone(), usurping.clone(), on_rejected, redaction.clone()])
+            .await;
     assert_eq!(to_b[&ids[1]], json!({}), "{to_b}");
     assert!(to_b[&ids[2]]["error"].as_str().unwrap_or_default().starts_with("rejected"), "{to_b}");
     assert_eq!(to_b[&on_rejected_id], json!({}), "{to_b}");
+    assert_eq!(to_b[&ids[6]], json!({}), "{to_b}");
+    let (status, kept) = b
+        .server
+        .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&keep)), Some(&bob.access_token))
+        .await;
+    assert_eq!((status.as_u16(), &kept["content"]["body"]), (200, &json!("keep me")), "not redacted on B: {kept}");
 
     // The room keeps working both ways, and no hostile content reached Alice's sync.
     a.server.send_text(&alice, &room, "still here").await;
