@@ -59,7 +59,7 @@ async fn synced_bodies(
     since: String,
     wanted: &[String],
 ) -> Vec<String> {
-    let filter = r#"{"room":{"timeline":{"limit":500}}}"#;
+    let filter = r#"{"room":{"timeline":{"limit":100}}}"#;
     let mut since = since;
     let mut seen: Vec<String> = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
@@ -73,31 +73,56 @@ async fn synced_bodies(
     seen
 }
 
-/// Sends each text in turn.
-async fn send_all(server: &TestServer, account: &Account, room: &str, texts: &[String]) {
-    for text in texts {
-        server.send_text(account, room, text).await;
+/// Sends each text in turn; every tenth also becomes the room's topic, so the branches conflict
+/// in state too. Returns the last event's ID.
+async fn send_all(server: &TestServer, account: &Account, room: &str, texts: &[String]) -> String {
+    let mut last = String::new();
+    for (i, text) in texts.iter().enumerate() {
+        last = server.send_text(account, room, text).await;
+        if i % 10 == 9 {
+            let (status, body) = server.set_state(account, room, "m.room.topic", "", json!({"topic": text})).await;
+            assert_eq!(status, 200, "{body}");
+            last = body["event_id"].as_str().unwrap().to_owned();
+        }
     }
+    last
 }
 
 async fn concurrent_sends_from_two_servers_fork_and_merge_into_one_graph(backend: Backend) {
     let net = TestNet::new().await;
     let (a, b) = two_servers(&net, backend).await;
     let (alice, bob, room) = bob_joins_alices_room(&a, &b).await;
+    make_admin(&a, &alice, &room, &bob.user_id).await;
+    let levels_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels", enc(&room));
+    eventually(20, "B knows Bob is an admin", || async {
+        b.server.get(&levels_path, Some(&bob.access_token)).await.1["users"][&bob.user_id] == 100
+    })
+    .await;
     let (_, alice_since) = a.server.sync_until(&alice, None, |_| true).await;
     let (_, bob_since) = b.server.sync_until(&bob, None, |_| true).await;
 
     let from_a: Vec<String> = (0..PER_SERVER).map(|i| format!("a{i}")).collect();
     let from_b: Vec<String> = (0..PER_SERVER).map(|i| format!("b{i}")).collect();
-    tokio::join!(send_all(&a.server, &alice, &room, &from_a), send_all(&b.server, &bob, &room, &from_b));
-
+    // Both clients sync while the messages arrive, as clients do.
     let all: Vec<String> = from_a.iter().chain(&from_b).cloned().collect();
-    let seen_by_alice = synced_bodies(&a.server, &alice, &room, alice_since, &all).await;
-    let seen_by_bob = synced_bodies(&b.server, &bob, &room, bob_since, &all).await;
+    let (last_a, last_b, seen_by_alice, seen_by_bob) = tokio::join!(
+        send_all(&a.server, &alice, &room, &from_a),
+        send_all(&b.server, &bob, &room, &from_b),
+        synced_bodies(&a.server, &alice, &room, alice_since, &all),
+        synced_bodies(&b.server, &bob, &room, bob_since, &all),
+    );
     for (who, seen) in [("alice", &seen_by_alice), ("bob", &seen_by_bob)] {
         for text in &all {
             assert_eq!(seen.iter().filter(|s| *s == text).count(), 1, "{who} synced {text} once: {seen:?}");
         }
+    }
+
+    // Each server has the other's last event (a topic, which no sync above waited for).
+    for (at, from, last) in [(&a, &b, &last_b), (&b, &a, &last_a)] {
+        eventually(30, "the other side's last event arrives", || async {
+            get_as(&net, at, from, &format!("/_matrix/federation/v1/event/{}", enc(last))).await.0 == 200
+        })
+        .await;
     }
 
     // One more message from each side, one after the other: each merges every branch it knows.
@@ -114,6 +139,7 @@ async fn concurrent_sends_from_two_servers_fork_and_merge_into_one_graph(backend
     // After A's merge reached B, B had a single forward extremity: the merge.
     assert_eq!(prev_events(&net, &b, &a, &merge_b).await, vec![merge_a.clone()]);
     assert_eq!(prev_events(&net, &a, &b, &merge_b).await, vec![merge_a]);
+    // The same resolved state, whatever order each server received the branches in.
     assert_eq!(state_ids(&a, &alice, &room).await, state_ids(&b, &bob, &room).await);
 
     // The next message from A cites only B's merge: the graph is a chain again.
