@@ -283,6 +283,10 @@ async fn a_ban_racing_a_message_holds_and_the_message_is_soft_failed(backend: Ba
     // against the resolved membership, where Bob is banned.
     let banned = b.server.get(&member_path, Some(&carol.access_token)).await.1;
     assert!(banned["displayname"] != "Late Bob", "{banned}");
+    // B's views follow its resolved state: Bob's own sync has the room among those he left.
+    let sync = b.server.sync(&bob, None, Some(r#"{"room":{"include_leave":true}}"#), 0).await;
+    assert!(sync["rooms"]["join"].get(&room).is_none(), "{sync}");
+    assert!(sync["rooms"]["leave"].get(&room).is_some(), "{sync}");
 
     // Soft-failed on A: never in Alice's timeline, never a prev event of A's.
     let after = a.server.send_text(&alice, &room, "after the ban").await;
@@ -298,6 +302,11 @@ async fn a_ban_racing_a_message_holds_and_the_message_is_soft_failed(backend: Ba
         .get(&format!("/_matrix/client/v3/rooms/{}/context/{}", enc(&room), enc(&late)), Some(&alice.access_token))
         .await;
     assert_ne!(status, 200, "no context around a soft-failed event");
+    let (status, body) = a
+        .server
+        .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&late)), Some(&alice.access_token))
+        .await;
+    assert_eq!(status, 404, "a soft-failed event is not served to clients: {body}");
 
     // B keeps working with A, and both agree on the state.
     wait_for_message(&b.server, &carol, &room, "after the ban").await;
