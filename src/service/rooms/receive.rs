@@ -36,6 +36,11 @@ use crate::{
     },
 };
 
+/// How many events [`Rooms::receive_pdu`] looks at to find the place of an event whose prev
+/// events were rejected without one (it walks through them to their own prev events): a peer
+/// cannot make it walk a long rejected chain.
+const MAX_REJECTED_PREVS: usize = 100;
+
 /// What became of a received PDU. None of these is an error of the request that carried it: a
 /// transaction answers each PDU with its outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,22 +270,38 @@ impl Rooms {
         if self.timeline_event(&event_id).await?.is_some() {
             return Ok(Outcome::AlreadyKnown { event_id });
         }
-        // Where it sits: the states after its prev events.
+        // Where it sits: the states after its prev events. A rejected event changed nothing, so
+        // the state after it is the state before it: its recorded group, or, when it was refused
+        // before it had a place (by its own auth events), the states after its own prev events.
         let mut prev_groups = Vec::with_capacity(pdu.prev_events.len());
         let mut missing = Vec::new();
-        for prev in &pdu.prev_events {
-            if let Some(event) = self.timeline_event(prev).await? {
+        let mut prevs: Vec<OwnedEventId> = pdu.prev_events.clone();
+        let mut seen: HashSet<OwnedEventId> = HashSet::new();
+        let mut next = 0;
+        while let Some(prev) = prevs.get(next).cloned() {
+            next += 1;
+            if !seen.insert(prev.clone()) {
+                continue;
+            }
+            if next > MAX_REJECTED_PREVS {
+                return Ok(Outcome::Dropped { reason: "cites too long a chain of rejected events".to_owned() });
+            }
+            if let Some(event) = self.timeline_event(&prev).await? {
                 prev_groups.push(event.state_after);
-            } else if let Some(rejected) = self.db.rejected(prev).await?
-                && let Some(group) = rejected.state_group
-            {
-                // A rejected event changed nothing: the state after it is the state before it.
-                prev_groups.push(group);
+            } else if let Some(rejected) = self.db.rejected(&prev).await? {
+                match rejected.state_group {
+                    Some(group) => prev_groups.push(group),
+                    None => {
+                        let event = Pdu::from_json(rejected.json, rejected.room_id, rejected.event_id)
+                            .map_err(Error::Internal)?;
+                        prevs.extend(event.prev_events);
+                    }
+                }
             } else {
-                missing.push(prev.clone());
+                missing.push(prev);
             }
         }
-        if pdu.prev_events.is_empty() {
+        if prev_groups.is_empty() && missing.is_empty() {
             // Only a create event starts a graph, and this room has one.
             return Ok(Outcome::Dropped { reason: "no prev events".to_owned() });
         }
