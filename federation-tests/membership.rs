@@ -42,7 +42,7 @@ async fn alice_joins_bobs_room(a: &Peer, b: &Peer) -> (Account, Account, String)
 }
 
 /// Syncs `account` until its timeline of `room` shows a message with `text`.
-async fn wait_for_message(server: &TestServer, account: &Account, room: &str, text: &str) -> String {
+pub(crate) async fn wait_for_message(server: &TestServer, account: &Account, room: &str, text: &str) -> String {
     let (_, since) = server.sync_until(account, None, |_| true).await;
     let found = |sync: &Value| timeline(sync, room).iter().any(|e| e["content"]["body"] == text);
     // The message may already be in the initial sync.
@@ -54,7 +54,7 @@ async fn wait_for_message(server: &TestServer, account: &Account, room: &str, te
 }
 
 /// Polls `check` until it holds, for at most `secs` seconds.
-async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+pub(crate) async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

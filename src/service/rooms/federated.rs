@@ -1,12 +1,13 @@
 //! What the room graph offers federation: the servers of a room and the queueing of our events
-//! for them, the join template other servers ask for (`make_join`), and the state and auth chain
+//! for them (and of events other servers handed us, for the rest of the room), under the room's
+//! server ACL, the join template other servers ask for (`make_join`), and the state and auth chain
 //! before an event (`send_join`'s answer). No network IO here.
 
 use std::collections::{BTreeSet, HashSet};
 
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedServerName,
-    RoomId, RoomVersionId, UInt, UserId,
+    RoomId, RoomVersionId, ServerName, UInt, UserId,
 };
 use serde_json::json;
 
@@ -42,11 +43,43 @@ impl Rooms {
         self.streams.members(room_id, "join").iter().any(|user| user.server_name() == self.server_name)
     }
 
-    /// Queues committed local events for the other servers in the room. A member event also goes
-    /// to its target's server (a kick or a leave reaches the one who left).
+    /// Of `servers`, those the room's current `m.room.server_acl` lets take part: our events
+    /// never go to a denied server (spec "Server Access Control Lists").
+    async fn allowed_servers(&self, room_id: &RoomId, servers: Vec<OwnedServerName>) -> Vec<OwnedServerName> {
+        let mut allowed = Vec::with_capacity(servers.len());
+        for server in servers {
+            match self.is_server_allowed(room_id, &server).await {
+                Ok(true) => allowed.push(server),
+                Ok(false) => tracing::debug!(%room_id, %server, "not sending to a server the room's ACL denies"),
+                // The ACL could not be read: sending is the safer mistake (the receiver applies
+                // the room's ACL to us as well), losing the event for everyone is not.
+                Err(err) => {
+                    tracing::warn!(%room_id, %server, %err, "cannot read the room's server ACL");
+                    allowed.push(server);
+                }
+            }
+        }
+        allowed
+    }
+
+    /// Sends an event another server handed us to put into the room (a join through
+    /// `send_join`, and likewise a leave or knock through `send_leave`/`send_knock`) on to every
+    /// other server in the room except `origin`: the spec makes the resident server do this, as
+    /// the origin knows only the servers of the state it was given. Call it after the event was
+    /// accepted; the member's own server is `origin`, so it is not sent back.
+    pub async fn forward_received(&self, origin: &ServerName, pdu: &Pdu) {
+        let Some(outbox) = self.outbox.get() else { return };
+        let servers = self.other_servers(&pdu.room_id).into_iter().filter(|server| server != origin).collect();
+        let destinations = self.allowed_servers(&pdu.room_id, servers).await;
+        outbox.enqueue(&destinations, pdu.event_id.as_str(), &pdu.json).await;
+    }
+
+    /// Queues committed local events for the other servers in the room (those its server ACL
+    /// allows). A member event also goes to its target's server (a kick or a leave reaches the
+    /// one who left).
     pub(super) async fn queue_for_other_servers(&self, room_id: &RoomId, writes: &[StreamWrite]) {
         let Some(outbox) = self.outbox.get() else { return };
-        let servers = self.other_servers(room_id);
+        let servers = self.allowed_servers(room_id, self.other_servers(room_id)).await;
         for write in writes {
             let StreamWrite::Event(write) = write else { continue };
             let mut destinations = servers.clone();
@@ -54,6 +87,7 @@ impl Rooms {
                 && let Some(target) = write.pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok())
                 && target.server_name() != self.server_name
                 && !destinations.iter().any(|s| s == target.server_name())
+                && self.is_server_allowed(room_id, target.server_name()).await.unwrap_or(true)
             {
                 destinations.push(target.server_name().to_owned());
             }
@@ -62,7 +96,8 @@ impl Rooms {
     }
 
     /// `make_join`: a join event of `user` on the room's forward extremities, allowed by the auth
-    /// rules against the current state, unsigned, for the user's server to fill in and sign.
+    /// rules against the current state, unsigned, for the user's server to fill in and sign. In
+    /// a restricted room it names one of our users as the join's authoriser.
     pub async fn join_template(&self, room_id: &RoomId, user: &UserId) -> Result<(RoomVersionId, CanonicalJsonObject)> {
         let handle = self.handle(room_id).await?;
         if !self.has_local_member(room_id) {
@@ -73,8 +108,11 @@ impl Rooms {
             (graph::choose_prev_events(&writer.extremities), writer.current.map.clone())
         };
         let rules = &handle.rules;
-        let template =
-            NewEvent::new(user, "m.room.member", Some(user.as_str()), json!({ "membership": "join" }))?.template;
+        let mut content = json!({ "membership": "join" });
+        if let Some(authoriser) = self.remote_join_authoriser(&handle, user).await? {
+            content["join_authorised_via_users_server"] = json!(authoriser);
+        }
+        let template = NewEvent::new(user, "m.room.member", Some(user.as_str()), content)?.template;
         let keys = auth::auth_state_keys(&template, user, &rules.authorization).map_err(Error::BadJson)?;
         let mut auth_state = AuthState::new();
         for key in keys {
