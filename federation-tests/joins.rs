@@ -1,7 +1,8 @@
 //! Joins as the resident server of a room that spans three servers: a join taken in through
 //! `send_join` is sent on to the room's other servers; restricted rooms admit members of an
 //! allowed room, with our user named and our signature added as authoriser; a server the room's
-//! `m.room.server_acl` denies can neither join nor send into the room, and is sent nothing.
+//! `m.room.server_acl` denies can neither join nor send into the room, and is sent nothing; a
+//! `send_join` with `omit_members=true` gets partial state.
 
 use serde_json::{Value, json};
 
@@ -15,6 +16,7 @@ crate::backend_tests!(
     a_join_through_one_server_reaches_the_rooms_other_servers,
     a_restricted_room_admits_members_of_an_allowed_room_only,
     a_server_denied_by_the_acl_cannot_join_or_send_and_is_sent_nothing,
+    send_join_with_omit_members_leaves_out_member_events_but_the_heroes,
 );
 
 async fn three_peers(backend: Backend) -> (TestNet, Peer, Peer, Peer) {
@@ -244,4 +246,106 @@ async fn a_server_denied_by_the_acl_cannot_join_or_send_and_is_sent_nothing(back
         body_of(client.put(format!("{base}{uri}")).header("Authorization", auth).json(&event).send().await.unwrap())
             .await;
     assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+}
+
+/// The event ID of a PDU as JSON (room version 12).
+fn event_id_of(pdu: &Value) -> String {
+    let object: ruma::CanonicalJsonObject = serde_json::from_value(pdu.clone()).unwrap();
+    let rules = ruma::RoomVersionId::V12.rules().unwrap();
+    hearth::matrix::pdu::Pdu::from_received(&object, &rules).unwrap().event_id.to_string()
+}
+
+/// `@bob:b.test` joins `room` on A as B would, by signed `make_join` and `send_join` requests
+/// the test makes itself with B's key, asking `omit_members`; returns the `send_join` answer.
+async fn partial_join(net: &TestNet, a: &Peer, b: &Peer, room: &str) -> Value {
+    let (client, base) = net.client_for(a);
+    let bob = "@bob:b.test";
+    let uri = format!("/_matrix/federation/v1/make_join/{}/{}?ver=12", enc(room), enc(bob));
+    let auth = x_matrix(&b.signing_key(), "b.test", "a.test", "GET", &uri, None);
+    let (status, body) =
+        body_of(client.get(format!("{base}{uri}")).header("Authorization", auth).send().await.unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    let template = &body["event"];
+    let ids = |field: &str| -> Vec<ruma::OwnedEventId> {
+        template[field].as_array().unwrap().iter().map(|id| id.as_str().unwrap().try_into().unwrap()).collect()
+    };
+    let (prev_events, auth_events) = (ids("prev_events"), ids("auth_events"));
+    let room_id: ruma::OwnedRoomId = room.try_into().unwrap();
+    let sender: ruma::OwnedUserId = bob.try_into().unwrap();
+    let join = hearth::matrix::pdu::Pdu::build(
+        hearth::matrix::pdu::EventTemplate {
+            event_type: "m.room.member".to_owned(),
+            state_key: Some(bob.to_owned()),
+            content: hearth::matrix::pdu::canonical_content(json!({"membership": "join"})).unwrap(),
+            redacts: None,
+        },
+        &hearth::matrix::pdu::Placement {
+            room_id: Some(&room_id),
+            sender: &sender,
+            prev_events: &prev_events,
+            auth_events: &auth_events,
+            depth: template["depth"].as_u64().unwrap(),
+            origin_server_ts: ruma::MilliSecondsSinceUnixEpoch::now(),
+        },
+        &ruma::RoomVersionId::V12.rules().unwrap(),
+        sender.server_name(),
+        &b.signing_key(),
+    )
+    .unwrap();
+    let event: Value = serde_json::from_str(&join.json).unwrap();
+    let uri =
+        format!("/_matrix/federation/v2/send_join/{}/{}?omit_members=true", enc(room), enc(join.event_id.as_str()));
+    let auth = x_matrix(&b.signing_key(), "b.test", "a.test", "PUT", &uri, Some(&event));
+    let (status, body) =
+        body_of(client.put(format!("{base}{uri}")).header("Authorization", auth).json(&event).send().await.unwrap())
+            .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+async fn send_join_with_omit_members_leaves_out_member_events_but_the_heroes(backend: Backend) {
+    let net = TestNet::new().await;
+    let a = net.peer(backend, "a.test", Discovered::Srv, "").await.expect("an address for a.test");
+    let b = net.peer(backend, "b.test", Discovered::Srv, "").await.expect("an address for b.test");
+    let alice = a.server.register("alice").await;
+    let unnamed = a.server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let named = a.server.create_room(&alice, json!({"preset": "public_chat", "name": "Named"})).await;
+    let mut locals = vec![alice.user_id.clone()];
+    for name in ["u1", "u2", "u3", "u4", "u5"] {
+        let account = a.server.register(name).await;
+        a.server.join(&account, &unnamed).await;
+        a.server.join(&account, &named).await;
+        locals.push(account.user_id.clone());
+    }
+    locals.sort();
+
+    for (room, expected_members) in [(&unnamed, locals[..5].to_vec()), (&named, Vec::new())] {
+        let answer = partial_join(&net, &a, &b, room).await;
+        assert_eq!(answer["members_omitted"], true, "{answer}");
+        assert_eq!(answer["servers_in_room"], json!(["a.test"]), "{answer}");
+        let state = answer["state"].as_array().unwrap();
+        let chain = answer["auth_chain"].as_array().unwrap();
+        // Only the heroes' member events (the five first members by user ID) in an unnamed
+        // room, none in a named one; everything else of the state is there.
+        let mut members: Vec<String> = state
+            .iter()
+            .filter(|e| e["type"] == "m.room.member")
+            .map(|e| e["state_key"].as_str().unwrap().to_owned())
+            .collect();
+        members.sort();
+        assert_eq!(members, expected_members, "{answer}");
+        for event_type in ["m.room.create", "m.room.power_levels", "m.room.join_rules"] {
+            assert!(state.iter().any(|e| e["type"] == event_type), "{event_type} missing: {answer}");
+        }
+        // The auth chain repeats nothing of the state, and with it covers every auth event.
+        let state_ids: Vec<String> = state.iter().map(event_id_of).collect();
+        let chain_ids: Vec<String> = chain.iter().map(event_id_of).collect();
+        assert!(chain_ids.iter().all(|id| !state_ids.contains(id)), "{answer}");
+        for event in state.iter().chain(chain) {
+            for id in event["auth_events"].as_array().unwrap() {
+                let id = id.as_str().unwrap().to_owned();
+                assert!(state_ids.contains(&id) || chain_ids.contains(&id), "{id} is not served: {answer}");
+            }
+        }
+    }
 }

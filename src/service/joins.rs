@@ -156,6 +156,13 @@ impl Joins {
             Err(crate::federation::FederationError::Remote { status: 404, .. }) => {
                 return Err(Error::not_found("The room is not known to that server"));
             }
+            // A restricted room's server that cannot vouch for the user: the caller tries the
+            // next one, and if none can, the client hears that it may not join.
+            Err(crate::federation::FederationError::Remote { errcode, message, .. })
+                if errcode == "M_UNABLE_TO_AUTHORISE_JOIN" || errcode == "M_UNABLE_TO_GRANT_JOIN" =>
+            {
+                return Err(Error::forbidden(format!("The room's server cannot authorise the join: {message}")));
+            }
             Err(err) => return Err(err.into()),
         };
         let version = template.room_version.unwrap_or(RoomVersionId::V1);
@@ -197,6 +204,9 @@ impl Joins {
         };
         let join = Pdu::build(template, &placement, &rules, self.rooms.server_name(), self.server_keys.key())
             .map_err(|err| Error::BadGateway(format!("{server}: cannot build the join: {err}")))?;
+        // `omit_members` stays false: a partial-state room would need its member events fetched
+        // later (and events checked against state we lack meanwhile), which we do not do yet, so
+        // as joiner we always ask for the full state.
         let request =
             create_join_event::v2::Request::new(room_id.to_owned(), join.event_id.clone(), to_raw(join.json.clone())?);
         let answer = self.client.send(server, request).await?.room_state;
@@ -264,13 +274,14 @@ impl Joins {
 
     /// `PUT /send_join/{roomId}/{eventId}` (v2): checks the join and takes it into the room,
     /// sends it on to the room's other servers, then answers with the state before it and its
-    /// auth chain (always the full state).
+    /// auth chain — without most member events when the joiner asked `omit_members`.
     pub async fn send_join(
         &self,
         origin: &ServerName,
         room_id: &RoomId,
         event_id: &ruma::EventId,
         pdu: &RawValue,
+        omit_members: bool,
     ) -> Result<create_join_event::v2::RoomState> {
         self.outbox.peer_seen(origin);
         self.rooms.check_server_acl(room_id, origin).await?;
@@ -310,11 +321,18 @@ impl Joins {
                 return Err(Error::BadJson("The join cites events this server does not have".into()));
             }
         }
-        let (state, auth_chain) = self.rooms.state_and_auth_chain_before(event_id).await?;
         let mut room_state = create_join_event::v2::RoomState::new();
+        let (state, auth_chain) = if omit_members {
+            let (state, auth_chain, servers) =
+                self.rooms.partial_state_and_auth_chain_before(event_id, &parsed.sender).await?;
+            room_state.members_omitted = true;
+            room_state.servers_in_room = Some(servers.into_iter().map(|server| server.to_string()).collect());
+            (state, auth_chain)
+        } else {
+            self.rooms.state_and_auth_chain_before(event_id).await?
+        };
         room_state.state = state.into_iter().map(to_raw).collect::<Result<_>>()?;
         room_state.auth_chain = auth_chain.into_iter().map(to_raw).collect::<Result<_>>()?;
-        room_state.members_omitted = false;
         if is_co_signed {
             let event = self.rooms.event(event_id).await?.ok_or_else(|| Error::Internal("join vanished".into()))?;
             room_state.event = Some(to_raw(event.pdu.json.clone())?);

@@ -157,13 +157,63 @@ impl Rooms {
         let state = self.state_at(event.state_before).await?;
         let state_ids: Vec<&EventId> = state.values().map(|id| &**id).collect();
         let state_events = self.pdus_by_id(&state_ids).await?;
-        let mut seen: HashSet<OwnedEventId> = HashSet::new();
-        let mut frontier: Vec<OwnedEventId> = event.pdu.auth_events.clone();
-        for pdu in state_events.values() {
-            frontier.extend(pdu.auth_events.iter().cloned());
+        let roots = state_events.values().flat_map(|pdu| pdu.auth_events.iter().cloned());
+        let chain = self.auth_chain_json(event.pdu.auth_events.iter().cloned().chain(roots), &HashSet::new()).await?;
+        Ok((state_events.values().map(|pdu| pdu.json.clone()).collect(), chain))
+    }
+
+    /// `send_join`'s answer for `omit_members=true` (spec: send_join v2, partial state): the
+    /// state before `event_id` without `m.room.member` events, except the joiner's own and, when
+    /// the room has neither `m.room.name` nor `m.room.canonical_alias`, those of the heroes a
+    /// client would name it by; and the auth chain of the event and of that state, leaving out
+    /// what the state already carries. Also the servers in the room before the join, which the
+    /// joiner then knows without the member events.
+    pub async fn partial_state_and_auth_chain_before(
+        &self,
+        event_id: &EventId,
+        joiner: &UserId,
+    ) -> Result<(Vec<String>, Vec<String>, Vec<OwnedServerName>)> {
+        let event = self.timeline_event(event_id).await?.ok_or_else(|| Error::not_found("Unknown event"))?;
+        let room_id = &event.pdu.room_id;
+        let state = self.state_at(event.state_before).await?;
+        let is_named = state.contains_key(&("m.room.name".to_owned(), String::new()))
+            || state.contains_key(&("m.room.canonical_alias".to_owned(), String::new()));
+        let mut kept_members: HashSet<String> = HashSet::from([joiner.to_string()]);
+        if !is_named {
+            kept_members.extend(self.streams.heroes(room_id, joiner, 5).into_iter().map(|user| user.to_string()));
         }
+        let kept_ids: Vec<&EventId> = state
+            .iter()
+            .filter(|((event_type, state_key), _)| event_type != "m.room.member" || kept_members.contains(state_key))
+            .map(|(_, id)| &**id)
+            .collect();
+        let state_events = self.pdus_by_id(&kept_ids).await?;
+        let in_state: HashSet<OwnedEventId> = state_events.keys().cloned().collect();
+        let roots = state_events.values().flat_map(|pdu| pdu.auth_events.iter().cloned());
+        let chain = self.auth_chain_json(event.pdu.auth_events.iter().cloned().chain(roots), &in_state).await?;
+        // The servers joined before the join: those of every joined member but the joiner.
+        let mut servers: BTreeSet<OwnedServerName> = self
+            .streams
+            .members(room_id, "join")
+            .into_iter()
+            .filter(|user| user != joiner)
+            .map(|user| user.server_name().to_owned())
+            .collect();
+        servers.insert(self.server_name.clone());
+        Ok((state_events.values().map(|pdu| pdu.json.clone()).collect(), chain, servers.into_iter().collect()))
+    }
+
+    /// The PDUs reachable from `roots` through `auth_events` (the roots included), leaving out
+    /// `skip` and not walking on through it (the receiver has those already).
+    async fn auth_chain_json(
+        &self,
+        roots: impl IntoIterator<Item = OwnedEventId>,
+        skip: &HashSet<OwnedEventId>,
+    ) -> Result<Vec<String>> {
+        let mut seen: HashSet<OwnedEventId> = skip.clone();
+        let mut frontier: Vec<OwnedEventId> = roots.into_iter().collect();
         let mut chain = Vec::new();
-        while !frontier.is_empty() && seen.len() < MAX_AUTH_CHAIN {
+        while !frontier.is_empty() && seen.len() < MAX_AUTH_CHAIN + skip.len() {
             frontier.retain(|id| !seen.contains(id));
             frontier.sort();
             frontier.dedup();
@@ -175,6 +225,6 @@ impl Rooms {
                 chain.push(pdu.json.clone());
             }
         }
-        Ok((state_events.values().map(|pdu| pdu.json.clone()).collect(), chain))
+        Ok(chain)
     }
 }
