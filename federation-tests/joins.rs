@@ -15,6 +15,7 @@ use crate::{
 crate::backend_tests!(
     a_join_through_one_server_reaches_the_rooms_other_servers,
     a_restricted_room_admits_members_of_an_allowed_room_only,
+    a_restricted_join_goes_through_the_server_that_can_authorise_it,
     a_server_denied_by_the_acl_cannot_join_or_send_and_is_sent_nothing,
     send_join_with_omit_members_leaves_out_member_events_but_the_heroes,
 );
@@ -147,6 +148,47 @@ async fn a_restricted_room_admits_members_of_an_allowed_room_only(backend: Backe
     let (status, body) =
         body_of(client.get(format!("{base}{uri}")).header("Authorization", auth).send().await.unwrap()).await;
     assert_eq!((status, body["errcode"].as_str()), (400, Some("M_UNABLE_TO_AUTHORISE_JOIN")), "{body}");
+}
+
+async fn a_restricted_join_goes_through_the_server_that_can_authorise_it(backend: Backend) {
+    let (_net, a, b, c) = three_peers(backend).await;
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let carol = c.server.register("carol").await;
+    // The allowed room lives on C; A is not in it, so A cannot tell who is.
+    let space = c.server.create_room(&carol, json!({"preset": "public_chat"})).await;
+    let path = format!("/_matrix/client/v3/join/{}?via=c.test", enc(&space));
+    let (status, body) = b.server.post(&path, Some(&bob.access_token), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let room = a.server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    assert_eq!(join_through_a(&c, &carol, &room).await.0, 200);
+    let levels_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels", enc(&room));
+    let (status, mut levels) = a.server.get(&levels_path, Some(&alice.access_token)).await;
+    assert_eq!(status, 200, "{levels}");
+    levels["users"][&carol.user_id] = json!(100);
+    let (status, body) = a.server.set_state(&alice, &room, "m.room.power_levels", "", levels).await;
+    assert_eq!(status, 200, "{body}");
+    let rule = json!({"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": space}]});
+    let (status, body) = a.server.set_state(&alice, &room, "m.room.join_rules", "", rule).await;
+    assert_eq!(status, 200, "{body}");
+    let rule_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.join_rules", enc(&room));
+    eventually(30, "the join rule reaches C", || async {
+        let (status, body) = c.server.get(&rule_path, Some(&carol.access_token)).await;
+        status == 200 && body["join_rule"] == "restricted"
+    })
+    .await;
+
+    // A answers M_UNABLE_TO_AUTHORISE_JOIN; B tries C, whose Carol may invite (the power levels
+    // reached C before the join rule did) and vouches.
+    let path = format!("/_matrix/client/v3/join/{}?via=a.test&via=c.test", enc(&room));
+    let (status, body) = b.server.post(&path, Some(&bob.access_token), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    eventually(30, "Bob's join reaches A", || is_joined(&a.server, &alice, &room, &bob.user_id)).await;
+    let join = member_pdu(&a.server, &alice, &room, &bob.user_id).await;
+    assert_eq!(join["content"]["join_authorised_via_users_server"], carol.user_id.as_str(), "{join}");
+    assert!(join["signatures"]["c.test"].is_object(), "{join}");
+    b.server.send_text(&bob, &room, "in through C").await;
+    wait_for_message(&a.server, &alice, &room, "in through C").await;
 }
 
 /// A message of `sender` (a user of `peer`) following `previous_id` in `room`, signed by `peer`.
