@@ -148,6 +148,35 @@ async fn a_restricted_room_admits_members_of_an_allowed_room_only(backend: Backe
     let (status, body) =
         body_of(client.get(format!("{base}{uri}")).header("Authorization", auth).send().await.unwrap()).await;
     assert_eq!((status, body["errcode"].as_str()), (400, Some("M_UNABLE_TO_AUTHORISE_JOIN")), "{body}");
+
+    // A restricted join that names Alice but lacks A's signature, handed over in a transaction
+    // rather than through send_join, is refused and does not join.
+    let room = a
+        .server
+        .create_room(
+            &alice,
+            json!({
+                "preset": "private_chat",
+                "initial_state": [{
+                    "type": "m.room.join_rules",
+                    "state_key": "",
+                    "content": {"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": space}]},
+                }],
+            }),
+        )
+        .await;
+    let content = json!({"membership": "join", "join_authorised_via_users_server": alice.user_id});
+    let join = join_signed_by_b(&net, &a, &b, &room, &member.user_id, content).await;
+    let txn = json!({"origin": "b.test", "origin_server_ts": 1, "pdus": [serde_json::from_str::<Value>(&join.json).unwrap()]});
+    let uri = "/_matrix/federation/v1/send/unsigned-restricted-join";
+    let auth = x_matrix(&b.signing_key(), "b.test", "a.test", "PUT", uri, Some(&txn));
+    let (status, body) =
+        body_of(client.put(format!("{base}{uri}")).header("Authorization", auth).json(&txn).send().await.unwrap())
+            .await;
+    assert_eq!(status, 200, "{body}");
+    let error = body["pdus"][join.event_id.as_str()]["error"].as_str().unwrap_or_else(|| panic!("{body}"));
+    assert!(error.contains("signature"), "{body}");
+    assert!(!is_joined(&a.server, &alice, &room, &member.user_id).await);
 }
 
 async fn a_restricted_join_goes_through_the_server_that_can_authorise_it(backend: Backend) {
@@ -297,12 +326,18 @@ fn event_id_of(pdu: &Value) -> String {
     hearth::matrix::pdu::Pdu::from_received(&object, &rules).unwrap().event_id.to_string()
 }
 
-/// `@bob:b.test` joins `room` on A as B would, by signed `make_join` and `send_join` requests
-/// the test makes itself with B's key, asking `omit_members`; returns the `send_join` answer.
-async fn partial_join(net: &TestNet, a: &Peer, b: &Peer, room: &str) -> Value {
+/// A join of `user` (of B) into `room` on A with `content`, built on the template of a signed
+/// `make_join` the test makes itself, signed with B's key only.
+async fn join_signed_by_b(
+    net: &TestNet,
+    a: &Peer,
+    b: &Peer,
+    room: &str,
+    user: &str,
+    content: Value,
+) -> hearth::matrix::pdu::Pdu {
     let (client, base) = net.client_for(a);
-    let bob = "@bob:b.test";
-    let uri = format!("/_matrix/federation/v1/make_join/{}/{}?ver=12", enc(room), enc(bob));
+    let uri = format!("/_matrix/federation/v1/make_join/{}/{}?ver=12", enc(room), enc(user));
     let auth = x_matrix(&b.signing_key(), "b.test", "a.test", "GET", &uri, None);
     let (status, body) =
         body_of(client.get(format!("{base}{uri}")).header("Authorization", auth).send().await.unwrap()).await;
@@ -313,12 +348,12 @@ async fn partial_join(net: &TestNet, a: &Peer, b: &Peer, room: &str) -> Value {
     };
     let (prev_events, auth_events) = (ids("prev_events"), ids("auth_events"));
     let room_id: ruma::OwnedRoomId = room.try_into().unwrap();
-    let sender: ruma::OwnedUserId = bob.try_into().unwrap();
-    let join = hearth::matrix::pdu::Pdu::build(
+    let sender: ruma::OwnedUserId = user.try_into().unwrap();
+    hearth::matrix::pdu::Pdu::build(
         hearth::matrix::pdu::EventTemplate {
             event_type: "m.room.member".to_owned(),
-            state_key: Some(bob.to_owned()),
-            content: hearth::matrix::pdu::canonical_content(json!({"membership": "join"})).unwrap(),
+            state_key: Some(user.to_owned()),
+            content: hearth::matrix::pdu::canonical_content(content).unwrap(),
             redacts: None,
         },
         &hearth::matrix::pdu::Placement {
@@ -333,7 +368,14 @@ async fn partial_join(net: &TestNet, a: &Peer, b: &Peer, room: &str) -> Value {
         sender.server_name(),
         &b.signing_key(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// `@bob:b.test` joins `room` on A as B would, by signed `make_join` and `send_join` requests
+/// the test makes itself with B's key, asking `omit_members`; returns the `send_join` answer.
+async fn partial_join(net: &TestNet, a: &Peer, b: &Peer, room: &str) -> Value {
+    let join = join_signed_by_b(net, a, b, room, "@bob:b.test", json!({"membership": "join"})).await;
+    let (client, base) = net.client_for(a);
     let event: Value = serde_json::from_str(&join.json).unwrap();
     let uri =
         format!("/_matrix/federation/v2/send_join/{}/{}?omit_members=true", enc(room), enc(join.event_id.as_str()));
