@@ -21,6 +21,7 @@ mod forks;
 mod graph;
 mod hostile;
 mod interop;
+mod joins;
 mod keys;
 mod membership;
 mod public_rooms;

@@ -78,6 +78,13 @@ pub enum Error {
     /// A server asked to join a room whose version it does not support (`make_join`).
     #[error("the room's version {0} is not among the versions your server supports")]
     IncompatibleRoomVersion(ruma::RoomVersionId),
+    /// A restricted join this server cannot vouch for: it cannot tell whether the user is in
+    /// one of the rooms the join rule allows (`make_join`, 400 `M_UNABLE_TO_AUTHORISE_JOIN`).
+    #[error("{0}")]
+    UnableToAuthoriseJoin(Cow<'static, str>),
+    /// A restricted join no user of this server may authorise (400 `M_UNABLE_TO_GRANT_JOIN`).
+    #[error("{0}")]
+    UnableToGrantJoin(Cow<'static, str>),
     #[error("{0}")]
     RoomInUse(Cow<'static, str>),
     /// The thing to create already exists (409 `M_UNKNOWN`, as the spec says for
@@ -140,6 +147,8 @@ impl Error {
             }
             Error::UnsupportedRoomVersion => (StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION"),
             Error::IncompatibleRoomVersion(_) => (StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION"),
+            Error::UnableToAuthoriseJoin(_) => (StatusCode::BAD_REQUEST, "M_UNABLE_TO_AUTHORISE_JOIN"),
+            Error::UnableToGrantJoin(_) => (StatusCode::BAD_REQUEST, "M_UNABLE_TO_GRANT_JOIN"),
             Error::RoomInUse(_) => (StatusCode::BAD_REQUEST, "M_ROOM_IN_USE"),
             Error::Conflict(_) => (StatusCode::CONFLICT, "M_UNKNOWN"),
             Error::InvalidRoomState(_) => (StatusCode::BAD_REQUEST, "M_INVALID_ROOM_STATE"),

@@ -311,6 +311,28 @@ pub enum FormatError {
     Invalid(String),
 }
 
+/// Adds `server_name`'s signature to another server's event, leaving its hashes and other
+/// signatures as they are: the authorising server's signature on a restricted join. Signatures
+/// cover the redacted form, so that is what is signed (ruma's `hash_and_sign_event` would also
+/// recompute the content hash, which is not ours to set).
+pub fn co_sign(
+    object: &mut CanonicalJsonObject,
+    rules: &RoomVersionRules,
+    server_name: &ServerName,
+    key: &SigningKey,
+) -> Result<(), String> {
+    let mut redacted =
+        ruma::canonical_json::redact(object.clone(), &rules.redaction, None).map_err(|err| err.to_string())?;
+    ruma::signatures::sign_json(server_name.as_str(), key.key_pair(), &mut redacted).map_err(|err| err.to_string())?;
+    match redacted.remove("signatures") {
+        Some(signatures) => {
+            object.insert("signatures".to_owned(), signatures);
+            Ok(())
+        }
+        None => Err("signing left no signatures".to_owned()),
+    }
+}
+
 /// The format checks of a PDU (Server-Server API, "Checks performed on receipt of a PDU", step
 /// 1): ruma's `check_pdu_format` for the room version (field presence and types, 255-byte IDs,
 /// type and state key, at most 20 `prev_events` and 10 `auth_events`), and the size limit of

@@ -156,6 +156,13 @@ impl Joins {
             Err(crate::federation::FederationError::Remote { status: 404, .. }) => {
                 return Err(Error::not_found("The room is not known to that server"));
             }
+            // A restricted room's server that cannot vouch for the user: the caller tries the
+            // next one, and if none can, the client hears that it may not join.
+            Err(crate::federation::FederationError::Remote { errcode, message, .. })
+                if errcode == "M_UNABLE_TO_AUTHORISE_JOIN" || errcode == "M_UNABLE_TO_GRANT_JOIN" =>
+            {
+                return Err(Error::forbidden(format!("The room's server cannot authorise the join: {message}")));
+            }
             Err(err) => return Err(err.into()),
         };
         let version = template.room_version.unwrap_or(RoomVersionId::V1);
@@ -174,6 +181,12 @@ impl Joins {
         if let Some(reason) = reason {
             extra.insert("reason".into(), serde_json::json!(reason));
         }
+        // A restricted room's resident server names who vouches for the join; it signs it too.
+        if let Some(CanonicalJsonValue::Object(content)) = object.get("content")
+            && let Some(CanonicalJsonValue::String(authoriser)) = content.get("join_authorised_via_users_server")
+        {
+            extra.insert("join_authorised_via_users_server".into(), serde_json::json!(authoriser));
+        }
         let content = self.rooms.join_content(user, extra).await?;
         let template = EventTemplate {
             event_type: "m.room.member".to_owned(),
@@ -191,9 +204,25 @@ impl Joins {
         };
         let join = Pdu::build(template, &placement, &rules, self.rooms.server_name(), self.server_keys.key())
             .map_err(|err| Error::BadGateway(format!("{server}: cannot build the join: {err}")))?;
+        // `omit_members` stays false: a partial-state room would need its member events fetched
+        // later (and events checked against state we lack meanwhile), which we do not do yet, so
+        // as joiner we always ask for the full state.
         let request =
             create_join_event::v2::Request::new(room_id.to_owned(), join.event_id.clone(), to_raw(join.json.clone())?);
         let answer = self.client.send(server, request).await?.room_state;
+        // The resident server's copy carries its signature as authoriser of a restricted join;
+        // it must still be our event.
+        let join_object = match &answer.event {
+            Some(raw) => {
+                let signed = parse_object(raw).map_err(|_| bad("event"))?;
+                let parsed = Pdu::from_received(&signed, &rules).map_err(|_| bad("event"))?;
+                if parsed.event_id != join.event_id {
+                    return Err(bad("the signed join is not our join"));
+                }
+                signed
+            }
+            None => join.canonical_object(),
+        };
 
         let mut state = Vec::with_capacity(answer.state.len());
         for raw in &answer.state {
@@ -203,7 +232,6 @@ impl Joins {
         for raw in &answer.auth_chain {
             auth_chain.push(parse_object(raw).map_err(|_| bad("auth_chain"))?);
         }
-        let join_object = join.canonical_object();
         // Every signature's key, fetched before the graph is touched.
         let mut wanted = WantedKeys::new();
         for object in state.iter().chain(&auth_chain).chain(std::iter::once(&join_object)) {
@@ -231,6 +259,7 @@ impl Joins {
         versions: &[RoomVersionId],
     ) -> Result<(RoomVersionId, Box<RawValue>)> {
         self.outbox.peer_seen(origin);
+        self.rooms.check_server_acl(room_id, origin).await?;
         if user.server_name() != origin {
             return Err(Error::forbidden("The user is not of the requesting server"));
         }
@@ -243,16 +272,19 @@ impl Joins {
         Ok((version, to_raw(json)?))
     }
 
-    /// `PUT /send_join/{roomId}/{eventId}` (v2): checks the join and takes it into the room, then
-    /// answers with the state before it and its auth chain (always the full state).
+    /// `PUT /send_join/{roomId}/{eventId}` (v2): checks the join and takes it into the room,
+    /// sends it on to the room's other servers, then answers with the state before it and its
+    /// auth chain — without most member events when the joiner asked `omit_members`.
     pub async fn send_join(
         &self,
         origin: &ServerName,
         room_id: &RoomId,
         event_id: &ruma::EventId,
         pdu: &RawValue,
+        omit_members: bool,
     ) -> Result<create_join_event::v2::RoomState> {
         self.outbox.peer_seen(origin);
+        self.rooms.check_server_acl(room_id, origin).await?;
         let handle = self.rooms.handle(room_id).await.map_err(|_| Error::not_found("Unknown room"))?;
         if !self.rooms.has_local_member(room_id) {
             return Err(Error::not_found("This server is not in the room"));
@@ -271,10 +303,16 @@ impl Joins {
         if parsed.sender.server_name() != origin {
             return Err(Error::forbidden("The joining user is not of the requesting server"));
         }
+        let (object, is_co_signed) = self.authorise_restricted_join(&handle, &parsed, object).await?;
         let keys =
             self.keys.public_key_map_for_event(&object, &handle.rules.signatures).await.map_err(Error::BadJson)?;
         match self.rooms.receive_pdu(origin, room_id, object, &keys, Vec::new()).await? {
-            Outcome::Accepted { .. } | Outcome::AlreadyKnown { .. } => {}
+            Outcome::Accepted { event_id, .. } => {
+                if let Some(event) = self.rooms.event(&event_id).await? {
+                    self.rooms.forward_received(origin, &event.pdu).await;
+                }
+            }
+            Outcome::AlreadyKnown { .. } => {}
             Outcome::SoftFailed { .. } | Outcome::Rejected { .. } => {
                 return Err(Error::forbidden("The join is not allowed"));
             }
@@ -283,11 +321,50 @@ impl Joins {
                 return Err(Error::BadJson("The join cites events this server does not have".into()));
             }
         }
-        let (state, auth_chain) = self.rooms.state_and_auth_chain_before(event_id).await?;
         let mut room_state = create_join_event::v2::RoomState::new();
+        let (state, auth_chain) = if omit_members {
+            let (state, auth_chain, servers) =
+                self.rooms.partial_state_and_auth_chain_before(event_id, &parsed.sender).await?;
+            room_state.members_omitted = true;
+            room_state.servers_in_room = Some(servers.into_iter().map(|server| server.to_string()).collect());
+            (state, auth_chain)
+        } else {
+            self.rooms.state_and_auth_chain_before(event_id).await?
+        };
         room_state.state = state.into_iter().map(to_raw).collect::<Result<_>>()?;
         room_state.auth_chain = auth_chain.into_iter().map(to_raw).collect::<Result<_>>()?;
-        room_state.members_omitted = false;
+        if is_co_signed {
+            let event = self.rooms.event(event_id).await?.ok_or_else(|| Error::Internal("join vanished".into()))?;
+            room_state.event = Some(to_raw(event.pdu.json.clone())?);
+        }
         Ok(room_state)
+    }
+
+    /// A restricted join naming one of our users as its authoriser (`make_join` put it there):
+    /// checked again against our state, then signed by us, as the auth rules want the
+    /// authorising server's signature. Other joins pass unchanged. Returns whether we signed.
+    async fn authorise_restricted_join(
+        &self,
+        handle: &crate::service::rooms::RoomHandle,
+        join: &Pdu,
+        mut object: CanonicalJsonObject,
+    ) -> Result<(CanonicalJsonObject, bool)> {
+        let is_ours = join
+            .content_value()
+            .get("join_authorised_via_users_server")
+            .and_then(|user| user.as_str())
+            .and_then(|user| UserId::parse(user).ok())
+            .is_some_and(|user| user.server_name() == self.rooms.server_name());
+        if !is_ours {
+            return Ok((object, false));
+        }
+        // Whether `authoriser` may invite is the auth rules' question (in `receive_pdu`); here,
+        // whether the user may join through an allowed room at all.
+        if self.rooms.remote_join_authoriser(handle, &join.sender).await?.is_none() {
+            return Ok((object, false));
+        }
+        crate::matrix::pdu::co_sign(&mut object, &handle.rules, self.rooms.server_name(), self.server_keys.key())
+            .map_err(|err| Error::BadJson(format!("cannot sign the join: {err}")))?;
+        Ok((object, true))
     }
 }

@@ -2,7 +2,9 @@
 //! grouped by room and received in order per room through `Rooms::receive_pdu`, with a result per
 //! PDU. A transaction is answered once: the answer is stored by origin and transaction ID and a
 //! retry gets it again without the PDUs being processed twice. PDUs of rooms this server is not
-//! in are dropped (and have no result). Signing keys are fetched before each PDU goes to the
+//! in are dropped (and have no result), and so are those of an origin the room's server ACL denies
+//! (with an error as their result). EDUs are not acted on yet (TODO(issue 9)); once they are,
+//! those of a room whose ACL denies the origin must be ignored the same way. Signing keys are fetched before each PDU goes to the
 //! room graph, so nothing waits on the network under a room's writer lock.
 
 use std::{
@@ -93,8 +95,15 @@ impl Transactions {
                 continue;
             }
             let handle = self.rooms.handle(&room_id).await?;
+            // Spec "Server Access Control Lists": a denied origin's PDUs for the room are refused,
+            // each with its error, and none of them touches the room.
+            let is_denied = !self.rooms.is_server_allowed(&room_id, origin).await?;
             for object in objects {
                 let Ok(pdu) = Pdu::from_received(&object, &handle.rules) else { continue };
+                if is_denied {
+                    results.insert(pdu.event_id, Err("denied by the room's server ACL".to_owned()));
+                    continue;
+                }
                 let result = self.receive_one(origin, &room_id, object, &handle.rules).await;
                 results.insert(pdu.event_id, result);
             }

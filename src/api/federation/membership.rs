@@ -32,7 +32,6 @@ pub async fn send_join(
     Origin(origin): Origin,
     Ruma(req): Ruma<create_join_event::v2::Request>,
 ) -> ApiResult<create_join_event::v2::Response> {
-    // `omit_members` is allowed to be ignored: the answer is always the full state.
-    let room_state = joins.send_join(&origin, &req.room_id, &req.event_id, &req.pdu).await?;
+    let room_state = joins.send_join(&origin, &req.room_id, &req.event_id, &req.pdu, req.omit_members).await?;
     Ok(create_join_event::v2::Response::new(room_state).into())
 }

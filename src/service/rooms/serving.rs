@@ -123,7 +123,7 @@ impl Rooms {
     }
 
     /// The state before `event_id` and its auth chain (`/state`, `/state_ids`), for a server
-    /// that may see the event.
+    /// that may see the event or is joined to the room now.
     pub async fn state_for_server(
         &self,
         server: &ServerName,
@@ -135,7 +135,14 @@ impl Rooms {
         if event.is_outlier() {
             return Err(Error::not_found("The state at this event is not known"));
         }
-        self.server_view(server, &event).await?;
+        // A server joined to the room now may read the state at any of its events, whatever the
+        // history visibility: a server that joined with partial state (`omit_members`) asks for
+        // the state at its join's prev events, from before it was in the room (Synapse serves
+        // it the same way). Others need to have been able to see the event.
+        let is_joined_now = self.streams.members(room_id, "join").iter().any(|user| user.server_name() == server);
+        if !is_joined_now {
+            self.server_view(server, &event).await?;
+        }
         let state = self.state_at(event.state_before).await?;
         let mut pdus = Vec::with_capacity(state.len());
         for id in state.values() {
