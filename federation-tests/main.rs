@@ -18,6 +18,7 @@ mod devices;
 mod discovery;
 mod graph;
 mod interop;
+mod invites;
 mod keys;
 mod membership;
 mod public_rooms;

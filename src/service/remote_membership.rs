@@ -161,7 +161,13 @@ impl RemoteMembership {
             stripped,
         );
         let server = target.server_name();
-        let answer = self.client.send(server, request).await.map_err(|err| refused("invite", err))?;
+        // Any refusal of the invitee's server (unknown user, not allowed) is a refusal of the invite.
+        let answer = self.client.send(server, request).await.map_err(|err| match err {
+            FederationError::Remote { status: 400..=499, message, .. } => {
+                Error::forbidden(format!("The invitee's server refused the invite: {message}"))
+            }
+            other => other.into(),
+        })?;
         let returned = parse_object(&answer.event)
             .map_err(|_| Error::BadGateway(format!("{server} returned an invite that is not JSON")))?;
         let checked = Pdu::from_received(&returned, &rules)
