@@ -20,6 +20,7 @@ crate::backend_tests!(
     bad_invites_from_a_peer_get_matrix_errors,
     a_knock_on_a_remote_room_shows_in_sync_and_is_let_in,
     a_retracted_remote_knock_leaves_the_room_on_both_servers,
+    a_withdrawn_invite_and_a_refused_knock_reach_the_users_sync,
     a_remote_admin_kicks_bans_and_unbans_our_user,
     our_admin_bans_a_remote_user_who_then_cannot_send_or_rejoin,
 );
@@ -295,6 +296,44 @@ async fn a_retracted_remote_knock_leaves_the_room_on_both_servers(backend: Backe
     assert_eq!(status, 200, "retract: {body}");
     a.server.sync_until(&alice, Some(since), |sync| sync["rooms"]["leave"][&room].is_object()).await;
     assert_eq!(membership_on(&b.server, &bob, &room, &alice.user_id).await.as_deref(), Some("leave"));
+}
+
+async fn a_withdrawn_invite_and_a_refused_knock_reach_the_users_sync(backend: Backend) {
+    let (_net, a, b) = two_peers(backend).await;
+    let (alice, bob, room) = bob_invites_alice(&a, &b).await;
+    let (_, since) = a.server.sync_until(&alice, None, |sync| sync["rooms"]["invite"][&room].is_object()).await;
+    // Bob withdraws the invite: the leave reaches A by /send although A is not in the room.
+    let kick = |room: &str| format!("/_matrix/client/v3/rooms/{}/kick", enc(room));
+    let (status, body) = post(&b.server, &bob, &kick(&room), json!({"user_id": alice.user_id})).await;
+    assert_eq!(status, 200, "withdraw: {body}");
+    let (sync, since) =
+        a.server.sync_until(&alice, Some(since), |sync| sync["rooms"]["leave"][&room].is_object()).await;
+    let events = sync["rooms"]["leave"][&room]["timeline"]["events"].as_array().unwrap();
+    assert!(events.iter().any(|e| e["sender"] == bob.user_id.as_str() && e["content"]["membership"] == "leave"));
+    let (status, body) =
+        post(&a.server, &alice, &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)), json!({})).await;
+    assert_eq!(status, 403, "a withdrawn invite does not let her in: {body}");
+
+    // A knock Bob refuses.
+    let (_, knock_room) = {
+        let room = b
+            .server
+            .create_room(
+                &bob,
+                json!({"preset": "private_chat",
+                       "initial_state": [{"type": "m.room.join_rules", "state_key": "", "content": {"join_rule": "knock"}}]}),
+            )
+            .await;
+        ((), room)
+    };
+    let path = format!("/_matrix/client/v3/knock/{}?via=b.test", enc(&knock_room));
+    let (status, body) = post(&a.server, &alice, &path, json!({})).await;
+    assert_eq!(status, 200, "knock: {body}");
+    let (_, since) =
+        a.server.sync_until(&alice, Some(since), |sync| sync["rooms"]["knock"][&knock_room].is_object()).await;
+    let (status, body) = post(&b.server, &bob, &kick(&knock_room), json!({"user_id": alice.user_id})).await;
+    assert_eq!(status, 200, "refuse the knock: {body}");
+    a.server.sync_until(&alice, Some(since), |sync| sync["rooms"]["leave"][&knock_room].is_object()).await;
 }
 
 /// Bob on B creates a public room; Alice on A joins it through B.

@@ -140,15 +140,12 @@ impl Joins {
         Err(last_error)
     }
 
-    /// The servers of a remote invite or knock of `user` into the room (the inviter's first):
-    /// how a room whose ID names no server (v12) is reached when accepting.
+    /// The servers recorded with `user`'s out-of-band invite or knock of the room, or its end
+    /// (the inviter's first): how a room whose ID names no server (v12) is reached.
     async fn invite_servers(&self, user: &UserId, room_id_or_alias: &str) -> Result<Vec<OwnedServerName>> {
         let Ok(room_id) = RoomId::parse(room_id_or_alias) else { return Ok(Vec::new()) };
         let row = self.rooms.out_of_band_membership(&room_id, user).await?;
-        Ok(row
-            .filter(|row| matches!(row.membership.as_str(), "invite" | "knock"))
-            .and_then(|row| serde_json::from_str(&row.servers).ok())
-            .unwrap_or_default())
+        Ok(row.and_then(|row| serde_json::from_str(&row.servers).ok()).unwrap_or_default())
     }
 
     /// One attempt through one resident server.

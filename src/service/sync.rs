@@ -895,13 +895,14 @@ fn out_of_band_state(row: &OutOfBandMembership) -> Vec<Box<RawValue>> {
         .collect()
 }
 
-/// A room left without this server ever being in it (a rejected invite, a retracted knock):
-/// no state, the leave event as the timeline when the room's server gave us one.
+/// A room left without this server ever being in it (a rejected or withdrawn invite, a
+/// retracted or refused knock, a ban): no state, the member event as the timeline when the
+/// room's server gave us one.
 fn out_of_band_left(row: &OutOfBandMembership, account_data: Vec<Box<RawValue>>) -> LeftRoom {
     let leave = Pdu::from_json(row.event_json.clone(), row.room_id.clone(), row.event_id.clone()).ok();
     let events = leave
         .iter()
-        .filter(|pdu| pdu.content_value().get("membership").and_then(Value::as_str) == Some("leave"))
+        .filter(|pdu| matches!(pdu.content_value().get("membership").and_then(Value::as_str), Some("leave" | "ban")))
         .map(|pdu| client_event::to_client(pdu, Format::WithoutRoomId, &client_event::Unsigned::default()))
         .collect();
     LeftRoom {
