@@ -48,13 +48,24 @@ where
     }
 }
 
-/// Bob on B creates a private room and invites Alice of A.
-async fn bob_invites_alice(a: &Peer, b: &Peer) -> (Account, Account, String) {
+/// Bob on B creates a private room and invites Alice of A (with `/invite`, or with
+/// createRoom's `invite` when `at_creation`).
+async fn bob_invites_alice_with(a: &Peer, b: &Peer, at_creation: bool) -> (Account, Account, String) {
     let alice = a.server.register("alice").await;
     let bob = b.server.register("bob").await;
-    let room = b.server.create_room(&bob, json!({"preset": "private_chat", "name": "Bob's den"})).await;
-    b.server.invite(&bob, &room, &alice.user_id).await;
+    let mut body = json!({"preset": "private_chat", "name": "Bob's den"});
+    if at_creation {
+        body["invite"] = json!([alice.user_id]);
+    }
+    let room = b.server.create_room(&bob, body).await;
+    if !at_creation {
+        b.server.invite(&bob, &room, &alice.user_id).await;
+    }
     (alice, bob, room)
+}
+
+async fn bob_invites_alice(a: &Peer, b: &Peer) -> (Account, Account, String) {
+    bob_invites_alice_with(a, b, false).await
 }
 
 /// A user's membership of a room as a server sees it (`None` when it has no member event).
@@ -118,7 +129,8 @@ async fn a_remote_invite_shows_in_sync_and_is_accepted(backend: Backend) {
 
 async fn a_rejected_remote_invite_leaves_on_both_servers(backend: Backend) {
     let (_net, a, b) = two_peers(backend).await;
-    let (alice, bob, room) = bob_invites_alice(&a, &b).await;
+    // Invited as the room is created.
+    let (alice, bob, room) = bob_invites_alice_with(&a, &b, true).await;
     let (_, since) = a.server.sync_until(&alice, None, |sync| sync["rooms"]["invite"][&room].is_object()).await;
 
     let (status, body) =
