@@ -122,3 +122,180 @@ async fn hearth_and_synapse_users_join_each_others_rooms_and_chat_in_every_room_
         hearth.server.sync_until(&alice, None, |response| timeline_has(response, &room, &text)).await;
     }
 }
+
+/// Syncs Synapse as `token` until `done` holds for a response (at most 30 s).
+async fn synapse_sync_until(synapse: &SynapsePeer, token: &str, done: impl Fn(&Value) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut since: Option<String> = None;
+    // Left rooms too, so a ban or a kick shows even in the first response.
+    let filter = enc(r#"{"room":{"include_leave":true}}"#);
+    loop {
+        let path = match &since {
+            Some(since) => format!("/_matrix/client/v3/sync?timeout=2000&filter={filter}&since={since}"),
+            None => format!("/_matrix/client/v3/sync?timeout=2000&filter={filter}"),
+        };
+        let (_, response) = synapse.request(Method::GET, &path, token, None).await;
+        if done(&response) {
+            return;
+        }
+        since = response["next_batch"].as_str().map(str::to_owned).or(since);
+        assert!(std::time::Instant::now() < deadline, "Synapse's sync never got there:\n{}", synapse.log_tail());
+    }
+}
+
+/// `user`'s membership in `room` as Synapse's `token` reads it.
+async fn synapse_membership(synapse: &SynapsePeer, token: &str, room: &str, user: &str) -> Option<String> {
+    let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(room), enc(user));
+    let (status, body) = synapse.request(Method::GET, &path, token, None).await;
+    (status == 200).then(|| body["membership"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Polls until `user`'s membership in `room` on Synapse is `want` (at most 30 s).
+async fn wait_for_synapse_membership(synapse: &SynapsePeer, token: &str, room: &str, user: &str, want: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while synapse_membership(synapse, token, room, user).await.as_deref() != Some(want) {
+        assert!(std::time::Instant::now() < deadline, "{user} never became {want} on Synapse:\n{}", synapse.log_tail());
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Invites both ways, accepted: a Synapse user invites a Hearth user (`/v2/invite` to Hearth, the
+/// invite in Hearth's sync with its stripped state, accepted by a join through Synapse) and a
+/// Hearth user invites a Synapse user (accepted on Synapse); messages cross afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts a Synapse; run by .ci/run with --ignored"]
+async fn hearth_and_synapse_users_invite_each_other_and_accept() {
+    let Some((_net, hearth, synapse)) = hearth_and_synapse().await else { return skipped("port 8448") };
+    let alice = hearth.server.register("alice").await;
+    let sam = synapse.register("sam").await;
+
+    let (status, created) = synapse
+        .request(
+            Method::POST,
+            "/_matrix/client/v3/createRoom",
+            &sam,
+            Some(json!({"preset": "private_chat", "name": "Sam's"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let invite = format!("/_matrix/client/v3/rooms/{}/invite", enc(&room));
+    let (status, body) = synapse.request(Method::POST, &invite, &sam, Some(json!({"user_id": alice.user_id}))).await;
+    assert_eq!(status, 200, "{body}\n{}", synapse.log_tail());
+    let (sync, _) = hearth.server.sync_until(&alice, None, |sync| sync["rooms"]["invite"][&room].is_object()).await;
+    let state = sync["rooms"]["invite"][&room]["invite_state"]["events"].as_array().unwrap();
+    assert!(state.iter().any(|e| e["type"] == "m.room.member" && e["content"]["membership"] == "invite"), "{sync}");
+    let (status, body) = hearth
+        .server
+        .post(&format!("/_matrix/client/v3/rooms/{}/join", enc(&room)), Some(&alice.access_token), json!({}))
+        .await;
+    assert_eq!(status, 200, "accept on Hearth: {body}");
+    hearth.server.send_text(&alice, &room, "hi Sam").await;
+    synapse.wait_for_message(&sam, &room, "hi Sam").await;
+
+    let room = hearth.server.create_room(&alice, json!({"preset": "private_chat", "name": "Alice's"})).await;
+    let (status, body) = hearth
+        .server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room)),
+            Some(&alice.access_token),
+            json!({"user_id": "@sam:synapse.test"}),
+        )
+        .await;
+    assert_eq!(status, 200, "invite to Synapse: {body}\n{}", synapse.log_tail());
+    synapse_sync_until(&synapse, &sam, |sync| sync["rooms"]["invite"][&room].is_object()).await;
+    let (status, body) = synapse
+        .request(Method::POST, &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)), &sam, Some(json!({})))
+        .await;
+    assert_eq!(status, 200, "accept on Synapse: {body}\n{}", synapse.log_tail());
+    hearth.server.send_text(&alice, &room, "welcome Sam").await;
+    synapse.wait_for_message(&sam, &room, "welcome Sam").await;
+}
+
+/// Invites both ways, rejected: Hearth rejects through Synapse (make_leave/send_leave to it), and
+/// Synapse rejects through Hearth (Hearth serves both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts a Synapse; run by .ci/run with --ignored"]
+async fn hearth_and_synapse_users_reject_each_others_invites() {
+    let Some((_net, hearth, synapse)) = hearth_and_synapse().await else { return skipped("port 8448") };
+    let alice = hearth.server.register("alice").await;
+    let sam = synapse.register("sam").await;
+
+    let (status, created) = synapse
+        .request(Method::POST, "/_matrix/client/v3/createRoom", &sam, Some(json!({"preset": "private_chat"})))
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let invite = format!("/_matrix/client/v3/rooms/{}/invite", enc(&room));
+    let (status, body) = synapse.request(Method::POST, &invite, &sam, Some(json!({"user_id": alice.user_id}))).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, since) = hearth.server.sync_until(&alice, None, |sync| sync["rooms"]["invite"][&room].is_object()).await;
+    let (status, body) = hearth
+        .server
+        .post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), Some(&alice.access_token), json!({}))
+        .await;
+    assert_eq!(status, 200, "reject on Hearth: {body}");
+    hearth.server.sync_until(&alice, Some(since), |sync| sync["rooms"]["leave"][&room].is_object()).await;
+    wait_for_synapse_membership(&synapse, &sam, &room, &alice.user_id, "leave").await;
+
+    let room = hearth.server.create_room(&alice, json!({"preset": "private_chat"})).await;
+    hearth.server.invite(&alice, &room, "@sam:synapse.test").await;
+    synapse_sync_until(&synapse, &sam, |sync| sync["rooms"]["invite"][&room].is_object()).await;
+    let (status, body) = synapse
+        .request(Method::POST, &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), &sam, Some(json!({})))
+        .await;
+    assert_eq!(status, 200, "reject on Synapse: {body}\n{}", synapse.log_tail());
+    let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc("@sam:synapse.test"));
+    let (status, body) = hearth.server.get(&path, Some(&alice.access_token)).await;
+    assert_eq!((status.as_u16(), body["membership"].as_str()), (200, Some("leave")), "{body}");
+}
+
+/// Bans both ways: a Synapse admin bans a Hearth user (who can then neither send nor rejoin),
+/// and a Hearth admin bans a Synapse user (whose membership on Synapse becomes `ban`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts a Synapse; run by .ci/run with --ignored"]
+async fn hearth_and_synapse_ban_each_others_users() {
+    let Some((_net, hearth, synapse)) = hearth_and_synapse().await else { return skipped("port 8448") };
+    let alice = hearth.server.register("alice").await;
+    let sam = synapse.register("sam").await;
+
+    let (status, created) = synapse
+        .request(Method::POST, "/_matrix/client/v3/createRoom", &sam, Some(json!({"preset": "public_chat"})))
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let join = format!("/_matrix/client/v3/join/{}?server_name=synapse.test", enc(&room));
+    let (status, body) = hearth.server.post(&join, Some(&alice.access_token), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, since) = hearth.server.sync_until(&alice, None, |sync| sync["rooms"]["join"][&room].is_object()).await;
+    let ban = format!("/_matrix/client/v3/rooms/{}/ban", enc(&room));
+    let (status, body) = synapse.request(Method::POST, &ban, &sam, Some(json!({"user_id": alice.user_id}))).await;
+    assert_eq!(status, 200, "{body}");
+    hearth.server.sync_until(&alice, Some(since), |sync| sync["rooms"]["leave"][&room].is_object()).await;
+    let (status, body) = hearth.server.post(&join, Some(&alice.access_token), json!({})).await;
+    assert_eq!(status.as_u16(), 403, "rejoin while banned: {body}");
+
+    let room = hearth.server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let join = format!("/_matrix/client/v3/join/{}?server_name=hearth.test", enc(&room));
+    let (status, body) = synapse.request(Method::POST, &join, &sam, Some(json!({}))).await;
+    assert_eq!(status, 200, "{body}\n{}", synapse.log_tail());
+    let (status, body) = hearth
+        .server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/ban", enc(&room)),
+            Some(&alice.access_token),
+            json!({"user_id": "@sam:synapse.test"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Synapse lets a banned user read nothing of the room: its sync shows the room left, with the ban.
+    synapse_sync_until(&synapse, &sam, |sync| {
+        sync["rooms"]["leave"][&room]["timeline"]["events"].as_array().is_some_and(|events| {
+            events.iter().any(|e| e["type"] == "m.room.member" && e["content"]["membership"] == "ban")
+        })
+    })
+    .await;
+    let send = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/banned", enc(&room));
+    let (status, _) = synapse.request(Method::PUT, &send, &sam, Some(json!({"msgtype": "m.text", "body": "x"}))).await;
+    assert_eq!(status, 403);
+}

@@ -21,6 +21,7 @@ mod forks;
 mod graph;
 mod hostile;
 mod interop;
+mod invites;
 mod joins;
 mod keys;
 mod membership;

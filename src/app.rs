@@ -19,6 +19,7 @@ use crate::{
         profiles::Profiles,
         rate_limit::{KeyedLimit, UserLimits},
         receipts::Receipts,
+        remote_membership::RemoteMembership,
         rooms::Rooms,
         server_keys::ServerKeys,
         stream::Streams,
@@ -283,6 +284,14 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         rooms.set_outbox(outbox.clone());
         outbox.resume().await;
     }
+    let remote_membership = Arc::new(RemoteMembership::new(
+        rooms.clone(),
+        federation_client.clone(),
+        keys.clone(),
+        server_keys.clone(),
+        outbox.clone(),
+        config.is_federation_enabled(),
+    ));
     let joins = Arc::new(Joins::new(
         rooms.clone(),
         aliases.clone(),
@@ -332,6 +341,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         aliases,
         joins,
         transactions,
+        remote_membership,
     };
     Ok(state)
 }

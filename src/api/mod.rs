@@ -78,6 +78,7 @@ pub struct AppState {
     pub aliases: Arc<Aliases>,
     pub joins: Arc<crate::service::joins::Joins>,
     pub transactions: Arc<crate::service::transactions::Transactions>,
+    pub remote_membership: Arc<crate::service::remote_membership::RemoteMembership>,
 }
 
 macro_rules! substate {
@@ -106,5 +107,6 @@ substate!(
     profiles: Profiles,
     aliases: Aliases,
     joins: crate::service::joins::Joins,
+    remote_membership: crate::service::remote_membership::RemoteMembership,
     transactions: crate::service::transactions::Transactions,
 );

@@ -215,6 +215,7 @@ pub fn build_federation(state: AppState) -> Router {
         router = endpoint::<fm::create_join_event::v2::Request, _, _>(router, federation::membership::send_join);
         router = endpoint::<ft::send_transaction_message::v1::Request, _, _>(router, federation::transactions::send);
     }
+    router = invite_routes(router);
 
     router = router.fallback(unrecognized).method_not_allowed_fallback(method_not_allowed);
     // Other servers get the same deadline and an in-flight cap of their own, so a flood of
@@ -229,6 +230,18 @@ pub fn build_federation(state: AppState) -> Router {
         .layer(from_fn_with_state(info, middleware::buffer_body))
         .layer(from_fn(middleware::cors))
         .layer(from_fn(middleware::log_requests))
+}
+
+/// Invites, leaves and knocks from other servers (`federation::invites`).
+fn invite_routes(mut router: Router<AppState>) -> Router<AppState> {
+    use ruma::api::federation::membership as fm;
+
+    router = endpoint::<fm::create_invite::v2::Request, _, _>(router, federation::invites::invite);
+    router = endpoint::<fm::prepare_leave_event::v1::Request, _, _>(router, federation::invites::make_leave);
+    router = endpoint::<fm::create_leave_event::v2::Request, _, _>(router, federation::invites::send_leave);
+    router = endpoint::<fm::prepare_knock_event::v1::Request, _, _>(router, federation::invites::make_knock);
+    router = endpoint::<fm::create_knock_event::v1::Request, _, _>(router, federation::invites::send_knock);
+    router
 }
 
 /// Serving the room graph to other servers (`federation::events`), and users' device lists.

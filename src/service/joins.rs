@@ -94,6 +94,7 @@ impl Joins {
         reason: Option<&str>,
     ) -> Result<OwnedRoomId> {
         let mut candidates: Vec<OwnedServerName> = via.to_vec();
+        let invited_through = self.invite_servers(user, room_id_or_alias).await?;
         let room_id = if room_id_or_alias.starts_with('#') {
             let alias = ruma::RoomAliasId::parse(room_id_or_alias).map_err(|e| Error::InvalidParam(e.to_string()))?;
             let (room_id, servers) = self.aliases.resolve(&alias).await?;
@@ -113,6 +114,7 @@ impl Joins {
         if is_guest {
             return Err(Error::forbidden("Guests cannot join rooms on other servers"));
         }
+        candidates.extend(invited_through);
         if let Some(server) = room_id.server_name() {
             candidates.push(server.to_owned());
         }
@@ -136,6 +138,14 @@ impl Joins {
             }
         }
         Err(last_error)
+    }
+
+    /// The servers recorded with `user`'s out-of-band invite or knock of the room, or its end
+    /// (the inviter's first): how a room whose ID names no server (v12) is reached.
+    async fn invite_servers(&self, user: &UserId, room_id_or_alias: &str) -> Result<Vec<OwnedServerName>> {
+        let Ok(room_id) = RoomId::parse(room_id_or_alias) else { return Ok(Vec::new()) };
+        let row = self.rooms.out_of_band_membership(&room_id, user).await?;
+        Ok(row.and_then(|row| serde_json::from_str(&row.servers).ok()).unwrap_or_default())
     }
 
     /// One attempt through one resident server.

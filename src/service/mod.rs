@@ -11,6 +11,7 @@ pub mod notifications;
 pub mod profiles;
 pub mod rate_limit;
 pub mod receipts;
+pub mod remote_membership;
 pub mod rooms;
 pub mod server_keys;
 pub mod stream;

@@ -229,6 +229,7 @@ impl Streams {
 
     async fn load_views(&self) -> Result<()> {
         let memberships = self.db.all_memberships().await?;
+        let out_of_band = self.db.all_out_of_band_memberships().await?;
         let latest = self.db.room_latest_positions().await?;
         let positions = self.db.view_positions().await?;
         let mut views = self.views.write();
@@ -254,6 +255,17 @@ impl Streams {
             }
             let is_local = row.user_id.server_name() == self.server_name;
             views.room_members.entry(row.room_id).or_default().set(&row.user_id, &row.membership, is_local);
+        }
+        // Rooms this server is not in: only the user's own view, unless the room's own
+        // membership (from its graph, joined since) is newer.
+        for row in out_of_band {
+            let rooms = views.user_rooms.entry(row.user_id.clone()).or_default();
+            if rooms.get(&row.room_id).is_none_or(|m| m.pos < row.stream_pos) {
+                rooms.insert(
+                    row.room_id,
+                    Membership { membership: row.membership, pos: row.stream_pos, previous: None },
+                );
+            }
         }
         for (room_id, event_pos, receipt_pos) in latest {
             if event_pos > 0 {
@@ -684,6 +696,13 @@ impl Streams {
                 StreamWrite::ToDevice(message) => {
                     views.to_device_pos.insert((message.user_id.clone(), message.device_id.clone()), pos);
                     wake.users.insert(message.user_id.clone());
+                }
+                StreamWrite::OutOfBand(m) => {
+                    // The user's own view only: the room has no members here.
+                    let rooms = views.user_rooms.entry(m.user_id.clone()).or_default();
+                    let previous = rooms.get(&m.room_id).map(|old| (old.membership.clone(), old.pos));
+                    rooms.insert(m.room_id.clone(), Membership { membership: m.membership.clone(), pos, previous });
+                    wake.users.insert(m.user_id.clone());
                 }
                 StreamWrite::DeviceListChange { user_id } => {
                     views.device_change_pos = pos;

@@ -23,7 +23,10 @@ use serde_json::{Value, json, value::RawValue};
 
 use crate::{
     error::Result,
-    matrix::client_event::{self, Format},
+    matrix::{
+        client_event::{self, Format},
+        pdu::Pdu,
+    },
     service::{
         ephemeral::{Presence, Typing},
         filter,
@@ -32,7 +35,7 @@ use crate::{
         rooms::{Rooms, StoredEvent},
         stream::{StreamToken, Streams},
     },
-    storage::rooms::Dir,
+    storage::{out_of_band::OutOfBandMembership, rooms::Dir},
 };
 
 /// Default number of timeline events per room.
@@ -420,7 +423,10 @@ impl Sync {
                     }
                 }
                 "knock" if initial || newly => {
-                    let state = self.stripped_state(room_id, user).await?;
+                    let state = match self.out_of_band(room_id, user).await? {
+                        Some(knock) => out_of_band_state(&knock),
+                        None => self.stripped_state(room_id, user).await?,
+                    };
                     response
                         .rooms
                         .knock
@@ -434,6 +440,10 @@ impl Sync {
                         maybe_unshared.extend(self.streams.members(room_id, "join"));
                     }
                     let data = room_account_data.remove(room_id).unwrap_or_default();
+                    if let Some(left) = self.out_of_band(room_id, user).await? {
+                        response.rooms.leave.insert(room_id.clone(), out_of_band_left(&left, data));
+                        continue;
+                    }
                     let room = self.left_room(request, room_id, since, *membership_pos, data, &ignored).await?;
                     response.rooms.leave.insert(room_id.clone(), room);
                 }
@@ -775,6 +785,12 @@ impl Sync {
         room_id: &RoomId,
         ignored: &HashSet<OwnedUserId>,
     ) -> Result<Option<InvitedRoom>> {
+        if let Some(invite) = self.out_of_band(room_id, user).await? {
+            if ignored.contains(&invite.sender) {
+                return Ok(None);
+            }
+            return Ok(Some(InvitedRoom { invite_state: EventList { events: out_of_band_state(&invite) } }));
+        }
         let Some(invite) = self.rooms.db.membership(room_id, user).await? else { return Ok(None) };
         if ignored.contains(&invite.sender) {
             return Ok(None);
@@ -784,6 +800,11 @@ impl Sync {
             events.push(self.rooms.serve(user, None, &[event], Format::WithoutRoomId).await?.remove(0));
         }
         Ok(Some(InvitedRoom { invite_state: EventList { events } }))
+    }
+
+    /// See [`Rooms::out_of_band_membership`].
+    async fn out_of_band(&self, room_id: &RoomId, user: &UserId) -> Result<Option<OutOfBandMembership>> {
+        self.rooms.out_of_band_membership(room_id, user).await
     }
 
     /// The stripped state shown with invites and knocks.
@@ -850,6 +871,44 @@ impl Sync {
             },
             account_data: EventList { events: account_data },
         })
+    }
+}
+
+/// The stripped state the room's server sent with an out-of-band invite or knock, each event
+/// cut to `type`, `state_key`, `content` and `sender` (the server may have sent full PDUs), and
+/// the member event itself last.
+fn out_of_band_state(row: &OutOfBandMembership) -> Vec<Box<RawValue>> {
+    let mut sent: Vec<Value> = serde_json::from_str(&row.stripped_state).unwrap_or_default();
+    if let Ok(member) = serde_json::from_str::<Value>(&row.event_json) {
+        sent.push(member);
+    }
+    sent.iter()
+        .filter_map(|event| {
+            let stripped = json!({
+                "type": event.get("type")?.as_str()?,
+                "state_key": event.get("state_key")?.as_str()?,
+                "content": event.get("content")?.as_object()?,
+                "sender": event.get("sender")?.as_str()?,
+            });
+            serde_json::value::to_raw_value(&stripped).ok()
+        })
+        .collect()
+}
+
+/// A room left without this server ever being in it (a rejected or withdrawn invite, a
+/// retracted or refused knock, a ban): no state, the member event as the timeline when the
+/// room's server gave us one.
+fn out_of_band_left(row: &OutOfBandMembership, account_data: Vec<Box<RawValue>>) -> LeftRoom {
+    let leave = Pdu::from_json(row.event_json.clone(), row.room_id.clone(), row.event_id.clone()).ok();
+    let events = leave
+        .iter()
+        .filter(|pdu| matches!(pdu.content_value().get("membership").and_then(Value::as_str), Some("leave" | "ban")))
+        .map(|pdu| client_event::to_client(pdu, Format::WithoutRoomId, &client_event::Unsigned::default()))
+        .collect();
+    LeftRoom {
+        state: EventList::default(),
+        timeline: Timeline { events, limited: false, prev_batch: None },
+        account_data: EventList { events: account_data },
     }
 }
 

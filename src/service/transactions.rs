@@ -91,7 +91,9 @@ impl Transactions {
         let mut results = PduResults::new();
         for (room_id, objects) in rooms {
             if self.rooms.handle(&room_id).await.is_err() || !self.rooms.has_local_member(&room_id) {
-                tracing::debug!(%origin, %room_id, "dropped PDUs of a room this server is not in");
+                for object in objects {
+                    self.receive_out_of_band(origin, &room_id, object).await;
+                }
                 continue;
             }
             let handle = self.rooms.handle(&room_id).await?;
@@ -113,6 +115,54 @@ impl Transactions {
         let answer = serde_json::to_string(&stored).map_err(|err| Error::Internal(err.to_string()))?;
         self.db.record_inbound_txn(origin.as_str(), txn_id, &answer, now_ms()).await?;
         Ok(results)
+    }
+
+    /// A PDU of a room this server is not in is dropped, unless it ends a local user's
+    /// out-of-band invite or knock there (the invite withdrawn, the knock refused, a ban): that
+    /// one, validly signed, is recorded so the user's sync moves the room to `leave`.
+    async fn receive_out_of_band(&self, origin: &ServerName, room_id: &RoomId, object: CanonicalJsonObject) {
+        let target = match object.get("state_key") {
+            Some(CanonicalJsonValue::String(key)) => ruma::UserId::parse(key).ok(),
+            _ => None,
+        };
+        let held = match &target {
+            Some(user) if user.server_name() == self.rooms.server_name() => {
+                self.rooms.out_of_band_membership(room_id, user).await.ok().flatten()
+            }
+            _ => None,
+        };
+        let Some(held) = held.filter(|row| matches!(row.membership.as_str(), "invite" | "knock")) else {
+            tracing::debug!(%origin, %room_id, "dropped a PDU of a room this server is not in");
+            return;
+        };
+        let Some(rules) = ruma::RoomVersionId::try_from(held.room_version.as_str())
+            .ok()
+            .and_then(|version| crate::matrix::room_version::rules(&version))
+        else {
+            return;
+        };
+        let Ok(pdu) = Pdu::from_received(&object, &rules) else { return };
+        let membership = pdu.content_value().get("membership").and_then(|m| m.as_str()).map(str::to_owned);
+        let ends_it = pdu.event_type == ruma::events::TimelineEventType::RoomMember
+            && matches!(membership.as_deref(), Some("leave" | "ban"));
+        if !ends_it {
+            return;
+        }
+        let Ok(keys) = self.keys.public_key_map_for_event(&object, &rules.signatures).await else { return };
+        if ruma::signatures::verify_event(&keys, &object, &rules).is_err() {
+            tracing::info!(%origin, %room_id, "dropped a badly signed member event of a room this server is not in");
+            return;
+        }
+        let row = crate::storage::out_of_band::OutOfBandMembership {
+            membership: membership.unwrap_or_default(),
+            event_id: pdu.event_id.clone(),
+            sender: pdu.sender.clone(),
+            event_json: pdu.json.clone(),
+            ..held
+        };
+        if let Err(err) = self.rooms.record_out_of_band(row).await {
+            tracing::warn!(%room_id, %err, "could not record the end of an out-of-band membership");
+        }
     }
 
     async fn receive_one(

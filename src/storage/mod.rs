@@ -14,6 +14,7 @@
 pub mod accounts;
 pub mod federation;
 pub mod lock;
+pub mod out_of_band;
 pub mod rooms;
 pub mod server_keys;
 pub mod stream;
@@ -60,6 +61,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (6, "federation_transport", include_str!("../../migrations/sqlite/0006_federation_transport.sql")),
     (7, "event_graph", include_str!("../../migrations/sqlite/0007_event_graph.sql")),
     (8, "federation_outbox", include_str!("../../migrations/sqlite/0008_federation_outbox.sql")),
+    (9, "out_of_band_memberships", include_str!("../../migrations/sqlite/0009_out_of_band_memberships.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "accounts", include_str!("../../migrations/postgres/0001_accounts.sql")),
@@ -72,6 +74,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (6, "federation_transport", include_str!("../../migrations/postgres/0006_federation_transport.sql")),
     (7, "event_graph", include_str!("../../migrations/postgres/0007_event_graph.sql")),
     (8, "federation_outbox", include_str!("../../migrations/postgres/0008_federation_outbox.sql")),
+    (9, "out_of_band_memberships", include_str!("../../migrations/postgres/0009_out_of_band_memberships.sql")),
 ];
 
 /// A storage failure, in terms the service layer can act on.

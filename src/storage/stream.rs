@@ -122,9 +122,18 @@ pub struct ToDeviceWrite {
 pub enum StreamWrite {
     Event(Box<EventWrite>),
     Receipt(ReceiptWrite),
-    AccountData { user_id: OwnedUserId, room_id: Option<OwnedRoomId>, data_type: String, content: String },
+    AccountData {
+        user_id: OwnedUserId,
+        room_id: Option<OwnedRoomId>,
+        data_type: String,
+        content: String,
+    },
     ToDevice(ToDeviceWrite),
-    DeviceListChange { user_id: OwnedUserId },
+    DeviceListChange {
+        user_id: OwnedUserId,
+    },
+    /// A local user's membership of a room this server is not in (`storage::out_of_band`).
+    OutOfBand(Box<super::out_of_band::OutOfBandMembership>),
 }
 
 /// Where each in-memory view of the stream stands at start.
@@ -443,6 +452,30 @@ macro_rules! apply_write {
                     .bind(user_id.as_str())
                     .execute(&mut *$tx)
                     .await?;
+            }
+            StreamWrite::OutOfBand(m) => {
+                sqlx::query(
+                    "INSERT INTO out_of_band_memberships (room_id, user_id, membership, event_id, sender,
+                        room_version, event_json, stripped_state, servers, stream_pos)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                     ON CONFLICT (room_id, user_id) DO UPDATE SET membership = EXCLUDED.membership,
+                        event_id = EXCLUDED.event_id, sender = EXCLUDED.sender,
+                        room_version = EXCLUDED.room_version, event_json = EXCLUDED.event_json,
+                        stripped_state = EXCLUDED.stripped_state, servers = EXCLUDED.servers,
+                        stream_pos = EXCLUDED.stream_pos",
+                )
+                .bind(m.room_id.as_str())
+                .bind(m.user_id.as_str())
+                .bind(m.membership.as_str())
+                .bind(m.event_id.as_str())
+                .bind(m.sender.as_str())
+                .bind(m.room_version.as_str())
+                .bind(m.event_json.as_str())
+                .bind(m.stripped_state.as_str())
+                .bind(m.servers.as_str())
+                .bind(pos)
+                .execute(&mut *$tx)
+                .await?;
             }
         }
     }};

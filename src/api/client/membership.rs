@@ -22,12 +22,16 @@ use crate::{
     },
     error::Error,
     matrix::client_event::Format,
-    service::{ephemeral::Presence, joins::Joins, rate_limit::UserAction, rooms::Rooms, stream::StreamToken},
+    service::{
+        ephemeral::Presence, joins::Joins, rate_limit::UserAction, remote_membership::RemoteMembership, rooms::Rooms,
+        stream::StreamToken,
+    },
 };
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/invite`
 pub async fn invite(
     State(rooms): State<Arc<Rooms>>,
+    State(remote): State<Arc<RemoteMembership>>,
     State(limits): State<Arc<RateLimits>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<invite_user::v3::Request>,
@@ -36,6 +40,10 @@ pub async fn invite(
         return Err(Error::forbidden("Third-party invites are not supported"));
     };
     limits.user.check(UserAction::Invite, &authed.user_id)?;
+    if recipient.user_id.server_name() != rooms.server_name() {
+        remote.invite(&authed.user_id, &req.room_id, &recipient.user_id, recipient.reason.as_deref()).await?;
+        return Ok(invite_user::v3::Response::new().into());
+    }
     rooms.invite(&authed.user_id, &req.room_id, &recipient.user_id, recipient.reason.as_deref(), false).await?;
     Ok(invite_user::v3::Response::new().into())
 }
@@ -74,23 +82,24 @@ pub async fn join_by_id_or_alias(
 /// `POST /_matrix/client/v3/knock/{roomIdOrAlias}`
 pub async fn knock(
     State(rooms): State<Arc<Rooms>>,
+    State(remote): State<Arc<RemoteMembership>>,
     State(limits): State<Arc<RateLimits>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<knock_room::v3::Request>,
 ) -> ApiResult<knock_room::v3::Response> {
     limits.user.check(UserAction::Join, &authed.user_id)?;
     let room_id = rooms.resolve_room(req.room_id_or_alias.as_str()).await?;
-    rooms.knock(&authed.user_id, &room_id, req.reason.as_deref()).await?;
+    remote.knock(&authed.user_id, &room_id, &req.via, req.reason.as_deref()).await?;
     Ok(knock_room::v3::Response::new(room_id).into())
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/leave`
 pub async fn leave(
-    State(rooms): State<Arc<Rooms>>,
+    State(remote): State<Arc<RemoteMembership>>,
     GuestOrUser(authed): GuestOrUser,
     Ruma(req): Ruma<leave_room::v3::Request>,
 ) -> ApiResult<leave_room::v3::Response> {
-    rooms.leave(&authed.user_id, &req.room_id, req.reason.as_deref()).await?;
+    remote.leave(&authed.user_id, &req.room_id, req.reason.as_deref()).await?;
     Ok(leave_room::v3::Response::new().into())
 }
 

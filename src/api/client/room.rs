@@ -45,6 +45,7 @@ fn object_of<T>(raw: &Raw<T>, what: &str) -> Result<serde_json::Map<String, Valu
 /// `POST /_matrix/client/v3/createRoom`
 pub async fn create(
     State(rooms): State<Arc<Rooms>>,
+    State(remote): State<Arc<crate::service::remote_membership::RemoteMembership>>,
     State(limits): State<Arc<RateLimits>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<create_room::v3::Request>,
@@ -71,13 +72,17 @@ pub async fn create(
             .ok_or_else(|| Error::BadJson("initial_state entry needs content".to_owned()))?;
         initial_state.push((event_type.to_owned(), state_key.to_owned(), content));
     }
+    // Users of other servers are invited once the room exists: their invite goes to their
+    // server first (`RemoteMembership::invite`), which creation itself cannot wait on.
+    let (invite, remote_invites): (Vec<_>, Vec<_>) =
+        req.invite.into_iter().partition(|user| user.server_name() == rooms.server_name());
     let request = CreateRoom {
         preset,
         is_public: req.visibility == Visibility::Public,
         name: req.name,
         topic: req.topic,
         room_alias_name: req.room_alias_name,
-        invite: req.invite,
+        invite,
         is_direct: req.is_direct,
         initial_state,
         creation_content: req.creation_content.as_ref().map(|c| object_of(c, "creation_content")).transpose()?,
@@ -89,6 +94,11 @@ pub async fn create(
         room_version: req.room_version,
     };
     let room_id = rooms.create_room(&authed.user_id, request).await?;
+    for user in remote_invites {
+        if let Err(err) = remote.invite(&authed.user_id, &room_id, &user, None).await {
+            tracing::info!(%room_id, %user, %err, "createRoom could not invite a user of another server");
+        }
+    }
     Ok(create_room::v3::Response::new(room_id).into())
 }
 

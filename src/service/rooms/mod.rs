@@ -21,6 +21,7 @@ pub mod graph;
 pub mod history;
 pub mod membership;
 pub mod receive;
+mod remote_members;
 mod restricted;
 pub mod send;
 pub mod serving;

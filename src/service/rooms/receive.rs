@@ -450,7 +450,12 @@ impl Rooms {
         if let Err(why) = auth::check_against_state(rules, &pdu, &before_auth) {
             return self.reject(&pdu, format!("state before it: {why}"), None).await;
         }
-        let soft_failed = room.is_some() && writer.current.group != 0 && {
+        // A rejoin of a room this server had left: what it holds as current state and forward
+        // extremities stopped at its last user's leave (nothing reached it since), so the state
+        // the resident server sent is the truth and the join is the one extremity — judging it
+        // by the stale state would soft-fail a join after an unban.
+        let is_rejoin = room.is_some() && !self.has_local_member(&handle.room_id);
+        let soft_failed = room.is_some() && !is_rejoin && writer.current.group != 0 && {
             let current_auth = self.auth_state_for(handle, &pdu, &writer.current.map).await?;
             auth::check_against_state(rules, &pdu, &current_auth).is_err()
         };
@@ -475,12 +480,16 @@ impl Rooms {
                 })
             }
         };
-        self.commit_placed(
-            handle,
-            writer,
-            Placed { pdu, was_redacted, before, before_is_current: false, soft_failed, new_state_groups, new_room },
-        )
-        .await
+        let stale_extremities = is_rejoin.then(|| std::mem::take(&mut writer.extremities));
+        let placed =
+            Placed { pdu, was_redacted, before, before_is_current: false, soft_failed, new_state_groups, new_room };
+        let result = self.commit_placed(handle, writer, placed).await;
+        if result.is_err()
+            && let Some(extremities) = stale_extremities
+        {
+            writer.extremities = extremities;
+        }
+        result
     }
 
     /// The rest of placing a received event whose state before is known and which passed the
