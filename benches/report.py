@@ -341,6 +341,10 @@ def write(results: Path, plots: Path, out: Path) -> None:
             ]
         if memory:
             parts += [f"![memory per idle user](benches/plots/{memory})", ""]
+    # Federation figures: written by federation-tests/bench.rs (its own run and command, kept
+    # as Markdown beside the other results).
+    for federation in sorted(results.glob("federation-*.md")):
+        parts += [federation.read_text().strip(), ""]
     # What the people who ran it noticed (hand-written, kept with the results it describes).
     notes = results / "NOTES.md"
     if notes.exists():

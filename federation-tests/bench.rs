@@ -226,11 +226,17 @@ async fn bench_cross_server_latency() {
         (2, 0, "Synapse → Hearth"),
         (2, 3, "Synapse → Synapse"),
     ];
-    println!(
-        "\nCross-server delivery latency, {COUNT} messages at {RATE}/s per pair (ms, send start → other server's /sync)"
+    let mut report = Report::new(
+        "Federation: cross-server delivery latency",
+        &format!(
+            "{COUNT} messages at {RATE}/s per pair, each pair alone in a room of its own after 5 warm-up messages; \
+             latency from the sender's clock before the send request to the receiver's clock when the message \
+             arrives in its `/sync` (ms). Two Hearths and two Synapses on SQLite, on loopback with TLS."
+        ),
+        "bench_cross_server_latency",
     );
-    println!("| path | p50 | p99 | max | delivered |");
-    println!("|---|---|---|---|---|");
+    report.line("| path | p50 | p99 | max | delivered |");
+    report.line("|---|---|---|---|---|");
     for (from, to, label) in pairs {
         let (sender, receiver) = (&clients[from], &clients[to]);
         let room = sender.create_room(json!({"preset": "public_chat"})).await;
@@ -239,12 +245,64 @@ async fn bench_cross_server_latency() {
         let (warm, _) = delivery_latency(sender, receiver, &room, 5, 5.0).await;
         assert_eq!(warm.count, 5, "{label}: the warm-up messages never arrived");
         let (summary, lost) = delivery_latency(sender, receiver, &room, COUNT, RATE).await;
-        println!(
+        report.line(&format!(
             "| {label} | {:.1} | {:.1} | {:.1} | {}/{COUNT} |",
             summary.p50, summary.p99, summary.max, summary.count
-        );
+        ));
         assert_eq!(lost, 0, "{label}: {lost} messages never arrived");
     }
+    report.save("federation-latency.md");
+}
+
+/// A benchmark's Markdown section: printed as it grows and saved under `benches/results/`,
+/// where `benches/report.py` puts it into BENCHMARKS.md.
+struct Report {
+    text: String,
+}
+
+impl Report {
+    fn new(title: &str, method: &str, test: &str) -> Report {
+        let commit = std::process::Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .unwrap_or_default();
+        let binary = crate::harness::binary();
+        let text = format!(
+            "## {title}\n\nHearth {commit} (`{binary}`), Synapse {}. {method}\n\nCommand: `cargo build --release --bin hearth && \
+             HEARTH_BIN=$PWD/target/release/hearth cargo test --test federation -- --ignored --nocapture --test-threads 1 \
+             bench::{test}`\n\n",
+            synapse_version(),
+            binary = binary.rsplit("/target/").next().map_or(binary.clone(), |tail| format!("target/{tail}")),
+        );
+        print!("\n{text}");
+        Report { text }
+    }
+
+    fn line(&mut self, line: &str) {
+        println!("{line}");
+        self.text.push_str(line);
+        self.text.push('\n');
+    }
+
+    fn save(&self, file: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results").join(file);
+        std::fs::write(&path, &self.text).unwrap();
+        println!("(saved to {})", path.display());
+    }
+}
+
+/// The pinned Synapse version, from `benches/synapse/requirements.txt`.
+fn synapse_version() -> String {
+    let pins = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/synapse/requirements.txt"),
+    )
+    .unwrap_or_default();
+    pins.lines()
+        .find_map(|line| line.strip_prefix("matrix-synapse=="))
+        .map_or("(unpinned)".to_owned(), |v| v.trim().to_owned())
 }
 
 /// Registers `count` users on `server` and joins them to `room`, a few requests at a time.
@@ -343,11 +401,16 @@ async fn bench_remote_join_of_a_big_room() {
     let joiner_s = Client::synapse("synapse-a", &n.synapse_a, &n.synapse_a.register("joiner").await);
     let local_h = joiner_h.create_room(json!({"preset": "private_chat"})).await;
     let local_s = joiner_s.create_room(json!({"preset": "private_chat"})).await;
-    println!(
-        "\nJoining a remote room (on Hearth) of N members; local sends every 50 ms on the joining server meanwhile"
+    let mut report = Report::new(
+        "Federation: joining a big remote room",
+        "A room on a Hearth (SQLite) with N local members is joined by a user of another Hearth and by a user \
+         of a Synapse (both SQLite); join time is the joining client's `POST /join` (make_join, send_join, checks, \
+         commit; Hearth asks for the full state, Synapse for partial state with `omit_members`). Meanwhile a user of the joining server sends into a room of its own \
+         every 50 ms: the local send latency while the join runs.",
+        "bench_remote_join_of_a_big_room",
     );
-    println!("| members | joining server | join time (s) | local send p50 (ms) | p99 | max | sends |");
-    println!("|---|---|---|---|---|---|---|");
+    report.line("| members | joining server | join time (s) | local send p50 (ms) | p99 | max | sends |");
+    report.line("|---|---|---|---|---|---|---|");
     for members in [1_000usize, 5_000] {
         let room_now = owner_client.create_room(json!({"preset": "public_chat"})).await;
         let fill_started = Instant::now();
@@ -356,7 +419,7 @@ async fn bench_remote_join_of_a_big_room() {
         for joiner in [&joiner_h, &joiner_s] {
             let local = if joiner.label.starts_with("hearth") { &local_h } else { &local_s };
             let (took, sends) = join_while_sending(joiner.join(&room_now, "hearth-a.test"), joiner, local).await;
-            println!(
+            report.line(&format!(
                 "| {members} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {} |",
                 if joiner.label.starts_with("hearth") { "Hearth" } else { "Synapse" },
                 took.as_secs_f64(),
@@ -364,7 +427,8 @@ async fn bench_remote_join_of_a_big_room() {
                 sends.p99,
                 sends.max,
                 sends.count
-            );
+            ));
         }
     }
+    report.save("federation-join.md");
 }
