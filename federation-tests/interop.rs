@@ -299,3 +299,39 @@ async fn hearth_and_synapse_ban_each_others_users() {
     let (status, _) = synapse.request(Method::PUT, &send, &sam, Some(json!({"msgtype": "m.text", "body": "x"}))).await;
     assert_eq!(status, 403);
 }
+
+/// What a user sees: matrix-nio clients, one on Hearth and one on Synapse, invite each other,
+/// join, chat, change a topic and leave, each step checked through the other's `/sync`
+/// (`tests/sdk/nio_federation.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts a Synapse; run by .ci/run with --ignored"]
+async fn matrix_nio_users_on_hearth_and_synapse_invite_join_chat_and_leave() {
+    let Some((net, hearth, synapse)) = hearth_and_synapse().await else { return skipped("port 8448") };
+    let python = tokio::task::spawn_blocking(crate::sdk_venv::sdk_python).await.unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/nio_federation.py");
+    let synapse_url = format!("https://{}", synapse.addr);
+    let ca = net.ca_path();
+    let (hearth_url, hearth_name, synapse_name) =
+        (hearth.server.base_url.clone(), hearth.name.clone(), synapse.name.clone());
+    // The script blocks for a while: on the blocking pool, so the servers' runtime keeps going.
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .env("HEARTH_URL", hearth_url)
+            .env("HEARTH_NAME", hearth_name)
+            .env("SYNAPSE_URL", synapse_url)
+            .env("SYNAPSE_NAME", synapse_name)
+            .env("SYNAPSE_CA", ca)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "nio_federation.py failed:\nstdout: {}\nstderr: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        synapse.log_tail()
+    );
+}

@@ -9,6 +9,10 @@
 #[path = "../tests/api/harness.rs"]
 mod harness;
 
+// The client SDKs' virtualenv, shared with the API tests.
+#[path = "../tests/api/sdk_venv.rs"]
+mod sdk_venv;
+
 mod dns;
 mod testnet;
 

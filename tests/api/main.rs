@@ -21,6 +21,7 @@ mod registration;
 mod rooms;
 mod scale;
 mod sdk;
+mod sdk_venv;
 mod startup;
 mod sync;
 mod websocket;
