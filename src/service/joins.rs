@@ -46,12 +46,12 @@ pub struct Joins {
     is_federation_enabled: bool,
 }
 
-fn parse_object(raw: &RawValue) -> Result<CanonicalJsonObject> {
+pub(crate) fn parse_object(raw: &RawValue) -> Result<CanonicalJsonObject> {
     serde_json::from_str(raw.get()).map_err(|err| Error::BadJson(format!("not a PDU: {err}")))
 }
 
-fn to_raw(json: String) -> Result<Box<RawValue>> {
-    RawValue::from_string(json).map_err(|err| Error::Internal(format!("stored PDU is not JSON: {err}")))
+pub(crate) fn to_raw(json: String) -> Result<Box<RawValue>> {
+    RawValue::from_string(json).map_err(|err| Error::Internal(format!("PDU is not JSON: {err}")))
 }
 
 fn ids_of(object: &CanonicalJsonObject, field: &str) -> Result<Vec<OwnedEventId>> {
@@ -67,6 +67,59 @@ fn ids_of(object: &CanonicalJsonObject, field: &str) -> Result<Vec<OwnedEventId>
             .collect(),
         _ => Err(Error::BadJson(format!("`{field}` is missing"))),
     }
+}
+
+/// Our user's member event on a resident server's `make_join`/`make_leave`/`make_knock`
+/// template: the template's prev events, auth events and depth (its membership must be
+/// `membership`), our `content`, hashed and signed with our key.
+#[allow(clippy::too_many_arguments)] // Each is one fact of the handshake; a struct would only rename them.
+pub(crate) fn sign_member_template(
+    server_keys: &ServerKeys,
+    server: &ServerName,
+    user: &UserId,
+    room_id: &RoomId,
+    version: &RoomVersionId,
+    template: &RawValue,
+    membership: &str,
+    content: serde_json::Value,
+) -> Result<Pdu> {
+    let rules = room_version::rules(version).ok_or(Error::UnsupportedRoomVersion)?;
+    let bad = |why: &str| Error::BadGateway(format!("{server}: bad make_{membership} template: {why}"));
+    let object = parse_object(template).map_err(|_| bad("not JSON"))?;
+    let (prev_events, auth_events) = match (ids_of(&object, "prev_events"), ids_of(&object, "auth_events")) {
+        (Ok(prev), Ok(auth)) => (prev, auth),
+        _ => return Err(bad("prev_events or auth_events")),
+    };
+    let depth = match object.get("depth") {
+        Some(CanonicalJsonValue::Integer(depth)) => u64::try_from(i64::from(*depth)).map_err(|_| bad("depth"))?,
+        _ => return Err(bad("depth")),
+    };
+    let asked = match object.get("content") {
+        Some(CanonicalJsonValue::Object(content)) => match content.get("membership") {
+            Some(CanonicalJsonValue::String(asked)) => Some(asked.as_str()),
+            _ => None,
+        },
+        _ => None,
+    };
+    if asked != Some(membership) {
+        return Err(bad("membership"));
+    }
+    let template = EventTemplate {
+        event_type: "m.room.member".to_owned(),
+        state_key: Some(user.to_string()),
+        content: crate::matrix::pdu::canonical_content(content).map_err(Error::BadJson)?,
+        redacts: None,
+    };
+    let placement = Placement {
+        room_id: Some(room_id),
+        sender: user,
+        prev_events: &prev_events,
+        auth_events: &auth_events,
+        depth,
+        origin_server_ts: MilliSecondsSinceUnixEpoch(UInt::try_from(now_ms()).unwrap_or_default()),
+    };
+    Pdu::build(template, &placement, &rules, server_keys.server_name(), server_keys.key())
+        .map_err(|err| Error::BadGateway(format!("{server}: cannot build the {membership}: {err}")))
 }
 
 impl Joins {
@@ -179,14 +232,6 @@ impl Joins {
         let rules = room_version::rules(&version).ok_or(Error::UnsupportedRoomVersion)?;
         let object = parse_object(&template.event).map_err(|_| Error::BadGateway("bad make_join template".into()))?;
         let bad = |why: &str| Error::BadGateway(format!("{server}: bad make_join template: {why}"));
-        let (prev_events, auth_events) = match (ids_of(&object, "prev_events"), ids_of(&object, "auth_events")) {
-            (Ok(prev), Ok(auth)) => (prev, auth),
-            _ => return Err(bad("prev_events or auth_events")),
-        };
-        let depth = match object.get("depth") {
-            Some(CanonicalJsonValue::Integer(depth)) => u64::try_from(i64::from(*depth)).map_err(|_| bad("depth"))?,
-            _ => return Err(bad("depth")),
-        };
         let mut extra = Map::new();
         if let Some(reason) = reason {
             extra.insert("reason".into(), serde_json::json!(reason));
@@ -198,22 +243,8 @@ impl Joins {
             extra.insert("join_authorised_via_users_server".into(), serde_json::json!(authoriser));
         }
         let content = self.rooms.join_content(user, extra).await?;
-        let template = EventTemplate {
-            event_type: "m.room.member".to_owned(),
-            state_key: Some(user.to_string()),
-            content: crate::matrix::pdu::canonical_content(content).map_err(Error::BadJson)?,
-            redacts: None,
-        };
-        let placement = Placement {
-            room_id: Some(room_id),
-            sender: user,
-            prev_events: &prev_events,
-            auth_events: &auth_events,
-            depth,
-            origin_server_ts: MilliSecondsSinceUnixEpoch(UInt::try_from(now_ms()).unwrap_or_default()),
-        };
-        let join = Pdu::build(template, &placement, &rules, self.rooms.server_name(), self.server_keys.key())
-            .map_err(|err| Error::BadGateway(format!("{server}: cannot build the join: {err}")))?;
+        let join =
+            sign_member_template(&self.server_keys, server, user, room_id, &version, &template.event, "join", content)?;
         // `omit_members` stays false: a partial-state room would need its member events fetched
         // later (and events checked against state we lack meanwhile), which we do not do yet, so
         // as joiner we always ask for the full state.

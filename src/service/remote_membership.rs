@@ -11,8 +11,7 @@
 use std::sync::Arc;
 
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedServerName,
-    RoomId, RoomVersionId, ServerName, UInt, UserId,
+    CanonicalJsonObject, CanonicalJsonValue, EventId, OwnedServerName, RoomId, RoomVersionId, ServerName, UserId,
     api::federation::membership::{
         RawStrippedState, create_invite, create_knock_event, create_leave_event, prepare_knock_event,
         prepare_leave_event,
@@ -25,11 +24,9 @@ use serde_json::{Value, json, value::RawValue};
 use crate::{
     error::{Error, Result},
     federation::{FederationError, client::FederationClient, keys::Keys, outbox::Outbox},
-    matrix::{
-        pdu::{EventTemplate, Pdu, Placement},
-        room_version,
-    },
+    matrix::{pdu::Pdu, room_version},
     service::{
+        joins::{parse_object, sign_member_template, to_raw},
         now_ms,
         rooms::{Rooms, receive::Outcome},
         server_keys::ServerKeys,
@@ -49,12 +46,19 @@ pub struct RemoteMembership {
     is_federation_enabled: bool,
 }
 
-fn parse_object(raw: &RawValue) -> Result<CanonicalJsonObject> {
-    serde_json::from_str(raw.get()).map_err(|err| Error::BadJson(format!("not a PDU: {err}")))
-}
-
-fn to_raw(json: String) -> Result<Box<RawValue>> {
-    RawValue::from_string(json).map_err(|err| Error::Internal(format!("PDU is not JSON: {err}")))
+/// The stripped state of an invite or knock as JSON values, whichever form each entry came in
+/// (a full PDU, as Matrix 1.16 sends, or the older stripped event); unreadable entries are left out.
+fn stripped_as_json(state: &[RawStrippedState]) -> Vec<Value> {
+    state
+        .iter()
+        .filter_map(|raw| {
+            let json = match raw {
+                RawStrippedState::Pdu(pdu) => pdu.get().to_owned(),
+                other => serde_json::to_string(other).ok()?,
+            };
+            serde_json::from_str(&json).ok()
+        })
+        .collect()
 }
 
 fn membership_of(pdu: &Pdu) -> Option<String> {
@@ -258,16 +262,7 @@ impl RemoteMembership {
             // Where we hold the room's state, its server ACL applies to the inviting server too.
             self.rooms.check_server_acl(room_id, origin).await?;
         } else {
-            let stripped: Vec<Value> = invite_room_state
-                .iter()
-                .filter_map(|raw| {
-                    let json = match raw {
-                        RawStrippedState::Pdu(pdu) => pdu.get().to_owned(),
-                        other => serde_json::to_string(other).ok()?,
-                    };
-                    serde_json::from_str(&json).ok()
-                })
-                .collect();
+            let stripped = stripped_as_json(invite_room_state);
             let servers = servers_of(&pdu.sender, &stripped, room_id, self.rooms.server_name());
             self.rooms
                 .record_out_of_band(OutOfBandMembership {
@@ -347,61 +342,20 @@ impl RemoteMembership {
         if let Some(reason) = reason {
             content.insert("reason".to_owned(), json!(reason));
         }
-        let pdu = self.sign_template(server, user, room_id, &version, &template.event, "leave", content)?;
+        let pdu = sign_member_template(
+            &self.server_keys,
+            server,
+            user,
+            room_id,
+            &version,
+            &template.event,
+            "leave",
+            Value::Object(content),
+        )?;
         let request =
             create_leave_event::v2::Request::new(room_id.to_owned(), pdu.event_id.clone(), to_raw(pdu.json.clone())?);
         self.client.send(server, request).await.map_err(|err| refused("leave", err))?;
         Ok(pdu)
-    }
-
-    /// Our member event from another server's `make_leave`/`make_knock` template: its prev and
-    /// auth events and depth, our content, signed by us. The template's membership must be the
-    /// one asked for.
-    #[allow(clippy::too_many_arguments)] // One place per handshake; each argument is a part of the event.
-    fn sign_template(
-        &self,
-        server: &ServerName,
-        user: &UserId,
-        room_id: &RoomId,
-        version: &RoomVersionId,
-        template: &RawValue,
-        membership: &str,
-        content: serde_json::Map<String, Value>,
-    ) -> Result<Pdu> {
-        let rules = room_version::rules(version).ok_or(Error::UnsupportedRoomVersion)?;
-        let bad = |why: &str| Error::BadGateway(format!("{server}: bad make_{membership} template: {why}"));
-        let object: Value = serde_json::from_str(template.get()).map_err(|_| bad("not JSON"))?;
-        let ids = |field: &str| -> Result<Vec<OwnedEventId>> {
-            object
-                .get(field)
-                .and_then(Value::as_array)
-                .ok_or_else(|| bad(field))?
-                .iter()
-                .map(|id| id.as_str().and_then(|id| OwnedEventId::try_from(id).ok()).ok_or_else(|| bad(field)))
-                .collect()
-        };
-        let (prev_events, auth_events) = (ids("prev_events")?, ids("auth_events")?);
-        let depth = object.get("depth").and_then(Value::as_u64).ok_or_else(|| bad("depth"))?;
-        let asked = object.pointer("/content/membership").and_then(Value::as_str);
-        if asked != Some(membership) {
-            return Err(bad("membership"));
-        }
-        let template = EventTemplate {
-            event_type: "m.room.member".to_owned(),
-            state_key: Some(user.to_string()),
-            content: crate::matrix::pdu::canonical_content(Value::Object(content)).map_err(Error::BadJson)?,
-            redacts: None,
-        };
-        let placement = Placement {
-            room_id: Some(room_id),
-            sender: user,
-            prev_events: &prev_events,
-            auth_events: &auth_events,
-            depth,
-            origin_server_ts: MilliSecondsSinceUnixEpoch(UInt::try_from(now_ms()).unwrap_or_default()),
-        };
-        Pdu::build(template, &placement, &rules, self.rooms.server_name(), self.server_keys.key())
-            .map_err(|err| Error::BadGateway(format!("{server}: cannot build the {membership}: {err}")))
     }
 
     /// `POST /knock/{roomIdOrAlias}` on a room this server is not in: `make_knock` and
@@ -452,21 +406,20 @@ impl RemoteMembership {
         if let Some(reason) = reason {
             content.insert("reason".to_owned(), json!(reason));
         }
-        let pdu = self.sign_template(server, user, room_id, &version, &template.event, "knock", content)?;
+        let pdu = sign_member_template(
+            &self.server_keys,
+            server,
+            user,
+            room_id,
+            &version,
+            &template.event,
+            "knock",
+            Value::Object(content),
+        )?;
         let request =
             create_knock_event::v1::Request::new(room_id.to_owned(), pdu.event_id.clone(), to_raw(pdu.json.clone())?);
         let answer = self.client.send(server, request).await.map_err(|err| refused("knock", err))?;
-        let stripped: Vec<Value> = answer
-            .knock_room_state
-            .iter()
-            .filter_map(|raw| {
-                let json = match raw {
-                    RawStrippedState::Pdu(pdu) => pdu.get().to_owned(),
-                    other => serde_json::to_string(other).ok()?,
-                };
-                serde_json::from_str(&json).ok()
-            })
-            .collect();
+        let stripped = stripped_as_json(&answer.knock_room_state);
         let mut servers = vec![server.to_owned()];
         servers.extend(servers_of(user, &stripped, room_id, self.rooms.server_name()));
         servers.dedup();
@@ -508,7 +461,8 @@ impl RemoteMembership {
             return Err(Error::IncompatibleRoomVersion(version));
         }
         self.rooms.check_server_acl(room_id, origin).await?;
-        let (version, template) = self.rooms.member_template(room_id, user, membership).await?;
+        let (version, template) =
+            self.rooms.member_template(room_id, user, json!({ "membership": membership })).await?;
         let json = serde_json::to_string(&template).map_err(|err| Error::Internal(err.to_string()))?;
         Ok((version, to_raw(json)?))
     }

@@ -5,20 +5,13 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedServerName,
-    RoomId, RoomVersionId, ServerName, UInt, UserId,
-};
+use ruma::{CanonicalJsonObject, EventId, OwnedEventId, OwnedServerName, RoomId, RoomVersionId, ServerName, UserId};
 use serde_json::json;
 
-use super::{NewEvent, Rooms, graph};
+use super::Rooms;
 use crate::{
     error::{Error, Result},
-    matrix::{
-        auth::{self, AuthState},
-        pdu::{BuildError, Pdu, Placement},
-    },
-    service::now_ms,
+    matrix::pdu::Pdu,
     storage::stream::StreamWrite,
 };
 
@@ -103,51 +96,11 @@ impl Rooms {
         if !self.has_local_member(room_id) {
             return Err(Error::not_found("This server is not in the room"));
         }
-        let (prevs, state) = {
-            let writer = handle.writer.lock().await;
-            (graph::choose_prev_events(&writer.extremities), writer.current.map.clone())
-        };
-        let rules = &handle.rules;
         let mut content = json!({ "membership": "join" });
         if let Some(authoriser) = self.remote_join_authoriser(&handle, user).await? {
             content["join_authorised_via_users_server"] = json!(authoriser);
         }
-        let template = NewEvent::new(user, "m.room.member", Some(user.as_str()), content)?.template;
-        let keys = auth::auth_state_keys(&template, user, &rules.authorization).map_err(Error::BadJson)?;
-        let mut auth_state = AuthState::new();
-        for key in keys {
-            let Some(event_id) = state.get(&(key.0.to_string(), key.1.clone())) else { continue };
-            if let Some(event) = self.event(event_id).await? {
-                auth_state.insert(key, std::sync::Arc::new(event.pdu.clone()));
-            }
-        }
-        let auth_events: Vec<OwnedEventId> = auth_state
-            .values()
-            .filter(|event| auth::belongs_in_auth_events(event, &rules.authorization))
-            .map(|event| event.event_id.clone())
-            .collect();
-        let prev_events: Vec<OwnedEventId> = prevs.iter().map(|(id, _)| id.clone()).collect();
-        let placement = Placement {
-            room_id: Some(room_id),
-            sender: user,
-            prev_events: &prev_events,
-            auth_events: &auth_events,
-            depth: prevs.iter().map(|(_, depth)| *depth).max().unwrap_or(0) + 1,
-            origin_server_ts: MilliSecondsSinceUnixEpoch(UInt::try_from(now_ms()).unwrap_or_default()),
-        };
-        let pdu =
-            Pdu::build(template, &placement, rules, &self.server_name, self.keys.key()).map_err(|err| match err {
-                BuildError::TooLarge => Error::TooLarge("Event is larger than 65536 bytes".into()),
-                BuildError::Invalid(why) => Error::BadJson(why),
-            })?;
-        auth::check(&rules.authorization, &pdu, &auth_state)
-            .map_err(|why| Error::forbidden(format!("You may not join this room: {why}")))?;
-        let mut object = pdu.canonical_object();
-        // The joining server hashes and signs it; our signature would not cover its changes.
-        object.remove("signatures");
-        object.remove("hashes");
-        object.insert("origin".to_owned(), CanonicalJsonValue::String(self.server_name.to_string()));
-        Ok((handle.version.clone(), object))
+        self.member_template(room_id, user, content).await
     }
 
     /// `send_join`'s answer: the room's state before `event_id` and the auth chain of that state

@@ -82,20 +82,19 @@ impl Rooms {
         Ok((handle.version.clone(), pdu))
     }
 
-    /// `make_leave`/`make_knock`: the member event of a user of another server with `membership`,
-    /// unsigned and unhashed, for that server to sign. Only a resident server answers.
+    /// `make_join`/`make_leave`/`make_knock`: the member event of a user of another server with
+    /// `content`, unsigned and unhashed, for that server to sign. Only a resident server answers.
     pub async fn member_template(
         &self,
         room_id: &RoomId,
         user: &UserId,
-        membership: &str,
+        content: Value,
     ) -> Result<(RoomVersionId, CanonicalJsonObject)> {
         self.handle(room_id).await.map_err(|_| Error::not_found("Unknown room"))?;
         if !self.has_local_member(room_id) {
             return Err(Error::not_found("This server is not in the room"));
         }
-        let (version, pdu) =
-            self.build_member_event(room_id, user, user, serde_json::json!({ "membership": membership })).await?;
+        let (version, pdu) = self.build_member_event(room_id, user, user, content).await?;
         let mut object = pdu.canonical_object();
         // The user's server hashes and signs it; our signature would not cover its changes.
         object.remove("signatures");
