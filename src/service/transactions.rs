@@ -30,6 +30,12 @@ use crate::{
 pub const MAX_PDUS: usize = 50;
 pub const MAX_EDUS: usize = 100;
 
+/// How long the answer to an inbound transaction is kept for its retries: a sender retries a
+/// transaction for minutes, then moves on to new ones; a day is ample (Synapse keeps a day too).
+pub const ANSWER_KEPT_MS: i64 = 24 * 60 * 60 * 1000;
+/// How often older answers (and idle per-origin locks) are cleared, at most.
+const PRUNE_EVERY_MS: i64 = 60 * 60 * 1000;
+
 /// A result per PDU: `Ok` when the event was accepted (or already known), else why not.
 pub type PduResults = BTreeMap<OwnedEventId, std::result::Result<(), String>>;
 
@@ -41,6 +47,8 @@ pub struct Transactions {
     /// Per origin, the lock its transactions are processed under, so a retry arriving meanwhile
     /// waits for the first answer (a server sends one transaction at a time anyway).
     in_flight: parking_lot::Mutex<HashMap<OwnedServerName, Arc<tokio::sync::Mutex<()>>>>,
+    /// When answers were last pruned (ms; 0: not yet in this process).
+    last_pruned: std::sync::atomic::AtomicI64,
 }
 
 fn room_of(object: &CanonicalJsonObject) -> Option<OwnedRoomId> {
@@ -52,7 +60,14 @@ fn room_of(object: &CanonicalJsonObject) -> Option<OwnedRoomId> {
 
 impl Transactions {
     pub fn new(db: Db, rooms: Arc<Rooms>, keys: Arc<Keys>, outbox: Arc<Outbox>) -> Transactions {
-        Transactions { db, rooms, keys, outbox, in_flight: parking_lot::Mutex::new(HashMap::new()) }
+        Transactions {
+            db,
+            rooms,
+            keys,
+            outbox,
+            in_flight: parking_lot::Mutex::new(HashMap::new()),
+            last_pruned: std::sync::atomic::AtomicI64::new(0),
+        }
     }
 
     /// Receives a transaction of `origin`.
@@ -113,8 +128,34 @@ impl Transactions {
         let stored: BTreeMap<&OwnedEventId, Option<&String>> =
             results.iter().map(|(id, result)| (id, result.as_ref().err())).collect();
         let answer = serde_json::to_string(&stored).map_err(|err| Error::Internal(err.to_string()))?;
-        self.db.record_inbound_txn(origin.as_str(), txn_id, &answer, now_ms()).await?;
+        let now = now_ms();
+        self.db.record_inbound_txn(origin.as_str(), txn_id, &answer, now).await?;
+        drop(_guard);
+        self.prune_if_due(now).await;
         Ok(results)
+    }
+
+    /// At most once per `PRUNE_EVERY_MS`: forgets answers older than `ANSWER_KEPT_MS` and the
+    /// locks of origins with no transaction in flight, so neither grows with the server's age.
+    async fn prune_if_due(&self, now: i64) {
+        use std::sync::atomic::Ordering;
+        let last = self.last_pruned.load(Ordering::Relaxed);
+        if now - last < PRUNE_EVERY_MS
+            || self.last_pruned.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
+            return;
+        }
+        if let Err(err) = self.prune_answers(now - ANSWER_KEPT_MS).await {
+            tracing::warn!(%err, "could not prune the answers to inbound transactions");
+        }
+    }
+
+    /// Forgets the answers to transactions received before `before_ts` (ms), and the per-origin
+    /// locks nobody holds; how many answers went.
+    pub async fn prune_answers(&self, before_ts: i64) -> Result<u64> {
+        // The map's own reference is the only one of an idle origin's lock.
+        self.in_flight.lock().retain(|_, lock| Arc::strong_count(lock) > 1);
+        Ok(self.db.prune_inbound_txns(before_ts).await?)
     }
 
     /// A PDU of a room this server is not in is dropped, unless it ends a local user's

@@ -86,6 +86,18 @@ impl Db {
         Ok(row.map(|(json,)| json))
     }
 
+    /// Forgets the answers to transactions received before `before_ts` (ms); how many.
+    pub async fn prune_inbound_txns(&self, before_ts: i64) -> StorageResult<u64> {
+        let deleted = on_writer!(self, pool => {
+            sqlx::query("DELETE FROM federation_inbound_txns WHERE received_ts < $1")
+                .bind(before_ts)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(deleted)
+    }
+
     /// Records our answer to a transaction (the first answer stays).
     pub async fn record_inbound_txn(
         &self,

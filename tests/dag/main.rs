@@ -16,6 +16,7 @@ mod api_harness;
 mod harness;
 mod join;
 mod receipt;
+mod transactions;
 
 /// Runs each test body once per storage backend, as `<name>::sqlite` and `<name>::postgres`.
 macro_rules! backend_tests {
