@@ -28,7 +28,7 @@ use crate::{
     service::{
         aliases::Aliases,
         now_ms,
-        rooms::{Rooms, receive::Outcome},
+        rooms::{RoomHandle, Rooms, receive::Outcome},
         server_keys::ServerKeys,
     },
 };
@@ -120,6 +120,92 @@ pub(crate) fn sign_member_template(
     };
     Pdu::build(template, &placement, &rules, server_keys.server_name(), server_keys.key())
         .map_err(|err| Error::BadGateway(format!("{server}: cannot build the {membership}: {err}")))
+}
+
+/// The checks both the template requests (`make_join`, `make_leave`, `make_knock`) share: the
+/// room's ACL admits `origin`, the user is of `origin`, and (when `versions` is given) the joiner
+/// supports the room's version.
+pub(crate) async fn check_template_request(
+    rooms: &Rooms,
+    origin: &ServerName,
+    room_id: &RoomId,
+    user: &UserId,
+    versions: Option<&[RoomVersionId]>,
+) -> Result<()> {
+    rooms.check_server_acl(room_id, origin).await?;
+    if user.server_name() != origin {
+        return Err(Error::forbidden("The user is not of the requesting server"));
+    }
+    let version = rooms.room_version(room_id).await.map_err(|_| Error::not_found("Unknown room"))?;
+    if let Some(versions) = versions
+        && !versions.contains(&version)
+    {
+        return Err(Error::IncompatibleRoomVersion(version));
+    }
+    Ok(())
+}
+
+/// The checks both the send requests (`send_join`, `send_leave`, `send_knock`) share before the
+/// event goes to the graph: a room we are resident in whose ACL admits `origin`, the event is the
+/// one named in the path, and it is a `membership` event of its own sender, a user of `origin`.
+pub(crate) async fn check_sent_member_event(
+    rooms: &Rooms,
+    origin: &ServerName,
+    room_id: &RoomId,
+    event_id: &ruma::EventId,
+    pdu: &RawValue,
+    membership: &str,
+) -> Result<(Arc<RoomHandle>, CanonicalJsonObject, Pdu)> {
+    rooms.check_server_acl(room_id, origin).await?;
+    let handle = rooms.handle(room_id).await.map_err(|_| Error::not_found("Unknown room"))?;
+    if !rooms.has_local_member(room_id) {
+        return Err(Error::not_found("This server is not in the room"));
+    }
+    let object = parse_object(pdu)?;
+    let parsed = Pdu::from_received(&object, &handle.rules).map_err(Error::BadJson)?;
+    if parsed.event_id != event_id || parsed.room_id != room_id {
+        return Err(Error::BadJson("The event ID or room ID does not match the event".into()));
+    }
+    let is_own_member_event = parsed.event_type == ruma::events::TimelineEventType::RoomMember
+        && parsed.state_key.as_deref() == Some(parsed.sender.as_str())
+        && parsed.content_value().get("membership").and_then(|m| m.as_str()) == Some(membership);
+    if !is_own_member_event {
+        return Err(Error::BadJson(format!("Not a {membership} event of its sender")));
+    }
+    if parsed.sender.server_name() != origin {
+        return Err(Error::forbidden("The user is not of the requesting server"));
+    }
+    Ok((handle, object, parsed))
+}
+
+/// Takes a checked member event another server sent us (`send_join`, `send_leave`,
+/// `send_knock`) into the room and, when it is new, sends it on to the room's other servers.
+pub(crate) async fn take_sent_member_event(
+    rooms: &Rooms,
+    keys: &Keys,
+    origin: &ServerName,
+    handle: &RoomHandle,
+    object: CanonicalJsonObject,
+    membership: &str,
+) -> Result<()> {
+    let keys = keys.public_key_map_for_event(&object, &handle.rules.signatures).await.map_err(Error::BadJson)?;
+    match rooms.receive_pdu(origin, &handle.room_id, object, &keys, Vec::new()).await? {
+        Outcome::Accepted { event_id, .. } => {
+            // The stored copy: for a restricted join it carries our signature as authoriser.
+            if let Some(event) = rooms.event(&event_id).await? {
+                rooms.forward_received(origin, &event.pdu).await;
+            }
+            Ok(())
+        }
+        Outcome::AlreadyKnown { .. } => Ok(()),
+        Outcome::SoftFailed { .. } | Outcome::Rejected { .. } => {
+            Err(Error::forbidden(format!("The {membership} is not allowed")))
+        }
+        Outcome::Dropped { reason } => Err(Error::BadJson(format!("The {membership} was refused: {reason}"))),
+        Outcome::MissingEvents { .. } => {
+            Err(Error::BadJson(format!("The {membership} cites events this server does not have")))
+        }
+    }
 }
 
 impl Joins {
@@ -300,14 +386,7 @@ impl Joins {
         versions: &[RoomVersionId],
     ) -> Result<(RoomVersionId, Box<RawValue>)> {
         self.outbox.peer_seen(origin);
-        self.rooms.check_server_acl(room_id, origin).await?;
-        if user.server_name() != origin {
-            return Err(Error::forbidden("The user is not of the requesting server"));
-        }
-        let version = self.rooms.room_version(room_id).await.map_err(|_| Error::not_found("Unknown room"))?;
-        if !versions.contains(&version) {
-            return Err(Error::IncompatibleRoomVersion(version));
-        }
+        check_template_request(&self.rooms, origin, room_id, user, Some(versions)).await?;
         let (version, template) = self.rooms.join_template(room_id, user).await?;
         let json = serde_json::to_string(&template).map_err(|err| Error::Internal(err.to_string()))?;
         Ok((version, to_raw(json)?))
@@ -325,43 +404,10 @@ impl Joins {
         omit_members: bool,
     ) -> Result<create_join_event::v2::RoomState> {
         self.outbox.peer_seen(origin);
-        self.rooms.check_server_acl(room_id, origin).await?;
-        let handle = self.rooms.handle(room_id).await.map_err(|_| Error::not_found("Unknown room"))?;
-        if !self.rooms.has_local_member(room_id) {
-            return Err(Error::not_found("This server is not in the room"));
-        }
-        let object = parse_object(pdu)?;
-        let parsed = Pdu::from_received(&object, &handle.rules).map_err(Error::BadJson)?;
-        if parsed.event_id != event_id || parsed.room_id != room_id {
-            return Err(Error::BadJson("The event ID or room ID does not match the event".into()));
-        }
-        let is_join = parsed.event_type == ruma::events::TimelineEventType::RoomMember
-            && parsed.state_key.as_deref() == Some(parsed.sender.as_str())
-            && parsed.content_value().get("membership").and_then(|m| m.as_str()) == Some("join");
-        if !is_join {
-            return Err(Error::BadJson("Not a join event of its sender".into()));
-        }
-        if parsed.sender.server_name() != origin {
-            return Err(Error::forbidden("The joining user is not of the requesting server"));
-        }
+        let (handle, object, parsed) =
+            check_sent_member_event(&self.rooms, origin, room_id, event_id, pdu, "join").await?;
         let (object, is_co_signed) = self.authorise_restricted_join(&handle, &parsed, object).await?;
-        let keys =
-            self.keys.public_key_map_for_event(&object, &handle.rules.signatures).await.map_err(Error::BadJson)?;
-        match self.rooms.receive_pdu(origin, room_id, object, &keys, Vec::new()).await? {
-            Outcome::Accepted { event_id, .. } => {
-                if let Some(event) = self.rooms.event(&event_id).await? {
-                    self.rooms.forward_received(origin, &event.pdu).await;
-                }
-            }
-            Outcome::AlreadyKnown { .. } => {}
-            Outcome::SoftFailed { .. } | Outcome::Rejected { .. } => {
-                return Err(Error::forbidden("The join is not allowed"));
-            }
-            Outcome::Dropped { reason } => return Err(Error::BadJson(format!("The join was refused: {reason}"))),
-            Outcome::MissingEvents { .. } => {
-                return Err(Error::BadJson("The join cites events this server does not have".into()));
-            }
-        }
+        take_sent_member_event(&self.rooms, &self.keys, origin, &handle, object, "join").await?;
         let mut room_state = create_join_event::v2::RoomState::new();
         let (state, auth_chain) = if omit_members {
             let (state, auth_chain, servers) =

@@ -26,7 +26,10 @@ use crate::{
     federation::{FederationError, client::FederationClient, keys::Keys, outbox::Outbox},
     matrix::{pdu::Pdu, room_version},
     service::{
-        joins::{parse_object, sign_member_template, to_raw},
+        joins::{
+            check_sent_member_event, check_template_request, parse_object, sign_member_template,
+            take_sent_member_event, to_raw,
+        },
         now_ms,
         rooms::{Rooms, receive::Outcome},
         server_keys::ServerKeys,
@@ -451,16 +454,7 @@ impl RemoteMembership {
         versions: Option<&[RoomVersionId]>,
     ) -> Result<(RoomVersionId, Box<RawValue>)> {
         self.outbox.peer_seen(origin);
-        if user.server_name() != origin {
-            return Err(Error::forbidden("The user is not of the requesting server"));
-        }
-        let version = self.rooms.room_version(room_id).await.map_err(|_| Error::not_found("Unknown room"))?;
-        if let Some(versions) = versions
-            && !versions.contains(&version)
-        {
-            return Err(Error::IncompatibleRoomVersion(version));
-        }
-        self.rooms.check_server_acl(room_id, origin).await?;
+        check_template_request(&self.rooms, origin, room_id, user, versions).await?;
         let (version, template) =
             self.rooms.member_template(room_id, user, json!({ "membership": membership })).await?;
         let json = serde_json::to_string(&template).map_err(|err| Error::Internal(err.to_string()))?;
@@ -479,40 +473,9 @@ impl RemoteMembership {
         membership: &str,
     ) -> Result<()> {
         self.outbox.peer_seen(origin);
-        let handle = self.rooms.handle(room_id).await.map_err(|_| Error::not_found("Unknown room"))?;
-        if !self.rooms.has_local_member(room_id) {
-            return Err(Error::not_found("This server is not in the room"));
-        }
-        self.rooms.check_server_acl(room_id, origin).await?;
-        let object = parse_object(pdu)?;
-        let parsed = Pdu::from_received(&object, &handle.rules).map_err(Error::BadJson)?;
-        if parsed.event_id != event_id || parsed.room_id != room_id {
-            return Err(Error::BadJson("The event ID or room ID does not match the event".into()));
-        }
-        if membership_of(&parsed).as_deref() != Some(membership)
-            || parsed.state_key.as_deref() != Some(parsed.sender.as_str())
-        {
-            return Err(Error::BadJson(format!("Not a {membership} event of its sender")));
-        }
-        if parsed.sender.server_name() != origin {
-            return Err(Error::forbidden("The user is not of the requesting server"));
-        }
-        let keys =
-            self.keys.public_key_map_for_event(&object, &handle.rules.signatures).await.map_err(Error::BadJson)?;
-        match self.rooms.receive_pdu(origin, room_id, object, &keys, Vec::new()).await? {
-            Outcome::Accepted { .. } => {
-                self.rooms.forward_received(origin, &parsed).await;
-                Ok(())
-            }
-            Outcome::AlreadyKnown { .. } => Ok(()),
-            Outcome::SoftFailed { .. } | Outcome::Rejected { .. } => {
-                Err(Error::forbidden(format!("The {membership} is not allowed")))
-            }
-            Outcome::Dropped { reason } => Err(Error::BadJson(format!("The {membership} was refused: {reason}"))),
-            Outcome::MissingEvents { .. } => {
-                Err(Error::BadJson(format!("The {membership} cites events this server does not have")))
-            }
-        }
+        let (handle, object, _) =
+            check_sent_member_event(&self.rooms, origin, room_id, event_id, pdu, membership).await?;
+        take_sent_member_event(&self.rooms, &self.keys, origin, &handle, object, membership).await
     }
 
     /// `send_knock`'s answer: the room's stripped state.
