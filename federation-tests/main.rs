@@ -22,6 +22,7 @@ mod config;
 mod devices;
 mod discovery;
 mod forks;
+mod gaps;
 mod graph;
 mod hostile;
 mod interop;

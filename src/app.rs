@@ -14,6 +14,7 @@ use crate::{
         account_data::AccountData,
         aliases::Aliases,
         ephemeral::{Presence, Typing},
+        gap_fill::GapFill,
         joins::Joins,
         notifications::Notifications,
         profiles::Profiles,
@@ -277,7 +278,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
     ));
     let profiles = Arc::new(Profiles::new(users.clone(), federation_client.clone(), config.is_federation_enabled()));
     let aliases = Arc::new(Aliases::new(rooms.clone(), federation_client.clone(), config.is_federation_enabled()));
-    let outbox = Outbox::new(db.clone(), federation_client.clone());
+    let outbox = Outbox::new(db.clone(), federation_client.clone(), config.federation.max_queued_per_destination);
     if config.is_federation_enabled() {
         // Our events reach the other servers of their rooms; what was queued before a restart
         // is sent again.
@@ -295,13 +296,14 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
     let joins = Arc::new(Joins::new(
         rooms.clone(),
         aliases.clone(),
-        federation_client,
+        federation_client.clone(),
         keys.clone(),
         server_keys.clone(),
         outbox.clone(),
         config.is_federation_enabled(),
     ));
-    let transactions = Arc::new(Transactions::new(db.clone(), rooms.clone(), keys.clone(), outbox));
+    let gap_fill = Arc::new(GapFill::new(rooms.clone(), keys.clone(), federation_client));
+    let transactions = Arc::new(Transactions::new(db.clone(), rooms.clone(), keys.clone(), outbox, gap_fill));
 
     let limits = &config.rate_limits;
     let enabled = |limit| limits.enabled.then_some(limit);

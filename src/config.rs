@@ -246,6 +246,9 @@ pub struct FederationConfig {
     pub well_known_server: Option<String>,
     /// Notaries asked for other servers' keys before the servers themselves.
     pub trusted_key_servers: Vec<OwnedServerName>,
+    /// PDUs kept queued for an unreachable server before its queue is cut down to the newest
+    /// event of each room (it fetches the rest itself when it returns).
+    pub max_queued_per_destination: usize,
 }
 
 impl Default for FederationConfig {
@@ -260,6 +263,7 @@ impl Default for FederationConfig {
             allow_private_destinations: false,
             well_known_server: None,
             trusted_key_servers: Vec::new(),
+            max_queued_per_destination: 1000,
         }
     }
 }

@@ -9,7 +9,14 @@
 //! a request from that server ([`Outbox::peer_seen`]) ends the wait at once. This module must not
 //! know about rooms: its caller decides the destinations.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use parking_lot::Mutex;
 use ruma::{
@@ -34,17 +41,51 @@ struct Wakers {
     work: Notify,
     /// The destination contacted us: it is up again, so a backoff ends.
     peer_up: Notify,
+    /// Its last transaction failed: the queue may be growing past its bound.
+    failing: AtomicBool,
 }
 
 pub struct Outbox {
     db: Db,
     client: Arc<FederationClient>,
     senders: Mutex<HashMap<OwnedServerName, Arc<Wakers>>>,
+    /// PDUs an unreachable destination's queue holds before it is cut down to the newest PDU of
+    /// each room (catch-up: the destination pulls the rest with get_missing_events/backfill).
+    max_queued: i64,
+}
+
+/// The `room_id` of a PDU's JSON.
+fn room_of(pdu_json: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct RoomOnly {
+        room_id: String,
+    }
+    serde_json::from_str::<RoomOnly>(pdu_json).ok().map(|pdu| pdu.room_id)
 }
 
 impl Outbox {
-    pub fn new(db: Db, client: Arc<FederationClient>) -> Arc<Outbox> {
-        Arc::new(Outbox { db, client, senders: Mutex::new(HashMap::new()) })
+    pub fn new(db: Db, client: Arc<FederationClient>, max_queued: usize) -> Arc<Outbox> {
+        Arc::new(Outbox {
+            db,
+            client,
+            senders: Mutex::new(HashMap::new()),
+            max_queued: i64::try_from(max_queued).unwrap_or(i64::MAX),
+        })
+    }
+
+    /// Cuts an unreachable destination's queue down to the newest PDU of each room once it
+    /// holds more than the bound: a server gone for long must not make ours grow without end.
+    async fn bound_queue(&self, destination: &ServerName) {
+        match self.db.outbound_count(destination.as_str()).await {
+            Ok(count) if count > self.max_queued => match self.db.compact_outbound(destination.as_str()).await {
+                Ok(dropped) => {
+                    tracing::info!(%destination, queued = count, dropped, "catch-up: kept the newest event per room")
+                }
+                Err(err) => tracing::warn!(%destination, %err, "cannot cut down the federation queue"),
+            },
+            Ok(_) => {}
+            Err(err) => tracing::warn!(%destination, %err, "cannot count the federation queue"),
+        }
     }
 
     /// Starts a sender for every destination that still has PDUs queued (after a restart).
@@ -67,12 +108,18 @@ impl Outbox {
             return;
         }
         let names: Vec<String> = destinations.iter().map(|d| d.to_string()).collect();
-        if let Err(err) = self.db.enqueue_outbound(&names, event_id, pdu_json, crate::service::now_ms()).await {
+        let room_id = room_of(pdu_json);
+        let now = crate::service::now_ms();
+        if let Err(err) = self.db.enqueue_outbound(&names, room_id.as_deref(), event_id, pdu_json, now).await {
             tracing::error!(%err, %event_id, "cannot queue an event for other servers");
             return;
         }
         for destination in destinations {
-            self.wakers(destination).work.notify_one();
+            let wakers = self.wakers(destination);
+            if wakers.failing.load(Ordering::Relaxed) {
+                self.bound_queue(destination).await;
+            }
+            wakers.work.notify_one();
         }
     }
 
@@ -129,12 +176,18 @@ async fn run_sender(outbox: Arc<Outbox>, destination: OwnedServerName, wakers: A
     let mut backoff = FIRST_BACKOFF;
     loop {
         match outbox.send_batch(&destination).await {
-            Ok(true) => backoff = FIRST_BACKOFF,
+            Ok(true) => {
+                backoff = FIRST_BACKOFF;
+                wakers.failing.store(false, Ordering::Relaxed);
+            }
             Ok(false) => {
+                wakers.failing.store(false, Ordering::Relaxed);
                 let _ = tokio::time::timeout(IDLE_RECHECK, wakers.work.notified()).await;
             }
             Err(err) => {
                 tracing::info!(%destination, %err, retry_in_ms = backoff.as_millis() as u64, "transaction failed");
+                wakers.failing.store(true, Ordering::Relaxed);
+                outbox.bound_queue(&destination).await;
                 let _ = tokio::time::timeout(backoff, wakers.peer_up.notified()).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }

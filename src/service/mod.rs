@@ -6,6 +6,7 @@ pub mod account_data;
 pub mod aliases;
 pub mod ephemeral;
 pub mod filter;
+pub mod gap_fill;
 pub mod joins;
 pub mod notifications;
 pub mod profiles;

@@ -20,6 +20,7 @@ use crate::{
     federation::{keys::Keys, outbox::Outbox},
     matrix::pdu::Pdu,
     service::{
+        gap_fill::GapFill,
         now_ms,
         rooms::{Rooms, receive::Outcome},
     },
@@ -44,6 +45,7 @@ pub struct Transactions {
     rooms: Arc<Rooms>,
     keys: Arc<Keys>,
     outbox: Arc<Outbox>,
+    gap_fill: Arc<GapFill>,
     /// Per origin, the lock its transactions are processed under, so a retry arriving meanwhile
     /// waits for the first answer (a server sends one transaction at a time anyway).
     in_flight: parking_lot::Mutex<HashMap<OwnedServerName, Arc<tokio::sync::Mutex<()>>>>,
@@ -59,12 +61,19 @@ fn room_of(object: &CanonicalJsonObject) -> Option<OwnedRoomId> {
 }
 
 impl Transactions {
-    pub fn new(db: Db, rooms: Arc<Rooms>, keys: Arc<Keys>, outbox: Arc<Outbox>) -> Transactions {
+    pub fn new(
+        db: Db,
+        rooms: Arc<Rooms>,
+        keys: Arc<Keys>,
+        outbox: Arc<Outbox>,
+        gap_fill: Arc<GapFill>,
+    ) -> Transactions {
         Transactions {
             db,
             rooms,
             keys,
             outbox,
+            gap_fill,
             in_flight: parking_lot::Mutex::new(HashMap::new()),
             last_pruned: std::sync::atomic::AtomicI64::new(0),
         }
@@ -121,7 +130,7 @@ impl Transactions {
                     results.insert(pdu.event_id, Err("denied by the room's server ACL".to_owned()));
                     continue;
                 }
-                let result = self.receive_one(origin, &room_id, object, &handle.rules).await;
+                let result = self.receive_one(origin, &room_id, object).await;
                 results.insert(pdu.event_id, result);
             }
         }
@@ -211,15 +220,12 @@ impl Transactions {
         origin: &ServerName,
         room_id: &RoomId,
         object: CanonicalJsonObject,
-        rules: &ruma::room_version_rules::RoomVersionRules,
     ) -> std::result::Result<(), String> {
-        let keys = self.keys.public_key_map_for_event(&object, &rules.signatures).await?;
-        match self.rooms.receive_pdu(origin, room_id, object, &keys, Vec::new()).await {
+        match self.gap_fill.receive(origin, room_id, object).await {
             Ok(Outcome::Accepted { .. } | Outcome::AlreadyKnown { .. }) => Ok(()),
             Ok(Outcome::SoftFailed { .. }) => Err("soft-failed: not allowed by the room's current state".to_owned()),
             Ok(Outcome::Rejected { reason, .. }) => Err(format!("rejected: {reason}")),
             Ok(Outcome::Dropped { reason }) => Err(format!("dropped: {reason}")),
-            // TODO(issue 9): fetch the missing events (get_missing_events) instead of failing.
             Ok(Outcome::MissingEvents { missing, .. }) => Err(format!("missing prev or auth events: {missing:?}")),
             Err(err) => Err(err.to_string()),
         }

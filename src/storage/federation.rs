@@ -11,10 +11,11 @@ pub struct OutboxRow {
 }
 
 impl Db {
-    /// Queues one PDU for each destination, in one transaction.
+    /// Queues one PDU (of `room_id`) for each destination, in one transaction.
     pub async fn enqueue_outbound(
         &self,
         destinations: &[String],
+        room_id: Option<&str>,
         event_id: &str,
         pdu_json: &str,
         now: i64,
@@ -23,10 +24,11 @@ impl Db {
             let mut tx = pool.begin().await?;
             for destination in destinations {
                 sqlx::query(
-                    "INSERT INTO federation_outbox (destination, event_id, pdu_json, queued_ts) \
-                     VALUES ($1, $2, $3, $4)",
+                    "INSERT INTO federation_outbox (destination, room_id, event_id, pdu_json, queued_ts) \
+                     VALUES ($1, $2, $3, $4, $5)",
                 )
                 .bind(destination)
+                .bind(room_id)
                 .bind(event_id)
                 .bind(pdu_json)
                 .bind(now)
@@ -63,6 +65,33 @@ impl Db {
                 .await?;
         });
         Ok(())
+    }
+
+    /// How many PDUs are queued for `destination`.
+    pub async fn outbound_count(&self, destination: &str) -> StorageResult<i64> {
+        let (count,): (i64,) = on_reader!(self, pool => {
+            sqlx::query_as("SELECT COUNT(*) FROM federation_outbox WHERE destination = $1")
+                .bind(destination)
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(count)
+    }
+
+    /// Keeps of `destination`'s queue only the newest PDU of each room (rows without a room are
+    /// kept); how many rows went.
+    pub async fn compact_outbound(&self, destination: &str) -> StorageResult<u64> {
+        let done = on_writer!(self, pool => {
+            sqlx::query(
+                "DELETE FROM federation_outbox WHERE destination = $1 AND room_id IS NOT NULL AND id NOT IN \
+                 (SELECT MAX(id) FROM federation_outbox WHERE destination = $1 AND room_id IS NOT NULL GROUP BY room_id)",
+            )
+            .bind(destination)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(done)
     }
 
     /// Every destination with something queued.

@@ -430,6 +430,89 @@ impl Rooms {
         .map_err(|err| Error::Internal(format!("receiving failed: {err}")))?
     }
 
+    /// Whether `event_id` has its place in the room graph: in the timeline, or rejected (a
+    /// rejected event is a known point of the graph too). Outliers do not count.
+    pub async fn is_placed(&self, event_id: &EventId) -> Result<bool> {
+        Ok(self.timeline_event(event_id).await?.is_some() || self.db.rejected(event_id).await?.is_some())
+    }
+
+    /// The room's forward extremities now (waits for a write in progress).
+    pub async fn forward_extremities(&self, room_id: &RoomId) -> Result<Vec<OwnedEventId>> {
+        let handle = self.handle(room_id).await?;
+        let writer = handle.writer.lock().await;
+        Ok(writer.extremities.iter().map(|(id, _)| id.clone()).collect())
+    }
+
+    /// The state map of the stored events `ids` (outliers included), keyed by type and state key;
+    /// unknown and non-state events are left out.
+    pub async fn state_map_of(&self, ids: &[OwnedEventId]) -> Result<StateMap> {
+        let wanted: Vec<&EventId> = ids.iter().map(|id| &**id).collect();
+        let events = self.pdus_by_id(&wanted).await?;
+        Ok(events
+            .values()
+            .filter_map(|pdu| {
+                let state_key = pdu.state_key.clone()?;
+                Some(((pdu.event_type.to_string(), state_key), pdu.event_id.clone()))
+            })
+            .collect())
+    }
+
+    /// The state before an event of `room_id` with prev events `prevs`, some of which this server
+    /// does not hold: `remote` is, for each of those, the state after it as another server gave it
+    /// (its events stored); for the prevs we hold, the state after each is ours. One state is
+    /// the answer; several are resolved.
+    pub async fn state_across_gap(
+        &self,
+        room_id: &RoomId,
+        prevs: &[OwnedEventId],
+        remote: Vec<StateMap>,
+    ) -> Result<StateMap> {
+        let handle = self.handle(room_id).await?;
+        let mut states: Vec<Arc<StateMap>> = remote.into_iter().map(Arc::new).collect();
+        for prev in prevs {
+            if self.is_placed(prev).await? {
+                states.push(self.state_after_event(prev).await?);
+            }
+        }
+        if states.is_empty() {
+            return Err(Error::Internal("no state known before the event".to_owned()));
+        }
+        self.resolve_states(&handle, &states, &EventMap::new()).await
+    }
+
+    /// Receives a PDU of a room this server is in, some of whose prev events it does not hold,
+    /// with `state` as the state before it (worked out by [`Rooms::state_across_gap`], every
+    /// event of it stored). It gets the checks on receipt with that state; it joins the forward
+    /// extremities without replacing those it does not cite, and the history behind it stays a
+    /// gap until backfill fills it.
+    pub async fn receive_with_state_before(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        pdu: CanonicalJsonObject,
+        keys: &PublicKeyMap,
+        state: StateMap,
+    ) -> Result<Outcome> {
+        let handle = self.handle(room_id).await?;
+        let checked = match self.screen(origin, room_id, &handle, pdu, keys).await? {
+            Ok(checked) => checked,
+            Err(outcome) => return Ok(outcome),
+        };
+        let event_id = checked.pdu.event_id.clone();
+        match self.check_auth_events(&handle, &checked.pdu, &EventMap::new()).await? {
+            Ok(()) => {}
+            Err(Ok(missing)) => return Ok(Outcome::MissingEvents { event_id, missing }),
+            Err(Err(reason)) => return self.reject(&checked.pdu, format!("auth events: {reason}"), None).await,
+        }
+        let rooms = self.me.upgrade().ok_or_else(|| Error::Internal("the rooms service has stopped".to_owned()))?;
+        tokio::spawn(async move {
+            let mut writer = handle.writer.lock().await;
+            rooms.place_with_state(&handle, &mut writer, checked, state).await
+        })
+        .await
+        .map_err(|err| Error::Internal(format!("receiving failed: {err}")))?
+    }
+
     /// Steps 5 and 6 and persistence for [`Rooms::receive_with_state`], with the writer held.
     async fn place_with_state(
         &self,
