@@ -23,7 +23,7 @@ crate::backend_tests!(
 );
 
 /// The bodies of the room's messages on a server, oldest first, read back with `/messages`.
-async fn history(server: &TestServer, account: &Account, room: &str) -> Vec<String> {
+pub(crate) async fn history(server: &TestServer, account: &Account, room: &str) -> Vec<String> {
     let mut bodies = Vec::new();
     let mut from: Option<String> = None;
     for _ in 0..50 {
@@ -46,7 +46,7 @@ async fn history(server: &TestServer, account: &Account, room: &str) -> Vec<Stri
 
 /// Waits until `server` holds every one of `wanted` (in its history), at most `secs` seconds;
 /// returns its history then.
-async fn wait_for_history(
+pub(crate) async fn wait_for_history(
     server: &TestServer,
     account: &Account,
     room: &str,

@@ -335,3 +335,96 @@ async fn matrix_nio_users_on_hearth_and_synapse_invite_join_chat_and_leave() {
         synapse.log_tail()
     );
 }
+
+/// Messages on Synapse, oldest first, as its `/messages` pages back (up to 500).
+async fn synapse_history(synapse: &SynapsePeer, token: &str, room: &str) -> Vec<String> {
+    let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=500", enc(room));
+    let (status, body) = synapse.request(Method::GET, &path, token, None).await;
+    assert_eq!(status, 200, "{body}");
+    let mut bodies: Vec<String> = body["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect();
+    bodies.reverse();
+    bodies
+}
+
+/// An outage of Hearth: Synapse users send 30 messages while Hearth is down. When it is back,
+/// Synapse retries with only the room's newest event (its catch-up), and Hearth fills the gap
+/// behind it from Synapse with `get_missing_events`: all 30 reach Hearth's user, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts a Synapse; run by .ci/run with --ignored"]
+async fn hearth_down_while_synapse_users_send_fills_the_gap_when_back() {
+    let Some((_net, mut hearth, synapse)) = hearth_and_synapse().await else { return skipped("port 8448") };
+    let alice = hearth.server.register("alice").await;
+    let sam = synapse.register("sam").await;
+    let (status, created) = synapse
+        .request(Method::POST, "/_matrix/client/v3/createRoom", &sam, Some(json!({"preset": "public_chat"})))
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let join = format!("/_matrix/client/v3/join/{}?server_name=synapse.test", enc(&room));
+    let (status, joined) = hearth.server.post(&join, Some(&alice.access_token), json!({})).await;
+    assert_eq!(status, 200, "{joined}");
+
+    hearth.server.stop();
+    let sent: Vec<String> = (0..30).map(|i| format!("while hearth is down {i:02}")).collect();
+    for (i, text) in sent.iter().enumerate() {
+        let send = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/down{i}", enc(&room));
+        let (status, body) =
+            synapse.request(Method::PUT, &send, &sam, Some(json!({"msgtype": "m.text", "body": text}))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    hearth.server.restart();
+    let bodies = crate::gaps::wait_for_history(&hearth.server, &alice, &room, &sent, 120).await;
+    let arrived: Vec<&String> = bodies.iter().filter(|b| b.starts_with("while hearth is down")).collect();
+    assert_eq!(arrived, sent.iter().collect::<Vec<_>>(), "all 30, once each, in order");
+    // And the room goes on both ways.
+    hearth.server.send_text(&alice, &room, "hearth is back").await;
+    synapse.wait_for_message(&sam, &room, "hearth is back").await;
+}
+
+/// An outage of Synapse: Hearth users send while Synapse is down; when it is back, Hearth's
+/// queue delivers what Synapse missed (and Synapse may pull the rest from Hearth): every message
+/// reaches Synapse's user, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts a Synapse; run by .ci/run with --ignored"]
+async fn synapse_down_while_hearth_users_send_gets_every_message_when_back() {
+    let Some((_net, hearth, mut synapse)) = hearth_and_synapse().await else { return skipped("port 8448") };
+    let alice = hearth.server.register("alice").await;
+    let sam = synapse.register("sam").await;
+    let room = hearth.server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let join = format!("/_matrix/client/v3/join/{}?server_name=hearth.test", enc(&room));
+    let (status, joined) = synapse.request(Method::POST, &join, &sam, Some(json!({}))).await;
+    assert_eq!(status, 200, "{joined}\n{}", synapse.log_tail());
+
+    synapse.stop();
+    let sent: Vec<String> = (0..30).map(|i| format!("while synapse is down {i:02}")).collect();
+    for text in &sent {
+        hearth.server.send_text(&alice, &room, text).await;
+    }
+    synapse.restart().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let bodies = synapse_history(&synapse, &sam, &room).await;
+        let arrived: Vec<&String> = bodies.iter().filter(|b| b.starts_with("while synapse is down")).collect();
+        if arrived.len() == sent.len() {
+            assert_eq!(arrived, sent.iter().collect::<Vec<_>>(), "all 30, once each, in order");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of 30 reached Synapse:\n{}",
+            arrived.len(),
+            synapse.log_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let send = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/back", enc(&room));
+    let (status, _) =
+        synapse.request(Method::PUT, &send, &sam, Some(json!({"msgtype": "m.text", "body": "synapse is back"}))).await;
+    assert_eq!(status, 200);
+    hearth.server.sync_until(&alice, None, |response| timeline_has(response, &room, "synapse is back")).await;
+}

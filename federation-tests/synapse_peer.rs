@@ -26,6 +26,8 @@ pub struct SynapsePeer {
     pub http: reqwest::Client,
     child: Child,
     dir: tempfile::TempDir,
+    /// `SYNAPSE_TEST_HOSTS` for launch.py: the names it resolves in-process.
+    hosts: String,
 }
 
 fn repo() -> &'static Path {
@@ -48,6 +50,21 @@ fn install() {
         assert!(status.success(), "benches/synapse/setup.sh failed");
         *installed = true;
     }
+}
+
+/// Runs Synapse on the configuration in `data`, its output appended to `data/synapse.out`.
+fn launch_synapse(data: &Path, hosts: &str) -> Child {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(data.join("synapse.out")).unwrap();
+    Command::new(python())
+        .arg(repo().join("federation-tests/synapse/launch.py"))
+        .arg("--config-path")
+        .arg(data.join("homeserver.yaml"))
+        .env("SYNAPSE_TEST_HOSTS", hosts)
+        .current_dir(data)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("starts Synapse")
 }
 
 impl SynapsePeer {
@@ -95,17 +112,8 @@ impl SynapsePeer {
             .expect("runs Synapse to generate its keys");
         assert!(status.success(), "Synapse could not generate its keys");
         let hosts: Vec<String> = hosts.iter().map(|(name, ip)| format!("{name}={ip}")).collect();
-        let out = std::fs::File::create(data.join("synapse.out")).unwrap();
-        let child = Command::new(python())
-            .arg(&launch)
-            .arg("--config-path")
-            .arg(&config)
-            .env("SYNAPSE_TEST_HOSTS", hosts.join(","))
-            .current_dir(data)
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("starts Synapse");
+        let hosts = hosts.join(",");
+        let child = launch_synapse(data, &hosts);
         let ca = std::fs::read(net.ca_path()).unwrap();
         let http = reqwest::Client::builder()
             .tls_certs_only(reqwest::Certificate::from_pem_bundle(&ca).unwrap())
@@ -114,9 +122,22 @@ impl SynapsePeer {
             .timeout(Duration::from_secs(60))
             .build()
             .unwrap();
-        let mut peer = SynapsePeer { name: name.to_owned(), addr, http, child, dir };
+        let mut peer = SynapsePeer { name: name.to_owned(), addr, http, child, dir, hosts };
         peer.wait_until_up().await;
         peer
+    }
+
+    /// Stops Synapse (the process this peer started, by its pid) and waits for it to end.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts Synapse again on the same data directory, and waits until it answers.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.child = launch_synapse(self.dir.path(), &self.hosts);
+        self.wait_until_up().await;
     }
 
     pub fn url(&self, path: &str) -> String {
