@@ -30,6 +30,7 @@ mod invites;
 mod joins;
 mod keys;
 mod membership;
+mod partition;
 mod public_rooms;
 mod synapse_peer;
 

@@ -107,16 +107,16 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant, lock: &mut 
     let app = router::build(state.clone());
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let header_timeout = Duration::from_secs(config.limits.header_read_timeout_secs);
     let mut servers = tokio::task::JoinSet::new();
     for listener in listeners {
         let app = app.clone();
         let mut shutdown = shutdown_rx.clone();
         servers.spawn(async move {
-            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async move {
-                    let _ = shutdown.wait_for(|stop| *stop).await;
-                })
-                .await
+            let stop = async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            };
+            crate::api::serve::serve(listener, app, true, header_timeout, stop).await
         });
     }
     let federation_app = router::build_federation(state.clone());
@@ -130,14 +130,12 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant, lock: &mut 
             Some(tls) => {
                 let listener = TlsListener::new(listener, tls)
                     .map_err(|err| AppError(format!("cannot listen for federation: {err}")))?;
-                servers.spawn(async move {
-                    axum::serve(listener, app.into_make_service()).with_graceful_shutdown(stop).await
-                });
+                servers
+                    .spawn(async move { crate::api::serve::serve(listener, app, false, header_timeout, stop).await });
             }
             None => {
-                servers.spawn(async move {
-                    axum::serve(listener, app.into_make_service()).with_graceful_shutdown(stop).await
-                });
+                servers
+                    .spawn(async move { crate::api::serve::serve(listener, app, false, header_timeout, stop).await });
             }
         }
     }

@@ -145,6 +145,9 @@ pub struct LimitsConfig {
     /// A request not answered within this time gets 504 (a `/sync` long-poll may take its own
     /// timeout, at most 120 s, on top; a WebSocket is not a request once upgraded).
     pub request_timeout_secs: u64,
+    /// A client must send a request's headers within this time, or its connection is closed
+    /// (slow-loris clients cannot hold connections open).
+    pub header_read_timeout_secs: u64,
     /// Requests served at once (long-polling `/sync` and WebSockets aside); more are refused at
     /// once with 503 `M_LIMIT_EXCEEDED` rather than queued, so an overload cannot pile up.
     pub max_concurrent_requests: usize,
@@ -368,7 +371,12 @@ impl Default for RateLimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { max_request_body_bytes: 1024 * 1024, request_timeout_secs: 60, max_concurrent_requests: 512 }
+        LimitsConfig {
+            max_request_body_bytes: 1024 * 1024,
+            request_timeout_secs: 60,
+            header_read_timeout_secs: 20,
+            max_concurrent_requests: 512,
+        }
     }
 }
 
@@ -529,6 +537,9 @@ impl Config {
         }
         if self.limits.request_timeout_secs == 0 {
             return bad("limits.request_timeout_secs", "must be at least 1");
+        }
+        if self.limits.header_read_timeout_secs == 0 {
+            return bad("limits.header_read_timeout_secs", "must be at least 1");
         }
         if self.limits.max_concurrent_requests == 0 {
             return bad("limits.max_concurrent_requests", "must be at least 1");

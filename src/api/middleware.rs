@@ -24,7 +24,12 @@ use crate::{
 pub async fn buffer_body(State(info): State<Arc<ServerInfo>>, request: Request, next: Next) -> Response {
     let limit = info.max_request_body_bytes;
     let (mut parts, body) = request.into_parts();
-    let bytes = match axum::body::to_bytes(body, limit).await {
+    // A body trickling in must not hold the connection past the request's deadline.
+    let read = tokio::time::timeout(info.request_timeout, axum::body::to_bytes(body, limit)).await;
+    let Ok(read) = read else {
+        return Error::TimedOut.into_response();
+    };
+    let bytes = match read {
         Ok(bytes) => bytes,
         Err(err) => {
             let too_large =

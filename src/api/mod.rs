@@ -10,6 +10,7 @@ pub mod federation;
 pub mod middleware;
 pub mod respond;
 pub mod router;
+pub mod serve;
 pub mod ws;
 
 use std::sync::Arc;

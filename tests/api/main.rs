@@ -22,6 +22,7 @@ mod rooms;
 mod scale;
 mod sdk;
 mod sdk_venv;
+mod slow_clients;
 mod startup;
 mod sync;
 mod websocket;
