@@ -16,6 +16,7 @@ mod sdk_venv;
 mod dns;
 mod testnet;
 
+mod abuse;
 mod auth;
 mod bench;
 mod config;
