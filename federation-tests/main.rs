@@ -23,6 +23,7 @@ mod devices;
 mod discovery;
 mod forks;
 mod graph;
+mod history;
 mod hostile;
 mod interop;
 mod invites;
