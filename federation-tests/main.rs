@@ -25,6 +25,7 @@ mod discovery;
 mod forks;
 mod gaps;
 mod graph;
+mod history;
 mod hostile;
 mod interop;
 mod invites;

@@ -252,6 +252,11 @@ fn graph_routes(mut router: Router<AppState>) -> Router<AppState> {
     router = endpoint::<event::get_room_state::v1::Request, _, _>(router, federation::events::state);
     router = endpoint::<event::get_room_state_ids::v1::Request, _, _>(router, federation::events::state_ids);
     router = endpoint::<get_event_authorization::v1::Request, _, _>(router, federation::events::event_auth);
+    router = endpoint::<ruma::api::federation::backfill::get_backfill::v1::Request, _, _>(
+        router,
+        federation::events::backfill,
+    );
+    router = endpoint::<event::get_missing_events::v1::Request, _, _>(router, federation::events::missing_events);
     router =
         endpoint::<ruma::api::federation::device::get_devices::v1::Request, _, _>(router, federation::device::devices);
     router

@@ -1,6 +1,7 @@
 //! Serving the room graph (Server-Server API "Retrieving events"): one event, the state before
-//! an event (full or as IDs) and an event's auth chain, each only to a server the room's ACL
-//! allows and history visibility lets see the event (`Rooms::server_view`).
+//! an event (full or as IDs), an event's auth chain and walks back through history (`/backfill`,
+//! `/get_missing_events`), each only to a server the room's ACL allows and history visibility
+//! lets see the event (`Rooms::server_view`).
 
 use std::sync::Arc;
 
@@ -9,7 +10,8 @@ use ruma::{
     MilliSecondsSinceUnixEpoch,
     api::federation::{
         authorization::get_event_authorization,
-        event::{get_event, get_room_state, get_room_state_ids},
+        backfill::get_backfill,
+        event::{get_event, get_missing_events, get_room_state, get_room_state_ids},
     },
 };
 use serde_json::value::RawValue;
@@ -75,4 +77,41 @@ pub async fn event_auth(
 ) -> ApiResult<get_event_authorization::v1::Response> {
     let auth_chain = rooms.event_auth_for_server(&origin, &req.room_id, &req.event_id).await?;
     Ok(get_event_authorization::v1::Response::new(pdus_json(&auth_chain)?).into())
+}
+
+/// `GET /_matrix/federation/v1/backfill/{roomId}`
+pub async fn backfill(
+    State(rooms): State<Arc<Rooms>>,
+    State(info): State<Arc<ServerInfo>>,
+    Origin(origin): Origin,
+    Ruma(req): Ruma<get_backfill::v1::Request>,
+) -> ApiResult<get_backfill::v1::Response> {
+    let limit = usize::try_from(u64::from(req.limit)).unwrap_or(usize::MAX);
+    let events = rooms.backfill_for_server(&origin, &req.room_id, &req.v, limit).await?;
+    Ok(get_backfill::v1::Response::new(
+        info.server_name.clone(),
+        MilliSecondsSinceUnixEpoch::now(),
+        pdus_json(&events)?,
+    )
+    .into())
+}
+
+/// `POST /_matrix/federation/v1/get_missing_events/{roomId}`
+pub async fn missing_events(
+    State(rooms): State<Arc<Rooms>>,
+    Origin(origin): Origin,
+    Ruma(req): Ruma<get_missing_events::v1::Request>,
+) -> ApiResult<get_missing_events::v1::Response> {
+    let limit = usize::try_from(u64::from(req.limit)).unwrap_or(usize::MAX);
+    let events = rooms
+        .missing_events_for_server(
+            &origin,
+            &req.room_id,
+            &req.earliest_events,
+            &req.latest_events,
+            limit,
+            u64::from(req.min_depth),
+        )
+        .await?;
+    Ok(get_missing_events::v1::Response::new(pdus_json(&events)?).into())
 }

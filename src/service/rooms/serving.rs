@@ -1,12 +1,15 @@
 //! Serving a room's graph to other servers (Server-Server API "Retrieving events", `/event`,
-//! `/state`, `/state_ids`, `/event_auth`): which server may see which event, the state before an
-//! event with its auth chain, and server ACLs (`m.room.server_acl`), which every inbound request
-//! about a room must pass.
+//! `/state`, `/state_ids`, `/event_auth`, `/backfill`, `/get_missing_events`): which server may
+//! see which event, the state before an event with its auth chain, walks back through the graph,
+//! and server ACLs (`m.room.server_acl`), which every inbound request about a room must pass.
 //!
 //! Nothing here does network I/O or takes a room's writer lock: everything is read from stored
 //! events and state groups.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::{BinaryHeap, HashMap, HashSet},
+    sync::Arc,
+};
 
 use ruma::{
     EventId, OwnedEventId, RoomId, ServerName, UserId,
@@ -20,6 +23,10 @@ use crate::error::{Error, Result};
 /// Auth chains longer than this are refused rather than walked (a room's auth chain is its
 /// create, power-level, join-rule and member events: thousands in the largest rooms).
 const MAX_AUTH_CHAIN: usize = 100_000;
+
+/// At most this many events per `/backfill` or `/get_missing_events` answer, whatever was asked
+/// (Synapse caps backfill at 100 too): a peer pages on with the oldest events it got.
+pub const MAX_HISTORY_PAGE: usize = 100;
 
 /// What a server may receive of an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +79,11 @@ impl Rooms {
         // The state at the event: after it for a state event (a join is visible to the joiner),
         // before it otherwise — the two only differ by the event itself.
         let group = if event.is_outlier() { 0 } else { event.state_after };
+        self.server_view_at(server, group).await
+    }
+
+    /// [`Rooms::server_view`] of any event whose state (after it) is `group`.
+    async fn server_view_at(&self, server: &ServerName, group: i64) -> Result<ServerView> {
         let visibility = self
             .state_event_at(group, "m.room.history_visibility", "")
             .await?
@@ -195,5 +207,178 @@ impl Rooms {
             chain.push(create);
         }
         Ok(chain)
+    }
+
+    /// Refuses (403) a server the room's ACL denies or that has no joined member in the room
+    /// now: history is walked only for servers in the room (as Synapse's `assert_host_in_room`).
+    async fn check_server_in_room(&self, room_id: &RoomId, server: &ServerName) -> Result<()> {
+        self.check_server_acl(room_id, server).await?;
+        if !self.streams.members(room_id, "join").iter().any(|user| user.server_name() == server) {
+            return Err(Error::forbidden("Server is not in the room"));
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` (at most [`MAX_HISTORY_PAGE`]) events of `room_id` from `from` backwards
+    /// (`GET /backfill`): the `from` events themselves and their ancestors through
+    /// `prev_events`, deepest first. Unknown `from` events are skipped. An event the server may
+    /// not see (history visibility at it) is served in its redacted form, so the asking server
+    /// can still place it in the graph without its content (Synapse does the same).
+    pub async fn backfill_for_server(
+        &self,
+        server: &ServerName,
+        room_id: &RoomId,
+        from: &[OwnedEventId],
+        limit: usize,
+    ) -> Result<Vec<Arc<StoredEvent>>> {
+        self.check_server_in_room(room_id, server).await?;
+        let limit = limit.min(MAX_HISTORY_PAGE);
+        // A max-heap on (depth, stream position): the walk hands out the newest events first and
+        // reaches every branch of a fork in depth order, as Synapse's backfill does.
+        let mut queue = BinaryHeap::new();
+        let mut seen: HashSet<OwnedEventId> = HashSet::new();
+        for id in from.iter().take(MAX_HISTORY_PAGE) {
+            if seen.insert(id.clone())
+                && let Some(event) = self.history_event(room_id, id).await?
+            {
+                queue.push(HeapEntry(event));
+            }
+        }
+        let mut page = Vec::with_capacity(limit);
+        while page.len() < limit
+            && let Some(HeapEntry(event)) = queue.pop()
+        {
+            for prev in &event.pdu.prev_events {
+                if seen.insert(prev.clone())
+                    && let Some(prev_event) = self.history_event(room_id, prev).await?
+                {
+                    queue.push(HeapEntry(prev_event));
+                }
+            }
+            page.push(event);
+        }
+        self.as_server_sees(server, room_id, page, true).await
+    }
+
+    /// Events of `room_id` before `latest` and after `earliest` (`POST /get_missing_events`):
+    /// the ancestors of the `latest` events through `prev_events` (the `latest` events
+    /// themselves not included), not walking past an `earliest` event nor below `min_depth`, at
+    /// most `limit` (capped at [`MAX_HISTORY_PAGE`]) of the nearest ones, oldest first. Events the
+    /// server may not see in full are left out (Synapse does the same here).
+    pub async fn missing_events_for_server(
+        &self,
+        server: &ServerName,
+        room_id: &RoomId,
+        earliest: &[OwnedEventId],
+        latest: &[OwnedEventId],
+        limit: usize,
+        min_depth: u64,
+    ) -> Result<Vec<Arc<StoredEvent>>> {
+        self.check_server_in_room(room_id, server).await?;
+        let limit = limit.min(MAX_HISTORY_PAGE);
+        let mut seen: HashSet<OwnedEventId> = earliest.iter().take(MAX_HISTORY_PAGE).cloned().collect();
+        let mut queue = BinaryHeap::new();
+        for id in latest.iter().take(MAX_HISTORY_PAGE) {
+            if seen.insert(id.clone())
+                && let Some(event) = self.history_event(room_id, id).await?
+            {
+                queue.push(HeapEntry(event));
+            }
+        }
+        let mut found = Vec::with_capacity(limit);
+        // The latest events are where the walk starts, not part of the answer.
+        let mut is_start: HashSet<OwnedEventId> = latest.iter().cloned().collect();
+        while found.len() < limit
+            && let Some(HeapEntry(event)) = queue.pop()
+        {
+            if event.pdu.depth < min_depth {
+                continue;
+            }
+            for prev in &event.pdu.prev_events {
+                if seen.insert(prev.clone())
+                    && let Some(prev_event) = self.history_event(room_id, prev).await?
+                {
+                    queue.push(HeapEntry(prev_event));
+                }
+            }
+            if !is_start.remove(&event.pdu.event_id) {
+                found.push(event);
+            }
+        }
+        found.sort_by_key(|event| (event.pdu.depth, event.stream_pos));
+        self.as_server_sees(server, room_id, found, false).await
+    }
+
+    /// A timeline event of `room_id` for a walk through history: `None` for unknown events,
+    /// outliers and events of other rooms (a peer may name any event ID).
+    async fn history_event(&self, room_id: &RoomId, event_id: &EventId) -> Result<Option<Arc<StoredEvent>>> {
+        Ok(self.timeline_event(event_id).await?.filter(|event| event.pdu.room_id == room_id))
+    }
+
+    /// `events` as `server` may receive them: in full where history visibility allows, else
+    /// redacted (`redact_hidden`) or left out.
+    async fn as_server_sees(
+        &self,
+        server: &ServerName,
+        room_id: &RoomId,
+        events: Vec<Arc<StoredEvent>>,
+        redact_hidden: bool,
+    ) -> Result<Vec<Arc<StoredEvent>>> {
+        let rules = self.handle(room_id).await?.rules.clone();
+        // Runs of messages share a state group: decide once per group.
+        let mut views: HashMap<i64, Option<ServerView>> = HashMap::new();
+        let mut served = Vec::with_capacity(events.len());
+        for event in events {
+            let view = match views.get(&event.state_after) {
+                Some(view) => *view,
+                None => {
+                    let view = match self.server_view_at(server, event.state_after).await {
+                        Ok(view) => Some(view),
+                        Err(Error::Forbidden(_)) => None,
+                        Err(err) => return Err(err),
+                    };
+                    views.insert(event.state_after, view);
+                    view
+                }
+            };
+            match view {
+                Some(ServerView::Full) => served.push(event),
+                Some(ServerView::Redacted) | None if redact_hidden => {
+                    let pdu = event.pdu.redacted(&rules).map_err(Error::Internal)?;
+                    served.push(Arc::new(StoredEvent { pdu, ..(*event).clone() }));
+                }
+                Some(ServerView::Redacted) | None => {}
+            }
+        }
+        Ok(served)
+    }
+}
+
+/// An event ordered by its place in the graph: depth, then arrival.
+struct HeapEntry(Arc<StoredEvent>);
+
+impl HeapEntry {
+    fn key(&self) -> (u64, i64) {
+        (self.0.pdu.depth, self.0.stream_pos)
+    }
+}
+
+impl PartialEq for HeapEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for HeapEntry {}
+
+impl PartialOrd for HeapEntry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for HeapEntry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
     }
 }

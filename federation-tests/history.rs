@@ -1,0 +1,165 @@
+//! History across servers, served side: `/backfill` and `/get_missing_events` walk back through a
+//! room's graph only for a server in the room that its ACL allows, capped per request, and hand
+//! out events from before that server's users joined a `joined`-visibility room without their
+//! content (`/backfill`: redacted, so the graph stays walkable; `/get_missing_events`: left out,
+//! as Synapse does). The requests are signed as server B by the test itself, with B's key.
+
+use serde_json::{Value, json};
+
+use crate::{
+    graph::{get_as, two_servers},
+    harness::{Backend, enc},
+    hostile::bob_joins_alices_room,
+    membership::{event_ids, wait_for_message},
+    testnet::{Peer, TestNet, json as body_of, x_matrix},
+};
+
+crate::backend_tests!(
+    backfill_and_missing_events_hide_history_from_before_the_servers_join,
+    backfill_and_missing_events_are_refused_outside_the_room_and_to_denied_servers,
+);
+
+/// A POST signed by `signer` as its server, sent to `to`.
+async fn post_as(net: &TestNet, to: &Peer, signer: &Peer, uri: &str, body: &Value) -> (u16, Value) {
+    let (client, base) = net.client_for(to);
+    let authorization = x_matrix(&signer.signing_key(), &signer.name, &to.name, "POST", uri, Some(body));
+    body_of(client.post(format!("{base}{uri}")).header("authorization", authorization).json(body).send().await.unwrap())
+        .await
+}
+
+fn backfill_uri(room: &str, from: &[&str], limit: usize) -> String {
+    let v: String = from.iter().map(|id| format!("&v={}", enc(id))).collect();
+    format!("/_matrix/federation/v1/backfill/{}?limit={limit}{v}", enc(room))
+}
+
+fn missing_events_uri(room: &str) -> String {
+    format!("/_matrix/federation/v1/get_missing_events/{}", enc(room))
+}
+
+/// The `body` of each `m.room.message` in `pdus`, in order (`None` for a redacted one).
+fn message_bodies(pdus: &Value) -> Vec<Option<String>> {
+    pdus.as_array()
+        .unwrap()
+        .iter()
+        .filter(|pdu| pdu["type"] == "m.room.message")
+        .map(|pdu| pdu["content"]["body"].as_str().map(str::to_owned))
+        .collect()
+}
+
+async fn backfill_and_missing_events_hide_history_from_before_the_servers_join(backend: Backend) {
+    let net = TestNet::new().await;
+    let (a, b) = two_servers(&net, backend).await;
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let visibility = json!({"type": "m.room.history_visibility", "content": {"history_visibility": "joined"}});
+    let room = a.server.create_room(&alice, json!({"preset": "public_chat", "initial_state": [visibility]})).await;
+    for n in 0..3 {
+        a.server.send_text(&alice, &room, &format!("before {n}")).await;
+    }
+    let (status, body) = b
+        .server
+        .post(&format!("/_matrix/client/v3/join/{}?via=a.test", enc(&room)), Some(&bob.access_token), json!({}))
+        .await;
+    assert_eq!(status, 200, "remote join: {body}");
+    for n in 0..3 {
+        a.server.send_text(&alice, &room, &format!("after {n}")).await;
+    }
+    wait_for_message(&b.server, &bob, &room, "after 2").await;
+    let ids = event_ids(&a.server, &alice, &room).await;
+    let latest = ids.last().unwrap().clone();
+
+    // Backfill from the newest event reaches the create event, newest first; what came before
+    // B's join has no content.
+    let (status, body) = get_as(&net, &a, &b, &backfill_uri(&room, &[&latest], 100)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["origin"], "a.test");
+    let pdus = body["pdus"].as_array().unwrap();
+    assert_eq!(pdus.len(), ids.len(), "every event of the chain: {body}");
+    assert_eq!(pdus.last().unwrap()["type"], "m.room.create", "oldest last: {body}");
+    let depths: Vec<u64> = pdus.iter().map(|p| p["depth"].as_u64().unwrap()).collect();
+    assert!(depths.windows(2).all(|w| w[0] > w[1]), "deepest first: {depths:?}");
+    let bodies = message_bodies(&body["pdus"]);
+    let after: Vec<Option<String>> = (0..3).rev().map(|n| Some(format!("after {n}"))).collect();
+    assert_eq!(bodies, [after, vec![None, None, None]].concat(), "pre-join messages are redacted");
+    assert!(
+        pdus.iter().all(|p| {
+            let origin = p["sender"].as_str().unwrap().split(':').nth(1).unwrap();
+            p["signatures"][origin].is_object() && p["hashes"]["sha256"].is_string()
+        }),
+        "redacted or not, each PDU keeps its signature and hash: {body}"
+    );
+
+    // The limit bounds the page, and the page starts at the `v` events.
+    let (status, body) = get_as(&net, &a, &b, &backfill_uri(&room, &[&latest], 2)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(message_bodies(&body["pdus"]), [Some("after 2".to_owned()), Some("after 1".to_owned())]);
+    // A limit beyond the cap is cut to it, not refused.
+    let (status, body) = get_as(&net, &a, &b, &backfill_uri(&room, &[&latest], 100_000)).await;
+    assert_eq!((status, body["pdus"].as_array().map(Vec::len)), (200, Some(ids.len())), "{body}");
+
+    // get_missing_events: the ancestors of `latest_events`, oldest first, without the latest
+    // events, stopping at `earliest_events`; what B may not see is left out.
+    let earliest = &ids[ids.len() - 3];
+    let request = json!({"earliest_events": [earliest], "latest_events": [latest], "limit": 10});
+    let (status, body) = post_as(&net, &a, &b, &missing_events_uri(&room), &request).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(message_bodies(&body["events"]), [Some("after 1".to_owned())], "{body}");
+    let request = json!({"earliest_events": [], "latest_events": [latest], "limit": 50});
+    let (status, body) = post_as(&net, &a, &b, &missing_events_uri(&room), &request).await;
+    assert_eq!(status, 200, "{body}");
+    let events = body["events"].as_array().unwrap();
+    let depths: Vec<u64> = events.iter().map(|p| p["depth"].as_u64().unwrap()).collect();
+    assert!(depths.windows(2).all(|w| w[0] < w[1]), "oldest first: {depths:?}");
+    assert_eq!(message_bodies(&body["events"]), [Some("after 0".to_owned()), Some("after 1".to_owned())]);
+    assert!(events.iter().all(|e| e["content"]["body"] != "before 0"), "{body}");
+    let bobs_join = events.iter().find(|e| e["type"] == "m.room.member" && e["state_key"] == bob.user_id.as_str());
+    assert!(bobs_join.is_some(), "B's own join is visible to it: {body}");
+    // min_depth: nothing shallower.
+    let min_depth = depths[depths.len() - 1];
+    let request = json!({"earliest_events": [], "latest_events": [latest], "limit": 50, "min_depth": min_depth});
+    let (status, body) = post_as(&net, &a, &b, &missing_events_uri(&room), &request).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(message_bodies(&body["events"]), [Some("after 1".to_owned())], "{body}");
+}
+
+async fn backfill_and_missing_events_are_refused_outside_the_room_and_to_denied_servers(backend: Backend) {
+    let net = TestNet::new().await;
+    let (a, b) = two_servers(&net, backend).await;
+    let (alice, _bob, room) = bob_joins_alices_room(&a, &b).await;
+    let world_readable =
+        json!({"type": "m.room.history_visibility", "content": {"history_visibility": "world_readable"}});
+    // A world-readable room B is not in: history is walked for servers in the room only.
+    let open = a.server.create_room(&alice, json!({"preset": "public_chat", "initial_state": [world_readable]})).await;
+    let message = a.server.send_text(&alice, &open, "hello").await;
+    let (status, body) = get_as(&net, &a, &b, &backfill_uri(&open, &[&message], 10)).await;
+    assert_eq!((status, &body["errcode"]), (403, &json!("M_FORBIDDEN")), "{body}");
+    let request = json!({"earliest_events": [], "latest_events": [message]});
+    let (status, body) = post_as(&net, &a, &b, &missing_events_uri(&open), &request).await;
+    assert_eq!((status, &body["errcode"]), (403, &json!("M_FORBIDDEN")), "{body}");
+
+    let latest = a.server.send_text(&alice, &room, "in the room").await;
+    let (status, body) = get_as(&net, &a, &b, &backfill_uri(&room, &[&latest], 10)).await;
+    assert_eq!(status, 200, "{body}");
+    // Unknown events and events of another room are no starting point.
+    let unknown = "$unknownunknownunknownunknownunknownunknown";
+    let (status, body) = get_as(&net, &a, &b, &backfill_uri(&room, &[unknown, &message], 10)).await;
+    assert_eq!((status, body["pdus"].as_array().map(Vec::len)), (200, Some(0)), "{body}");
+    // Bad input is a Matrix error.
+    let uri = format!("/_matrix/federation/v1/backfill/{}?v={}", enc(&room), enc(&latest));
+    let (status, body) = get_as(&net, &a, &b, &uri).await;
+    assert_eq!((status, &body["errcode"]), (400, &json!("M_MISSING_PARAM")), "{body}");
+    let (status, body) = post_as(&net, &a, &b, &missing_events_uri(&room), &json!({"latest_events": 5})).await;
+    assert_eq!((status, &body["errcode"]), (400, &json!("M_BAD_JSON")), "{body}");
+    let (status, body) = get_as(&net, &a, &b, &backfill_uri("!nosuchroom:a.test", &[&latest], 10)).await;
+    assert_eq!((status, &body["errcode"]), (404, &json!("M_NOT_FOUND")), "{body}");
+
+    // Denied by the ACL: refused although B is in the room.
+    let acl = json!({"allow": ["*"], "deny": ["b.test"], "allow_ip_literals": false});
+    let (status, body) = a.server.set_state(&alice, &room, "m.room.server_acl", "", acl).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get_as(&net, &a, &b, &backfill_uri(&room, &[&latest], 10)).await;
+    assert_eq!((status, &body["errcode"]), (403, &json!("M_FORBIDDEN")), "{body}");
+    let request = json!({"earliest_events": [], "latest_events": [latest]});
+    let (status, body) = post_as(&net, &a, &b, &missing_events_uri(&room), &request).await;
+    assert_eq!((status, &body["errcode"]), (403, &json!("M_FORBIDDEN")), "{body}");
+}
