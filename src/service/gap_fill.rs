@@ -43,6 +43,9 @@ pub const MAX_GAP_EVENTS: usize = 1000;
 const MAX_STATE_EVENTS: usize = 100_000;
 /// Above this many unknown events, one `/state` request fetches them instead of one `/event` each.
 const FETCH_ONE_BY_ONE: usize = 50;
+/// Events of one fill placed across a gap of their own (each costs a state fetch): a peer handing
+/// out events that all cite unknown events cannot make us fetch a state per event.
+const MAX_GAPS_PER_FILL: usize = 20;
 /// `/event` requests in flight at once to one server.
 const PARALLEL_FETCHES: usize = 10;
 
@@ -160,20 +163,42 @@ impl GapFill {
         let mut events: Vec<Fetched> = fetched.into_values().collect();
         events.sort_by(|a, b| (a.pdu.depth, &a.pdu.event_id).cmp(&(b.pdu.depth, &b.pdu.event_id)));
         tracing::debug!(%server, %room_id, count = events.len(), "receiving the events of a gap");
+        let mut gaps = 0;
         for event in events {
-            let outcome = match self.receive_once(server, room_id, &event.object, rules).await? {
-                Outcome::MissingEvents { event_id, .. } if self.missing_prevs(&event.pdu).await?.is_empty() => {
-                    self.fetch_auth_chain(server, room_id, &event_id, rules).await?;
-                    self.receive_once(server, room_id, &event.object, rules).await?
+            // One bad event (keys that cannot be had, a peer failing mid-way) does not stop the rest.
+            match self.receive_fetched(server, room_id, &event, rules, &mut gaps).await {
+                Ok(outcome) => {
+                    tracing::trace!(%room_id, event_id = %event.pdu.event_id, ?outcome, "gap event received")
                 }
-                Outcome::MissingEvents { .. } => {
-                    self.receive_across_gap(server, room_id, &event.object, &event.pdu, rules).await?
+                Err(err) => {
+                    tracing::info!(%server, %room_id, event_id = %event.pdu.event_id, %err, "a gap event failed")
                 }
-                outcome => outcome,
-            };
-            tracing::trace!(%room_id, event_id = %event.pdu.event_id, ?outcome, "gap event received");
+            }
         }
         Ok(())
+    }
+
+    /// Receives one event `get_missing_events` brought: its auth chain fetched if that is what
+    /// it lacks, placed across a gap (at most [`MAX_GAPS_PER_FILL`] per fill) if prev events.
+    async fn receive_fetched(
+        &self,
+        server: &ServerName,
+        room_id: &RoomId,
+        event: &Fetched,
+        rules: &RoomVersionRules,
+        gaps: &mut usize,
+    ) -> Result<Outcome> {
+        match self.receive_once(server, room_id, &event.object, rules).await? {
+            Outcome::MissingEvents { event_id, .. } if self.missing_prevs(&event.pdu).await?.is_empty() => {
+                self.fetch_auth_chain(server, room_id, &event_id, rules).await?;
+                self.receive_once(server, room_id, &event.object, rules).await
+            }
+            Outcome::MissingEvents { .. } if *gaps < MAX_GAPS_PER_FILL => {
+                *gaps += 1;
+                self.receive_across_gap(server, room_id, &event.object, &event.pdu, rules).await
+            }
+            outcome => Ok(outcome),
+        }
     }
 
     /// Places `pdu`, which still misses prev events, with the state before it worked out from
