@@ -432,3 +432,155 @@ async fn bench_remote_join_of_a_big_room() {
     }
     report.save("federation-join.md");
 }
+
+/// Sends `count` messages `"{prefix} {i}"` into `room` as `client`, four requests at a time.
+async fn send_many(client: &Client, room: &str, prefix: &str, count: usize) {
+    let next = Arc::new(Mutex::new(0usize));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (client, next, room, prefix) = (client.clone(), next.clone(), room.to_owned(), prefix.to_owned());
+        workers.push(tokio::spawn(async move {
+            let stop = Instant::now() + Duration::from_secs(1800);
+            loop {
+                let i = {
+                    let mut next = next.lock().unwrap();
+                    if *next >= count || Instant::now() > stop {
+                        return;
+                    }
+                    *next += 1;
+                    *next - 1
+                };
+                let status =
+                    client.send(&room, &format!("{prefix}{}-{i}", rand_suffix()), &format!("{prefix} {i}")).await;
+                assert_eq!(status, 200, "{}: a send failed", client.label);
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+}
+
+/// Pages `room`'s history backwards from its newest event as `client` (1,000 a page, at most
+/// 100 pages); how many messages starting with `prefix` it holds.
+async fn paginate_count(client: &Client, room: &str, prefix: &str) -> usize {
+    let mut from: Option<String> = None;
+    let mut found = 0;
+    for _ in 0..100 {
+        let mut path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1000", enc(room));
+        if let Some(token) = &from {
+            path.push_str(&format!("&from={}", enc(token)));
+        }
+        let (status, body) = client.request(Method::GET, &path, None).await;
+        if status != 200 {
+            return found;
+        }
+        let chunk = body["chunk"].as_array().cloned().unwrap_or_default();
+        found += chunk.iter().filter(|e| e["content"]["body"].as_str().is_some_and(|b| b.starts_with(prefix))).count();
+        match body["end"].as_str() {
+            Some(end) if !chunk.is_empty() => from = Some(end.to_owned()),
+            _ => break,
+        }
+    }
+    found
+}
+
+/// Times from now until `client`'s paginated history of `room` holds `count` messages starting
+/// with `prefix` (at most 20 minutes); None when it never does.
+async fn time_until_complete(client: &Client, room: &str, prefix: &str, count: usize) -> (Option<Duration>, usize) {
+    let started = Instant::now();
+    let mut seen = 0;
+    while started.elapsed() < Duration::from_secs(1200) {
+        seen = paginate_count(client, room, prefix).await;
+        if seen >= count {
+            return (Some(started.elapsed()), seen);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    (None, seen)
+}
+
+fn seconds(took: Option<Duration>) -> String {
+    took.map_or("did not finish in 20 min".to_owned(), |took| format!("{:.1}", took.as_secs_f64()))
+}
+
+/// Issue 9's "Measure": the time to fill a gap of N events after an outage (the receiving server
+/// down while the other sends N messages; from its restart until its user's paginated history
+/// holds all N), and the time for a server new to a room of N messages to paginate all of it,
+/// Hearth beside Synapse. N is `HEARTH_BENCH_GAP_EVENTS` (default 10,000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints figures for BENCHMARKS.md"]
+async fn bench_gap_fill_and_history() {
+    let count: usize = std::env::var("HEARTH_BENCH_GAP_EVENTS").ok().and_then(|n| n.parse().ok()).unwrap_or(10_000);
+    let Some(mut n) = network().await else { return skipped("port 8448") };
+    let ha = Client::hearth("hearth-a", &n.hearth_a.server, &n.hearth_a.server.register("alice").await);
+    let hb = Client::hearth("hearth-b", &n.hearth_b.server, &n.hearth_b.server.register("bob").await);
+    let sa = Client::synapse("synapse-a", &n.synapse_a, &n.synapse_a.register("sam").await);
+    let sb = Client::synapse("synapse-b", &n.synapse_b, &n.synapse_b.register("sue").await);
+    let mut report = Report::new(
+        "Federation: gaps after an outage, and history for a new server",
+        &format!(
+            "Outage: the receiving server is stopped while a user of the sending server sends N = {count} messages \
+             (four at a time), then started; the time is from its start until its user's `/messages` (paged back, \
+             1,000 a page) holds all N — retries, catch-up, gap filling and backfill together. History: a server \
+             new to a room of N messages joins it, and the time is its user's paging back through all N. All on \
+             SQLite, loopback with TLS."
+        ),
+        "bench_gap_fill_and_history",
+    );
+    report.line("| what | from → to | time (s) | messages held |");
+    report.line("|---|---|---|---|");
+
+    // Outages: Hearth from Hearth, Hearth from Synapse, Synapse from Synapse.
+    for (label, sender, sender_name) in [
+        ("Hearth → Hearth", &ha, "hearth-a.test"),
+        ("Synapse → Hearth", &sa, "synapse-a.test"),
+        ("Synapse → Synapse", &sa, "synapse-a.test"),
+    ] {
+        let to_synapse = label.ends_with("Synapse");
+        let receiver = if to_synapse { &sb } else { &hb };
+        let room = sender.create_room(json!({"preset": "public_chat"})).await;
+        receiver.join(&room, sender_name).await;
+        if to_synapse {
+            n.synapse_b.stop();
+        } else {
+            n.hearth_b.server.stop();
+        }
+        let prefix = format!("outage {}", rand_suffix());
+        send_many(sender, &room, &prefix, count).await;
+        if to_synapse {
+            n.synapse_b.restart().await;
+        } else {
+            n.hearth_b.server.restart();
+        }
+        let (took, held) = time_until_complete(receiver, &room, &prefix, count).await;
+        report.line(&format!("| outage of {count} | {label} | {} | {held}/{count} |", seconds(took)));
+    }
+
+    // History: a server new to a room of N messages pages through all of it.
+    let room_h = ha
+        .create_room(json!({"preset": "public_chat", "initial_state": [
+            {"type": "m.room.history_visibility", "state_key": "", "content": {"history_visibility": "shared"}}
+        ]}))
+        .await;
+    let room_s = sa
+        .create_room(json!({"preset": "public_chat", "initial_state": [
+            {"type": "m.room.history_visibility", "state_key": "", "content": {"history_visibility": "shared"}}
+        ]}))
+        .await;
+    let prefix_h = format!("history {}", rand_suffix());
+    let prefix_s = format!("history {}", rand_suffix());
+    send_many(&ha, &room_h, &prefix_h, count).await;
+    send_many(&sa, &room_s, &prefix_s, count).await;
+    for (label, joiner, room, via, prefix) in [
+        ("Hearth → Hearth", &hb, &room_h, "hearth-a.test", &prefix_h),
+        ("Synapse → Hearth", &hb, &room_s, "synapse-a.test", &prefix_s),
+        ("Synapse → Synapse", &sb, &room_s, "synapse-a.test", &prefix_s),
+        ("Hearth → Synapse", &sb, &room_h, "hearth-a.test", &prefix_h),
+    ] {
+        joiner.join(room, via).await;
+        let (took, held) = time_until_complete(joiner, room, prefix, count).await;
+        report.line(&format!("| history of {count} | {label} | {} | {held}/{count} |", seconds(took)));
+    }
+    report.save("federation-gaps.md");
+}
