@@ -584,3 +584,135 @@ async fn bench_gap_fill_and_history() {
     }
     report.save("federation-gaps.md");
 }
+
+/// Where forged PDUs go: a receiving server's name and a signed-request client for it.
+struct Inbound {
+    name: String,
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Inbound {
+    /// `PUT /send/{txn}` of `pdus`, signed as `origin` with `key`; how many PDUs were accepted.
+    async fn send(&self, origin: &str, key: &hearth::matrix::keys::SigningKey, txn: &str, pdus: Vec<Value>) -> usize {
+        let count = pdus.len();
+        let body = json!({"origin": origin, "origin_server_ts": 1, "pdus": pdus});
+        let uri = format!("/_matrix/federation/v1/send/{txn}");
+        let auth = crate::testnet::x_matrix(key, origin, &self.name, "PUT", &uri, Some(&body));
+        let response =
+            self.http.put(format!("{}{uri}", self.base)).header("Authorization", auth).json(&body).send().await;
+        let Ok(response) = response else { return 0 };
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        let refused = answer["pdus"]
+            .as_object()
+            .map_or(count, |results| results.values().filter(|result| result.get("error").is_some()).count());
+        count - refused
+    }
+}
+
+/// Chains of `per_room` messages by `sender` (of `server`, signed with `key`) in each of
+/// `rooms`, each chain starting on the sender's join, interleaved room by room.
+fn forge_chains(
+    rooms: &[(String, ruma::OwnedEventId, u64, Vec<ruma::OwnedEventId>)],
+    sender: &str,
+    server: &str,
+    key: &hearth::matrix::keys::SigningKey,
+    per_room: usize,
+) -> Vec<Value> {
+    let mut heads: Vec<(ruma::OwnedEventId, u64)> =
+        rooms.iter().map(|(_, join, depth, _)| (join.clone(), *depth)).collect();
+    let mut pdus = Vec::with_capacity(rooms.len() * per_room);
+    for i in 0..per_room {
+        for ((room, _, _, auth), head) in rooms.iter().zip(heads.iter_mut()) {
+            let pdu = crate::hostile::forge(
+                room,
+                sender,
+                server,
+                key,
+                ("m.room.message", None),
+                json!({"msgtype": "m.text", "body": format!("inbound {i}")}),
+                (&head.0, head.1),
+                auth,
+            );
+            *head = (crate::hostile::id_of(&pdu).as_str().try_into().unwrap(), head.1 + 1);
+            pdus.push(pdu);
+        }
+    }
+    pdus
+}
+
+/// Issue 9's "Measure": inbound `/send` throughput — PDUs a server takes in per second from
+/// transactions of 50, for one busy room and spread over 100 rooms, Hearth beside Synapse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints figures for BENCHMARKS.md"]
+async fn bench_inbound_send_throughput() {
+    const TOTAL: usize = 2_000;
+    let Some(n) = network().await else { return skipped("port 8448") };
+    let bob = n.hearth_b.server.register("bob").await;
+    let hb = Client::hearth("hearth-b", &n.hearth_b.server, &bob);
+    let key = n.hearth_b.signing_key();
+    let (hearth_http, hearth_base) = n._net.client_for(&n.hearth_a);
+    let receivers = [
+        (
+            Client::hearth("hearth-a", &n.hearth_a.server, &n.hearth_a.server.register("alice").await),
+            Inbound { name: "hearth-a.test".into(), http: hearth_http, base: hearth_base },
+        ),
+        (
+            Client::synapse("synapse-a", &n.synapse_a, &n.synapse_a.register("sam").await),
+            Inbound { name: "synapse-a.test".into(), http: n.synapse_a.http.clone(), base: n.synapse_a.url("") },
+        ),
+    ];
+    let mut report = Report::new(
+        "Federation: inbound `/send` throughput",
+        &format!(
+            "{TOTAL} signed message PDUs of a user of another server (a Hearth, whose key signs them), sent to the \
+             receiving server in transactions of 50, one transaction at a time, as chains on that user's join: \
+             in one room, and spread over 100 rooms (20 each, interleaved). PDUs/s from the first transaction \
+             to the last answer. SQLite, loopback with TLS."
+        ),
+        "bench_inbound_send_throughput",
+    );
+    report.line("| receiver | rooms | PDUs accepted | time (s) | PDUs/s |");
+    report.line("|---|---|---|---|---|");
+    for (owner, inbound) in &receivers {
+        for rooms in [1usize, 100] {
+            let mut placed = Vec::new();
+            for _ in 0..rooms {
+                let room = owner.create_room(json!({"preset": "public_chat"})).await;
+                hb.join(&room, &inbound.name).await;
+                let (status, state) =
+                    hb.request(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state", enc(&room)), None).await;
+                assert_eq!(status, 200, "{state}");
+                let id_of = |event_type: &str, state_key: &str| -> ruma::OwnedEventId {
+                    let event = state
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|e| e["type"] == event_type && e["state_key"] == state_key)
+                        .unwrap_or_else(|| panic!("{event_type} in the state: {state}"));
+                    event["event_id"].as_str().unwrap().try_into().unwrap()
+                };
+                let join = id_of("m.room.member", &bob.user_id);
+                let depth = n.hearth_b.server.stored_pdu(join.as_str()).await["depth"].as_u64().unwrap();
+                let auth = vec![id_of("m.room.power_levels", ""), join.clone()];
+                placed.push((room, join, depth, auth));
+            }
+            let pdus = forge_chains(&placed, &bob.user_id, "hearth-b.test", &key, TOTAL / rooms);
+            let started = Instant::now();
+            let mut accepted = 0;
+            for (i, batch) in pdus.chunks(50).enumerate() {
+                accepted +=
+                    inbound.send("hearth-b.test", &key, &format!("bench{}-{i}", rand_suffix()), batch.to_vec()).await;
+                assert!(started.elapsed() < Duration::from_secs(1200), "bounded in time");
+            }
+            let took = started.elapsed().as_secs_f64();
+            report.line(&format!(
+                "| {} | {rooms} | {accepted}/{} | {took:.2} | {:.0} |",
+                if owner.label.starts_with("hearth") { "Hearth" } else { "Synapse" },
+                pdus.len(),
+                accepted as f64 / took
+            ));
+        }
+    }
+    report.save("federation-inbound.md");
+}

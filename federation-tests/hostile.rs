@@ -88,7 +88,7 @@ pub(crate) fn forge(
 }
 
 /// The event ID of a PDU as the receiver computes it (the reference hash of its redacted form).
-fn id_of(pdu: &Value) -> String {
+pub(crate) fn id_of(pdu: &Value) -> String {
     let object: ruma::CanonicalJsonObject = serde_json::from_value(pdu.clone()).unwrap();
     let rules = ruma::RoomVersionId::V12.rules().unwrap();
     hearth::matrix::pdu::Pdu::from_received(&object, &rules).unwrap().event_id.to_string()
