@@ -21,6 +21,7 @@ mod bench;
 mod config;
 mod devices;
 mod discovery;
+mod edus;
 mod forks;
 mod graph;
 mod hostile;
