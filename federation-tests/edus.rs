@@ -30,6 +30,11 @@ fn ephemeral<'a>(sync: &'a Value, room: &str, event_type: &str) -> Vec<&'a Value
         .unwrap_or_default()
 }
 
+/// Whether a sync response's timeline of `room` has a message with `text`.
+fn has_message(sync: &Value, room: &str, text: &str) -> bool {
+    crate::harness::timeline(sync, room).iter().any(|e| e["content"]["body"] == text)
+}
+
 /// Whether a sync response shows exactly `users` typing in `room`.
 fn shows_typing(sync: &Value, room: &str, users: &[&str]) -> bool {
     ephemeral(sync, room, "m.typing").iter().any(|e| e["content"]["user_ids"] == json!(users))
@@ -90,7 +95,9 @@ async fn read_threaded_and_delivered_receipts_cross_but_private_ones_do_not(back
     // Bob's message reaches Alice; her syncing it records a delivered receipt on A, which B
     // shows to Bob.
     let first = b.server.send_text(&bob, &room, "first").await;
-    let alice_since = wait_for_message(&a.server, &alice, &room, "first").await;
+    wait_for_message(&a.server, &alice, &room, "first").await;
+    // A response that carries the message, then the request that confirms it.
+    let (_, alice_since) = a.server.sync_until(&alice, None, |s| has_message(s, &room, "first")).await;
     a.server.sync(&alice, Some(&alice_since), None, 0).await;
     let (_, bob_since) = b
         .server
