@@ -428,3 +428,71 @@ async fn synapse_down_while_hearth_users_send_gets_every_message_when_back() {
     assert_eq!(status, 200);
     hearth.server.sync_until(&alice, None, |response| timeline_has(response, &room, "synapse is back")).await;
 }
+
+/// The ephemeral events of `room` of `event_type` in a sync response (Hearth's or Synapse's).
+fn ephemeral_of<'a>(response: &'a Value, room: &str, event_type: &str) -> Vec<&'a Value> {
+    response["rooms"]["join"][room]["ephemeral"]["events"]
+        .as_array()
+        .map(|events| events.iter().filter(|event| event["type"] == event_type).collect())
+        .unwrap_or_default()
+}
+
+/// Whether a sync response shows `user` typing in `room`.
+fn shows_typing(response: &Value, room: &str, user: &str) -> bool {
+    ephemeral_of(response, room, "m.typing")
+        .iter()
+        .any(|event| event["content"]["user_ids"].as_array().is_some_and(|ids| ids.contains(&json!(user))))
+}
+
+/// Whether a sync response has `user`'s `m.read` receipt at `event_id` in `room`.
+fn shows_read(response: &Value, room: &str, event_id: &str, user: &str) -> bool {
+    ephemeral_of(response, room, "m.receipt").iter().any(|event| event["content"][event_id]["m.read"][user].is_object())
+}
+
+/// Live data with the homeserver most of the network runs: typing and read receipts cross in
+/// both directions between a Hearth user and a Synapse user (`m.typing` and `m.receipt` EDUs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts a Synapse; run by .ci/run with --ignored"]
+async fn hearth_and_synapse_users_see_each_others_typing_and_read_receipts() {
+    let Some((_net, hearth, synapse)) = hearth_and_synapse().await else { return skipped("port 8448") };
+    let alice = hearth.server.register("alice").await;
+    let sam = synapse.register("sam").await;
+    let sam_id = "@sam:synapse.test";
+    let room = hearth.server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let join = format!("/_matrix/client/v3/join/{}?server_name=hearth.test", enc(&room));
+    let (status, joined) = synapse.request(Method::POST, &join, &sam, Some(json!({}))).await;
+    assert_eq!(status, 200, "{joined}\n{}", synapse.log_tail());
+    hearth.server.send_text(&alice, &room, "welcome").await;
+    synapse.wait_for_message(&sam, &room, "welcome").await;
+
+    // Typing, Synapse → Hearth and Hearth → Synapse.
+    let typing = |user: &str| format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(user));
+    let (status, body) =
+        synapse.request(Method::PUT, &typing(sam_id), &sam, Some(json!({"typing": true, "timeout": 30000}))).await;
+    assert_eq!(status, 200, "{body}");
+    hearth.server.sync_until(&alice, None, |response| shows_typing(response, &room, sam_id)).await;
+    let (status, body) = hearth
+        .server
+        .put(&typing(&alice.user_id), Some(&alice.access_token), json!({"typing": true, "timeout": 30000}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    synapse_sync_until(&synapse, &sam, |response| shows_typing(response, &room, &alice.user_id)).await;
+
+    // Read receipts, Hearth → Synapse and Synapse → Hearth.
+    let send = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/r1", enc(&room));
+    let (status, sent) =
+        synapse.request(Method::PUT, &send, &sam, Some(json!({"msgtype": "m.text", "body": "read me"}))).await;
+    assert_eq!(status, 200, "{sent}");
+    let sams_event = sent["event_id"].as_str().unwrap().to_owned();
+    hearth.server.sync_until(&alice, None, |response| timeline_has(response, &room, "read me")).await;
+    let receipt = |event_id: &str| format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(event_id));
+    let (status, body) = hearth.server.post(&receipt(&sams_event), Some(&alice.access_token), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    synapse_sync_until(&synapse, &sam, |response| shows_read(response, &room, &sams_event, &alice.user_id)).await;
+
+    let alices_event = hearth.server.send_text(&alice, &room, "and me").await;
+    synapse.wait_for_message(&sam, &room, "and me").await;
+    let (status, body) = synapse.request(Method::POST, &receipt(&alices_event), &sam, Some(json!({}))).await;
+    assert_eq!(status, 200, "{body}");
+    hearth.server.sync_until(&alice, None, |response| shows_read(response, &room, &alices_event, sam_id)).await;
+}

@@ -22,6 +22,7 @@ mod bench;
 mod config;
 mod devices;
 mod discovery;
+mod edus;
 mod forks;
 mod gaps;
 mod graph;

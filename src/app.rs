@@ -13,6 +13,7 @@ use crate::{
     service::{
         account_data::AccountData,
         aliases::Aliases,
+        edus::{Edus, inbound::InboundEdus},
         ephemeral::{Presence, Typing},
         gap_fill::GapFill,
         joins::Joins,
@@ -277,10 +278,17 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
     let profiles = Arc::new(Profiles::new(users.clone(), federation_client.clone(), config.is_federation_enabled()));
     let aliases = Arc::new(Aliases::new(rooms.clone(), federation_client.clone(), config.is_federation_enabled()));
     let outbox = Outbox::new(db.clone(), federation_client.clone(), config.federation.max_queued_per_destination);
+    let edus = Edus::new(rooms.clone());
+    typing.set_edus(edus.clone());
+    presence.set_edus(edus.clone());
+    receipts.set_edus(edus.clone());
+    account_data.set_edus(edus.clone());
+    users.set_edus(edus.clone());
     if config.is_federation_enabled() {
-        // Our events reach the other servers of their rooms; what was queued before a restart
-        // is sent again.
+        // Our events and EDUs reach the other servers; what was queued before a restart is
+        // sent again.
         rooms.set_outbox(outbox.clone());
+        edus.enable(outbox.clone());
         outbox.resume().await;
     }
     let remote_membership = Arc::new(RemoteMembership::new(
@@ -300,8 +308,17 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         outbox.clone(),
         config.is_federation_enabled(),
     ));
-    let gap_fill = Arc::new(GapFill::new(rooms.clone(), keys.clone(), federation_client));
-    let transactions = Arc::new(Transactions::new(db.clone(), rooms.clone(), keys.clone(), outbox, gap_fill));
+    let gap_fill = Arc::new(GapFill::new(rooms.clone(), keys.clone(), federation_client.clone()));
+    let inbound_edus = InboundEdus::new(
+        rooms.clone(),
+        typing.clone(),
+        presence.clone(),
+        receipts.clone(),
+        account_data.clone(),
+        federation_client.clone(),
+    );
+    let transactions =
+        Arc::new(Transactions::new(db.clone(), rooms.clone(), keys.clone(), outbox, gap_fill, inbound_edus));
 
     let limits = &config.rate_limits;
     let enabled = |limit| limits.enabled.then_some(limit);

@@ -1,15 +1,22 @@
-//! Account data (global and per room), room tags, and to-device messages between local devices.
+//! Account data (global and per room), room tags, and to-device messages: between local devices,
+//! to other servers' users (as `m.direct_to_device` EDUs, through [`Edus`]), and from them
+//! ([`AccountData::receive_to_device`]), each delivered once.
 
-use std::{collections::HashSet, num::NonZeroUsize, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashSet},
+    num::NonZeroUsize,
+    sync::{Arc, OnceLock},
+};
 
 use lru::LruCache;
 use parking_lot::Mutex;
-use ruma::{OwnedUserId, RoomId, UserId};
+use ruma::{OwnedServerName, OwnedUserId, RoomId, ServerName, UserId};
 use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
 
 use crate::{
     error::{Error, Result},
-    service::stream::Streams,
+    service::{edus::Edus, now_ms, stream::Streams},
     storage::{
         Db,
         stream::{StreamWrite, ToDeviceWrite},
@@ -24,11 +31,98 @@ pub struct AccountData {
     streams: Arc<Streams>,
     /// Recently seen to-device transaction IDs, so a retried send is not delivered twice.
     to_device_txns: Mutex<LruCache<(OwnedUserId, String, String), ()>>,
+    /// Sends to-device messages for other servers' users (federation).
+    edus: OnceLock<Arc<Edus>>,
+}
+
+/// The `message_id` of a to-device send for other servers: the same for a client's retry of the
+/// same transaction, even after our restart, so the receiver's deduplication catches it.
+fn message_id(sender: &UserId, sender_device: &str, txn_id: &str) -> String {
+    let digest = Sha256::digest(format!("{sender}\n{sender_device}\n{txn_id}").as_bytes());
+    digest[..16].iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 impl AccountData {
     pub fn new(db: Db, streams: Arc<Streams>) -> AccountData {
-        AccountData { db, streams, to_device_txns: Mutex::new(LruCache::new(NonZeroUsize::new(100_000).unwrap())) }
+        AccountData {
+            db,
+            streams,
+            to_device_txns: Mutex::new(LruCache::new(NonZeroUsize::new(100_000).unwrap())),
+            edus: OnceLock::new(),
+        }
+    }
+
+    /// Messages for other servers' users go out through `edus`.
+    pub fn set_edus(&self, edus: Arc<Edus>) {
+        let _ = self.edus.set(edus);
+    }
+
+    /// The writes delivering `devices` (device ID or `*` → content) to a local user's devices.
+    async fn local_to_device_writes(
+        &self,
+        sender: &UserId,
+        event_type: &str,
+        user: &UserId,
+        devices: &Map<String, Value>,
+    ) -> Result<Vec<StreamWrite>> {
+        let known: HashSet<String> =
+            self.db.devices(user).await?.into_iter().map(|d| d.device_id.to_string()).collect();
+        let mut writes = Vec::new();
+        for (device, content) in devices {
+            if !content.is_object() {
+                return Err(Error::BadJson("to-device content must be an object".to_owned()));
+            }
+            let targets: Vec<&String> =
+                if device == "*" { known.iter().collect() } else { known.get(device).into_iter().collect() };
+            for target in targets {
+                writes.push(StreamWrite::ToDevice(ToDeviceWrite {
+                    user_id: user.to_owned(),
+                    device_id: target.clone(),
+                    sender: sender.to_owned(),
+                    event_type: event_type.to_owned(),
+                    content: content.to_string(),
+                }));
+            }
+        }
+        Ok(writes)
+    }
+
+    /// An `m.direct_to_device` EDU from `origin` (the caller checked that `sender` belongs to
+    /// it): delivered to the local recipients' devices once per (origin, `message_id`), however
+    /// often it is sent. Recipients of other servers are skipped.
+    pub async fn receive_to_device(
+        &self,
+        origin: &ServerName,
+        sender: &UserId,
+        event_type: &str,
+        message_id: &str,
+        messages: &Map<String, Value>,
+    ) -> Result<()> {
+        let mut writes = Vec::new();
+        for (user, devices) in messages {
+            let Ok(user) = UserId::parse(user.as_str()) else { continue };
+            let Some(devices) = devices.as_object() else { continue };
+            if user.server_name() != self.streams.server_name() {
+                continue;
+            }
+            match self.local_to_device_writes(sender, event_type, &user, devices).await {
+                Ok(more) => writes.extend(more),
+                Err(Error::BadJson(why)) => tracing::debug!(%origin, %why, "ignored a malformed to-device message"),
+                Err(err) => return Err(err),
+            }
+        }
+        if !self.db.record_inbound_to_device(origin.as_str(), message_id, now_ms()).await? {
+            tracing::debug!(%origin, %message_id, "to-device message already delivered");
+            return Ok(());
+        }
+        if !writes.is_empty()
+            && let Err(err) = self.streams.persist(writes).await
+        {
+            // Not delivered: a resend of the message must not be taken for a duplicate.
+            let _ = self.db.forget_inbound_to_device(origin.as_str(), message_id).await;
+            return Err(err);
+        }
+        Ok(())
     }
 
     fn check_owner(user: &UserId, target: &UserId) -> Result<()> {
@@ -160,6 +254,7 @@ impl AccountData {
             return Ok(());
         }
         let mut writes = Vec::new();
+        let mut remote: BTreeMap<OwnedServerName, Map<String, Value>> = BTreeMap::new();
         for (user, devices) in messages {
             let user =
                 UserId::parse(user.as_str()).map_err(|_| Error::InvalidParam(format!("{user} is not a user ID")))?;
@@ -167,30 +262,24 @@ impl AccountData {
                 .as_object()
                 .ok_or_else(|| Error::BadJson("messages must map devices to contents".to_owned()))?;
             if user.server_name() != sender.server_name() {
-                tracing::debug!(%user, "to-device message for another server dropped (no federation yet)");
-                continue;
-            }
-            let known: HashSet<String> =
-                self.db.devices(&user).await?.into_iter().map(|d| d.device_id.to_string()).collect();
-            for (device, content) in devices {
-                if !content.is_object() {
+                if devices.values().any(|content| !content.is_object()) {
                     return Err(Error::BadJson("to-device content must be an object".to_owned()));
                 }
-                let targets: Vec<&String> =
-                    if device == "*" { known.iter().collect() } else { known.get(device).into_iter().collect() };
-                for target in targets {
-                    writes.push(StreamWrite::ToDevice(ToDeviceWrite {
-                        user_id: user.clone(),
-                        device_id: target.clone(),
-                        sender: sender.to_owned(),
-                        event_type: event_type.to_owned(),
-                        content: content.to_string(),
-                    }));
-                }
+                remote
+                    .entry(user.server_name().to_owned())
+                    .or_default()
+                    .insert(user.to_string(), Value::Object(devices.clone()));
+                continue;
             }
+            writes.extend(self.local_to_device_writes(sender, event_type, &user, devices).await?);
         }
         if !writes.is_empty() {
             self.streams.persist(writes).await?;
+        }
+        if !remote.is_empty()
+            && let Some(edus) = self.edus.get()
+        {
+            edus.to_device(sender, event_type, &message_id(sender, sender_device, txn_id), remote).await;
         }
         self.to_device_txns.lock().put(key, ());
         Ok(())

@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{Arc, Once, Weak},
+    sync::{Arc, Once, OnceLock, Weak},
     time::{Duration, Instant},
 };
 
@@ -18,8 +18,12 @@ use tokio::sync::Notify;
 
 use crate::{
     error::{Error, Result},
-    service::{now_ms, stream::Streams},
+    service::{edus::Edus, now_ms, stream::Streams},
 };
+
+/// How long a remote user's typing lasts without being renewed: the `m.typing` EDU carries no
+/// timeout, and servers resend it while the user keeps typing.
+const REMOTE_TYPING_MS: u64 = 30_000;
 
 /// Longest typing timeout honoured.
 const MAX_TYPING_MS: u64 = 120_000;
@@ -46,6 +50,8 @@ pub struct Typing {
     /// Wakes the sweeper when a deadline earlier than the one it sleeps on is inserted.
     earlier: Arc<Notify>,
     sweeper: Once,
+    /// Tells other servers about local users' typing (federation).
+    edus: OnceLock<Arc<Edus>>,
 }
 
 impl Typing {
@@ -55,7 +61,19 @@ impl Typing {
             state: Mutex::new(TypingState::default()),
             earlier: Arc::new(Notify::new()),
             sweeper: Once::new(),
+            edus: OnceLock::new(),
         })
+    }
+
+    /// Local typing changes are also sent to the room's other servers through `edus`.
+    pub fn set_edus(&self, edus: Arc<Edus>) {
+        let _ = self.edus.set(edus);
+    }
+
+    /// An `m.typing` EDU from the user's server (the caller checked that the user belongs to it
+    /// and is joined): shown like a local user's typing, for [`REMOTE_TYPING_MS`] unless renewed.
+    pub fn set_remote(self: &Arc<Self>, user: &UserId, room_id: &RoomId, typing: bool) {
+        self.apply(user, room_id, typing, REMOTE_TYPING_MS);
     }
 
     /// `PUT /rooms/{roomId}/typing/{userId}`.
@@ -63,19 +81,33 @@ impl Typing {
         if self.streams.membership(user, room_id).as_deref() != Some("join") {
             return Err(Error::forbidden("You are not in this room"));
         }
+        self.apply(user, room_id, typing, timeout_ms.unwrap_or(30_000).min(MAX_TYPING_MS));
+        Ok(())
+    }
+
+    /// Records `user`'s typing state in the room, expiring after `timeout_ms`.
+    fn apply(self: &Arc<Self>, user: &UserId, room_id: &RoomId, typing: bool, timeout_ms: u64) {
         // Started on first use, from inside the runtime (the service is built before it runs).
         self.sweeper.call_once(|| {
             tokio::spawn(Self::sweep(Arc::downgrade(self)));
         });
-        let expiry = Instant::now() + Duration::from_millis(timeout_ms.unwrap_or(30_000).min(MAX_TYPING_MS));
+        let expiry = Instant::now() + Duration::from_millis(timeout_ms);
         let (changed, wake_sweeper) = {
             let mut guard = self.state.lock();
             let state = &mut *guard;
             let room = state.rooms.entry(room_id.to_owned()).or_default();
             let previous = if typing { room.users.insert(user.to_owned(), expiry) } else { room.users.remove(user) };
             let changed = previous.is_none() == typing;
+            // Another server is told of each start, renewal and stop of a local user's typing
+            // (it expires remote typing on its own clock, so renewals matter).
             if changed {
                 room.serial = self.streams.next_ephemeral();
+            }
+            if let Some(edus) = self.edus.get()
+                && (changed || typing)
+            {
+                let serial = if changed { room.serial } else { self.streams.next_ephemeral() };
+                edus.typing(room_id, user, typing, serial);
             }
             if let Some(at) = previous {
                 state.deadlines.remove(&(at, room_id.to_owned(), user.to_owned()));
@@ -93,7 +125,6 @@ impl Typing {
         if changed {
             self.wake_room(room_id);
         }
-        Ok(())
     }
 
     /// The sweeper: sleeps until the earliest deadline (or until an earlier one is inserted),
@@ -139,6 +170,9 @@ impl Typing {
             if room.users.get(&user) == Some(&at) {
                 room.users.remove(&user);
                 room.serial = self.streams.next_ephemeral();
+                if let Some(edus) = self.edus.get() {
+                    edus.typing(&room_id, &user, false, room.serial);
+                }
                 if !changed.contains(&room_id) {
                     changed.push(room_id);
                 }
@@ -178,6 +212,8 @@ struct PresenceEntry {
     serial: i64,
     /// Set explicitly through the presence API (not by syncing).
     explicit: bool,
+    /// A remote user's, as their server last told: not aged here (their server does that).
+    is_remote: bool,
 }
 
 /// A user's presence as served to clients.
@@ -209,6 +245,8 @@ pub struct Presence {
     enabled: bool,
     idle_after_ms: i64,
     offline_after_ms: i64,
+    /// Tells other servers about local users' presence (federation).
+    edus: OnceLock<Arc<Edus>>,
 }
 
 impl Presence {
@@ -219,7 +257,39 @@ impl Presence {
             enabled,
             idle_after_ms: idle_after.as_millis() as i64,
             offline_after_ms: offline_after.as_millis() as i64,
+            edus: OnceLock::new(),
         })
+    }
+
+    /// Local presence changes are also sent to the servers sharing a room with the user.
+    pub fn set_edus(&self, edus: Arc<Edus>) {
+        let _ = self.edus.set(edus);
+    }
+
+    /// A presence update from the user's server (the caller checked that the user belongs to it
+    /// and shares a room with a local user).
+    pub fn set_remote(
+        &self,
+        user: &UserId,
+        state: &str,
+        status_msg: Option<String>,
+        last_active_ago: i64,
+        currently_active: bool,
+    ) {
+        let now = now_ms();
+        self.update(user, |entry| {
+            let last_active_ts = now - last_active_ago.max(0);
+            // Aged on arrival: `currently_active` is re-derived from `last_active_ts` when shown.
+            let last_active_ts =
+                if currently_active { last_active_ts.max(now - CURRENTLY_ACTIVE_MS + 1) } else { last_active_ts };
+            let changed = entry.state != state || entry.status_msg != status_msg || !entry.is_remote;
+            entry.state = state.to_owned();
+            entry.status_msg = status_msg;
+            entry.last_active_ts = last_active_ts;
+            entry.is_remote = true;
+            entry.explicit = true;
+            changed
+        });
     }
 
     pub fn enabled(&self) -> bool {
@@ -227,7 +297,20 @@ impl Presence {
     }
 
     fn changed(&self, user: &UserId) {
-        self.streams.wake_contacts(user);
+        if user.server_name() == self.streams.server_name() {
+            self.streams.wake_contacts(user);
+        } else {
+            self.streams.wake_rooms_of_member(user);
+        }
+    }
+
+    /// Hands a local user's new presence to federation.
+    fn tell_other_servers(&self, user: &UserId, entry: &PresenceEntry, now: i64) {
+        if let Some(edus) = self.edus.get()
+            && !entry.is_remote
+        {
+            edus.presence(Self::view(user, entry, now), entry.serial);
+        }
     }
 
     fn update(&self, user: &UserId, change: impl FnOnce(&mut PresenceEntry) -> bool) {
@@ -244,10 +327,12 @@ impl Presence {
                 last_sync_ts: 0,
                 serial: 0,
                 explicit: false,
+                is_remote: false,
             });
             let changed = change(entry);
             if changed {
                 entry.serial = self.streams.next_ephemeral();
+                self.tell_other_servers(user, entry, now_ms());
             }
             changed
         };
@@ -317,7 +402,9 @@ impl Presence {
         {
             let mut users = self.users.lock();
             for (user, entry) in users.iter_mut() {
-                let new_state = if entry.syncing == 0
+                let new_state = if entry.is_remote {
+                    None
+                } else if entry.syncing == 0
                     && entry.state != "offline"
                     && now - entry.last_sync_ts > self.offline_after_ms
                 {
@@ -332,6 +419,7 @@ impl Presence {
                     entry.state = state.to_owned();
                     entry.explicit = false;
                     entry.serial = self.streams.next_ephemeral();
+                    self.tell_other_servers(user, entry, now);
                     changed.push(user.clone());
                 }
             }
@@ -388,8 +476,11 @@ impl Presence {
             return Vec::new();
         }
         let sharing = self.streams.users_sharing_rooms(viewer);
-        let mut views: Vec<_> =
-            candidates.into_iter().filter(|(u, _)| sharing.contains(u)).map(|(u, e)| Self::view(&u, &e, now)).collect();
+        let mut views: Vec<_> = candidates
+            .into_iter()
+            .filter(|(u, e)| sharing.contains(u) || (e.is_remote && self.streams.share_a_room(viewer, u)))
+            .map(|(u, e)| Self::view(&u, &e, now))
+            .collect();
         views.sort_by(|a, b| a.user_id.cmp(&b.user_id));
         views
     }

@@ -1,6 +1,12 @@
-//! Receipts (`m.read`, `m.read.private`, threaded) and read markers (`m.fully_read`).
+//! Receipts (`m.read`, `m.read.private`, threaded) and read markers (`m.fully_read`). Local
+//! users' public receipts (`m.read`, `org.hearth.delivered`) go to the room's other servers as
+//! `m.receipt` EDUs; those other servers send for their users are recorded like local ones
+//! ([`Receipts::receive_remote`]).
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock},
+};
 
 use ruma::{EventId, RoomId, UserId};
 use serde_json::json;
@@ -9,7 +15,13 @@ use crate::{
     config::DeliveredReceiptsConfig,
     error::{Error, Result},
     matrix::pdu::Pdu,
-    service::{now_ms, rooms::Rooms, stream::Streams, sync::Delivered},
+    service::{
+        edus::{Edus, OutgoingReceipt},
+        now_ms,
+        rooms::Rooms,
+        stream::Streams,
+        sync::Delivered,
+    },
     storage::stream::{ReceiptWrite, StreamWrite},
 };
 
@@ -39,6 +51,8 @@ pub struct Receipts {
     delivered_max_members: u64,
     /// Per user: whether they record delivered receipts, and the account-data position read at.
     settings: parking_lot::Mutex<lru::LruCache<ruma::OwnedUserId, (i64, bool)>>,
+    /// Sends local users' receipts to other servers (federation).
+    edus: OnceLock<Arc<Edus>>,
 }
 
 impl Receipts {
@@ -50,7 +64,84 @@ impl Receipts {
             delivered_enabled: config.enabled,
             delivered_max_members: config.max_room_members,
             settings,
+            edus: OnceLock::new(),
         }
+    }
+
+    /// Recorded receipts of local users also go to the room's other servers through `edus`.
+    pub fn set_edus(&self, edus: Arc<Edus>) {
+        let _ = self.edus.set(edus);
+    }
+
+    /// Persists receipt writes and hands the public ones of local users to federation.
+    async fn persist_receipts(&self, writes: Vec<StreamWrite>) -> Result<()> {
+        self.streams.persist(writes.clone()).await?;
+        let Some(edus) = self.edus.get() else { return Ok(()) };
+        for write in &writes {
+            let StreamWrite::Receipt(receipt) = write else { continue };
+            edus.receipt(OutgoingReceipt {
+                room_id: &receipt.room_id,
+                receipt_type: &receipt.receipt_type,
+                user_id: &receipt.user_id,
+                thread_id: &receipt.thread_id,
+                event_id: &receipt.event_id,
+                ts: receipt.ts,
+            })
+            .await;
+        }
+        Ok(())
+    }
+
+    /// A receipt from the user's server, in an `m.receipt` EDU (the caller checked that the user
+    /// belongs to that server and that the server may speak in the room). Recorded as a local
+    /// user's would be: only `m.read` and, while delivered receipts are on here,
+    /// `org.hearth.delivered`; only for an event we have in the room; only forward.
+    pub async fn receive_remote(
+        &self,
+        room_id: &RoomId,
+        receipt_type: &str,
+        user: &UserId,
+        event_id: &EventId,
+        thread_id: Option<&str>,
+        ts: i64,
+    ) -> Result<()> {
+        let accepted = receipt_type == READ || (receipt_type == DELIVERED && self.delivered_enabled);
+        if !accepted || self.streams.members(room_id, "join").iter().all(|member| member != user) {
+            tracing::debug!(%room_id, %user, %receipt_type, "ignored a remote receipt");
+            return Ok(());
+        }
+        let Some(event) = self.rooms.timeline_event(event_id).await?.filter(|event| event.pdu.room_id == room_id)
+        else {
+            tracing::debug!(%room_id, %user, %event_id, "ignored a remote receipt for an event we do not have");
+            return Ok(());
+        };
+        let thread_id = match thread_id {
+            None => String::new(),
+            Some("main") => "main".to_owned(),
+            Some(root) => match EventId::parse(root) {
+                Ok(root) => root.to_string(),
+                Err(_) => return Ok(()),
+            },
+        };
+        if let Some(current) = self.rooms.db.receipt(room_id, receipt_type, user, &thread_id).await?
+            && current.event_pos >= event.stream_pos
+        {
+            return Ok(());
+        }
+        self.streams
+            .persist(vec![StreamWrite::Receipt(ReceiptWrite {
+                room_id: room_id.to_owned(),
+                receipt_type: receipt_type.to_owned(),
+                user_id: user.to_owned(),
+                thread_id,
+                event_id: event_id.to_owned(),
+                event_pos: event.stream_pos,
+                // The sender's clock, as for a local receipt; not later than ours.
+                ts: ts.min(now_ms()),
+                wake_only: (receipt_type == DELIVERED).then(|| vec![event.pdu.sender.clone()]),
+            })])
+            .await?;
+        Ok(())
     }
 
     /// The most joined members a room may have to record delivered receipts, when they are on.
@@ -115,7 +206,7 @@ impl Receipts {
             }));
         }
         if !writes.is_empty() {
-            self.streams.persist(writes).await?;
+            self.persist_receipts(writes).await?;
         }
         Ok(())
     }
@@ -170,18 +261,17 @@ impl Receipts {
         {
             return Ok(());
         }
-        self.streams
-            .persist(vec![StreamWrite::Receipt(ReceiptWrite {
-                room_id: room_id.to_owned(),
-                receipt_type: receipt_type.to_owned(),
-                user_id: user.to_owned(),
-                thread_id,
-                event_id: event_id.to_owned(),
-                event_pos: event.stream_pos,
-                ts: now_ms(),
-                wake_only: (receipt_type == DELIVERED).then(|| vec![event.pdu.sender.clone(), user.to_owned()]),
-            })])
-            .await?;
+        self.persist_receipts(vec![StreamWrite::Receipt(ReceiptWrite {
+            room_id: room_id.to_owned(),
+            receipt_type: receipt_type.to_owned(),
+            user_id: user.to_owned(),
+            thread_id,
+            event_id: event_id.to_owned(),
+            event_pos: event.stream_pos,
+            ts: now_ms(),
+            wake_only: (receipt_type == DELIVERED).then(|| vec![event.pdu.sender.clone(), user.to_owned()]),
+        })])
+        .await?;
         Ok(())
     }
 

@@ -283,6 +283,11 @@ impl Streams {
     }
 
     /// Makes every long-poll return now, and new ones return at once (the server is stopping).
+    /// This server's name (local users are those of it).
+    pub fn server_name(&self) -> &ServerName {
+        &self.server_name
+    }
+
     pub fn shut_down(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
         self.notifier.wake_all();
@@ -558,6 +563,29 @@ impl Streams {
     /// Wakes everyone joined to `room_id` (typing changes).
     pub fn wake_room(&self, room_id: &RoomId) {
         self.wake(&Wake { users: HashSet::new(), rooms: HashSet::from([room_id.to_owned()]) });
+    }
+
+    /// Whether a (remote) user is joined to a room a local user is joined to.
+    pub fn shares_room_with_local(&self, user_id: &UserId) -> bool {
+        self.views
+            .read()
+            .room_members
+            .values()
+            .any(|members| !members.local_joined.is_empty() && members.all.get(user_id).is_some_and(|m| m == "join"))
+    }
+
+    /// Wakes the local members of every room a (remote) user is joined to: their presence
+    /// changed. Looks at every room; remote presence updates are rare next to syncs.
+    pub fn wake_rooms_of_member(&self, user_id: &UserId) {
+        let rooms = self
+            .views
+            .read()
+            .room_members
+            .iter()
+            .filter(|(_, members)| members.all.get(user_id).is_some_and(|m| m == "join"))
+            .map(|(room_id, _)| room_id.clone())
+            .collect();
+        self.wake(&Wake { users: HashSet::new(), rooms });
     }
 
     /// Wakes `user_id` and everyone sharing a joined room with them (presence changes).

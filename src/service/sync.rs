@@ -494,7 +494,14 @@ impl Sync {
             } else {
                 Vec::new()
             };
-            let mut changed: HashSet<OwnedUserId> = changes.into_iter().filter(|u| sharing.contains(u)).collect();
+            // `sharing` holds local users; a remote user's change counts if they share a room.
+            let mut changed: HashSet<OwnedUserId> = changes
+                .into_iter()
+                .filter(|u| {
+                    sharing.contains(u)
+                        || (u.server_name() != self.rooms.server_name() && self.streams.share_a_room(user, u))
+                })
+                .collect();
             changed.extend(newly_shared.into_iter().filter(|u| u != user && self.streams.share_a_room(user, u)));
             let mut changed: Vec<_> = changed.into_iter().collect();
             changed.sort();

@@ -3,9 +3,10 @@
 //! PDU. A transaction is answered once: the answer is stored by origin and transaction ID and a
 //! retry gets it again without the PDUs being processed twice. PDUs of rooms this server is not
 //! in are dropped (and have no result), and so are those of an origin the room's server ACL denies
-//! (with an error as their result). EDUs are not acted on yet (TODO(issue 9)); once they are,
-//! those of a room whose ACL denies the origin must be ignored the same way. Signing keys are fetched before each PDU goes to the
-//! room graph, so nothing waits on the network under a room's writer lock.
+//! (with an error as their result). The EDUs follow the PDUs (so a receipt can name an event of the
+//! same transaction), through `InboundEdus`, which ignores what the origin may not say; they are
+//! applied once too, and never fail the transaction. Signing keys are fetched before each PDU goes
+//! to the room graph, so nothing waits on the network under a room's writer lock.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -20,6 +21,7 @@ use crate::{
     federation::{keys::Keys, outbox::Outbox},
     matrix::pdu::Pdu,
     service::{
+        edus::inbound::InboundEdus,
         gap_fill::GapFill,
         now_ms,
         rooms::{Rooms, receive::Outcome},
@@ -46,6 +48,7 @@ pub struct Transactions {
     keys: Arc<Keys>,
     outbox: Arc<Outbox>,
     gap_fill: Arc<GapFill>,
+    edus: InboundEdus,
     /// Per origin, the lock its transactions are processed under, so a retry arriving meanwhile
     /// waits for the first answer (a server sends one transaction at a time anyway).
     in_flight: parking_lot::Mutex<HashMap<OwnedServerName, Arc<tokio::sync::Mutex<()>>>>,
@@ -67,6 +70,7 @@ impl Transactions {
         keys: Arc<Keys>,
         outbox: Arc<Outbox>,
         gap_fill: Arc<GapFill>,
+        edus: InboundEdus,
     ) -> Transactions {
         Transactions {
             db,
@@ -74,6 +78,7 @@ impl Transactions {
             keys,
             outbox,
             gap_fill,
+            edus,
             in_flight: parking_lot::Mutex::new(HashMap::new()),
             last_pruned: std::sync::atomic::AtomicI64::new(0),
         }
@@ -85,10 +90,10 @@ impl Transactions {
         origin: &ServerName,
         txn_id: &str,
         pdus: &[Box<RawValue>],
-        edu_count: usize,
+        edus: &[Box<RawValue>],
     ) -> Result<PduResults> {
         self.outbox.peer_seen(origin);
-        if pdus.len() > MAX_PDUS || edu_count > MAX_EDUS {
+        if pdus.len() > MAX_PDUS || edus.len() > MAX_EDUS {
             return Err(Error::TooLarge(
                 format!("A transaction carries at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs").into(),
             ));
@@ -134,6 +139,7 @@ impl Transactions {
                 results.insert(pdu.event_id, result);
             }
         }
+        self.edus.receive(origin, edus).await;
         let stored: BTreeMap<&OwnedEventId, Option<&String>> =
             results.iter().map(|(id, result)| (id, result.as_ref().err())).collect();
         let answer = serde_json::to_string(&stored).map_err(|err| Error::Internal(err.to_string()))?;

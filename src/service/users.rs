@@ -28,6 +28,7 @@ use crate::{
     error::{Error, Result},
     matrix::identifiers::{user_id_for_login, user_id_for_registration},
     service::{
+        edus::{DeviceListUpdate, Edus},
         now_ms,
         rate_limit::FailureLimit,
         stream::Streams,
@@ -114,6 +115,8 @@ pub struct Users {
     /// Where device-list changes are announced (absent for operator commands, which must not
     /// write to the streams of a running server).
     streams: Option<Arc<Streams>>,
+    /// Tells the servers sharing a room with a user that their devices changed (federation).
+    edus: std::sync::OnceLock<Arc<Edus>>,
 }
 
 impl Users {
@@ -131,6 +134,7 @@ impl Users {
             last_seen_written: Mutex::new(HashMap::new()),
             token_cache: Mutex::new(TokenCache { entries: lru::LruCache::new(TOKEN_CACHE_ENTRIES), generation: 0 }),
             streams: None,
+            edus: std::sync::OnceLock::new(),
         }
     }
 
@@ -140,12 +144,42 @@ impl Users {
         self
     }
 
-    /// Tells the user's contacts (through sync's `device_lists`) that their devices changed.
-    async fn device_list_changed(&self, user_id: &UserId) {
-        if let Some(streams) = &self.streams
-            && let Err(err) = streams.persist(vec![StreamWrite::DeviceListChange { user_id: user_id.to_owned() }]).await
-        {
-            tracing::warn!(%user_id, %err, "could not record a device-list change");
+    /// Device changes also go to other servers, through `edus`.
+    pub fn set_edus(&self, edus: Arc<Edus>) {
+        let _ = self.edus.set(edus);
+    }
+
+    /// Tells the user's contacts (through sync's `device_lists`) that their devices changed,
+    /// and the servers sharing a room with the user, one `m.device_list_update` per device, each
+    /// change with a position of its own (its `stream_id`).
+    async fn device_list_changed(&self, user_id: &UserId, devices: &[DeviceNews<'_>]) {
+        let Some(streams) = &self.streams else { return };
+        let record = || streams.persist(vec![StreamWrite::DeviceListChange { user_id: user_id.to_owned() }]);
+        if devices.is_empty() {
+            if let Err(err) = record().await {
+                tracing::warn!(%user_id, %err, "could not record a device-list change");
+            }
+            return;
+        }
+        for device in devices {
+            let stream_id = match record().await {
+                Ok(pos) => pos,
+                Err(err) => {
+                    tracing::warn!(%user_id, %err, "could not record a device-list change");
+                    return;
+                }
+            };
+            let Some(edus) = self.edus.get() else { continue };
+            let prev_id = self.db.previous_device_list_change(user_id, stream_id).await.unwrap_or(0);
+            edus.device_list_update(DeviceListUpdate {
+                user_id,
+                device_id: device.device_id,
+                display_name: device.display_name,
+                is_deleted: device.is_deleted,
+                stream_id,
+                prev_id,
+            })
+            .await;
         }
     }
 
@@ -299,7 +333,8 @@ impl Users {
         };
         let registered = self.create_account(&user_id, password_hash.as_deref(), false, false, &request, ip).await?;
         self.uia.finish(completed).await?;
-        self.device_list_changed(&user_id).await;
+        // A new account shares no room yet: nobody else needs the device itself.
+        self.device_list_changed(&user_id, &[]).await;
         tracing::info!(user_id = %user_id, "registered a new account");
         Ok(registered)
     }
@@ -386,7 +421,9 @@ impl Users {
         let session = issued.new_session(&device_id, initial_device_display_name, ip.as_deref(), now);
         self.db.create_session(&user.user_id, &session).await?;
         self.forget_tokens();
-        self.device_list_changed(&user.user_id).await;
+        let news =
+            DeviceNews { device_id: device_id.as_str(), display_name: initial_device_display_name, is_deleted: false };
+        self.device_list_changed(&user.user_id, &[news]).await;
         tracing::info!(user_id = %user.user_id, device_id = %device_id, "logged in");
         Ok(issued.into_session(user.user_id, device_id, self.access_token_lifetime))
     }
@@ -424,15 +461,17 @@ impl Users {
     pub async fn logout(&self, authed: &Authed) -> Result<()> {
         self.db.delete_devices(&authed.user_id, std::slice::from_ref(&authed.device_id)).await?;
         self.forget_tokens();
-        self.device_list_changed(&authed.user_id).await;
+        self.device_list_changed(&authed.user_id, &[DeviceNews::deleted(authed.device_id.as_str())]).await;
         Ok(())
     }
 
     /// `POST /logout/all`.
     pub async fn logout_all(&self, user_id: &UserId) -> Result<()> {
+        let before = self.db.devices(user_id).await?;
         self.db.delete_devices_except(user_id, None).await?;
         self.forget_tokens();
-        self.device_list_changed(user_id).await;
+        let news: Vec<DeviceNews> = before.iter().map(|row| DeviceNews::deleted(row.device_id.as_str())).collect();
+        self.device_list_changed(user_id, &news).await;
         Ok(())
     }
 
@@ -509,7 +548,9 @@ impl Users {
             Some(row) if !row.deactivated => {}
             _ => return Err(Error::not_found("Unknown user")),
         }
-        let stream_id = self.streams.as_ref().map_or(0, |streams| streams.device_change_pos());
+        // The position of the user's latest change: the `stream_id` their last
+        // `m.device_list_update` carried, so a receiver can continue from it.
+        let stream_id = self.db.previous_device_list_change(user_id, i64::MAX).await?;
         Ok((stream_id, self.db.devices(user_id).await?))
     }
 
@@ -519,7 +560,8 @@ impl Users {
 
     pub async fn rename_device(&self, user_id: &UserId, device_id: &DeviceId, name: Option<&str>) -> Result<()> {
         if self.db.set_device_display_name(user_id, device_id, name).await? {
-            self.device_list_changed(user_id).await;
+            let news = DeviceNews { device_id: device_id.as_str(), display_name: name, is_deleted: false };
+            self.device_list_changed(user_id, &[news]).await;
             Ok(())
         } else {
             Err(Error::not_found("Device not found"))
@@ -543,7 +585,8 @@ impl Users {
         let completed = self.authorize_with_password(authed, "delete_devices", auth).await?;
         self.db.delete_devices(&authed.user_id, device_ids).await?;
         self.forget_tokens();
-        self.device_list_changed(&authed.user_id).await;
+        let news: Vec<DeviceNews> = device_ids.iter().map(|id| DeviceNews::deleted(id.as_str())).collect();
+        self.device_list_changed(&authed.user_id, &news).await;
         self.uia.finish(completed).await
     }
 
@@ -804,4 +847,17 @@ fn new_device_id() -> OwnedDeviceId {
     let mut rng = rand::thread_rng();
     let id: String = (0..10).map(|_| rng.gen_range(b'A'..=b'Z') as char).collect();
     id.into()
+}
+
+/// One device's change, for the `m.device_list_update` that tells other servers.
+pub struct DeviceNews<'a> {
+    pub device_id: &'a str,
+    pub display_name: Option<&'a str>,
+    pub is_deleted: bool,
+}
+
+impl<'a> DeviceNews<'a> {
+    fn deleted(device_id: &'a str) -> DeviceNews<'a> {
+        DeviceNews { device_id, display_name: None, is_deleted: true }
+    }
 }

@@ -13,6 +13,7 @@
 
 pub mod accounts;
 pub mod federation;
+pub mod federation_edus;
 pub mod lock;
 pub mod out_of_band;
 pub mod rooms;
@@ -62,6 +63,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (7, "event_graph", include_str!("../../migrations/sqlite/0007_event_graph.sql")),
     (8, "federation_outbox", include_str!("../../migrations/sqlite/0008_federation_outbox.sql")),
     (9, "out_of_band_memberships", include_str!("../../migrations/sqlite/0009_out_of_band_memberships.sql")),
+    (11, "federation_edus", include_str!("../../migrations/sqlite/0011_federation_edus.sql")),
     (12, "federation_catch_up", include_str!("../../migrations/sqlite/0012_federation_catch_up.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -76,6 +78,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (7, "event_graph", include_str!("../../migrations/postgres/0007_event_graph.sql")),
     (8, "federation_outbox", include_str!("../../migrations/postgres/0008_federation_outbox.sql")),
     (9, "out_of_band_memberships", include_str!("../../migrations/postgres/0009_out_of_band_memberships.sql")),
+    (11, "federation_edus", include_str!("../../migrations/postgres/0011_federation_edus.sql")),
     (12, "federation_catch_up", include_str!("../../migrations/postgres/0012_federation_catch_up.sql")),
 ];
 

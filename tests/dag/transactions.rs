@@ -22,16 +22,16 @@ async fn transaction_answers_serve_retries_until_pruned(backend: Backend) {
     let transactions = &f.state.transactions;
     let remote = &f.remote.server;
 
-    let first = transactions.receive(remote, "t1", std::slice::from_ref(&raw), 0).await.expect("first");
+    let first = transactions.receive(remote, "t1", std::slice::from_ref(&raw), &[]).await.expect("first");
     assert!(matches!(first.get(&pdu.event_id), Some(Err(why)) if why.contains("ACL")), "{first:?}");
     // A retry (even with another body) gets the stored answer, not a second processing.
-    let retry = transactions.receive(remote, "t1", &[], 0).await.expect("retry");
+    let retry = transactions.receive(remote, "t1", &[], &[]).await.expect("retry");
     assert_eq!(retry, first);
 
     // Pruning before the answer's time keeps it; pruning after forgets it.
     assert_eq!(transactions.prune_answers(now() as i64 - 60_000).await.expect("prune"), 0);
-    assert_eq!(transactions.receive(remote, "t1", &[], 0).await.expect("kept"), first);
+    assert_eq!(transactions.receive(remote, "t1", &[], &[]).await.expect("kept"), first);
     assert!(transactions.prune_answers(now() as i64 + 1).await.expect("prune") >= 1);
-    let after = transactions.receive(remote, "t1", &[], 0).await.expect("after pruning");
+    let after = transactions.receive(remote, "t1", &[], &[]).await.expect("after pruning");
     assert!(after.is_empty(), "a forgotten transaction is processed as new: {after:?}");
 }

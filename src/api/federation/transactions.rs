@@ -23,7 +23,7 @@ pub async fn send(
     if req.origin != origin {
         return Err(Error::forbidden("The transaction's origin is not the server that signed the request"));
     }
-    // TODO(issue 9): EDUs (typing, receipts, presence, device lists) are counted, not applied.
-    let results = transactions.receive(&origin, req.transaction_id.as_str(), &req.pdus, req.edus.len()).await?;
+    let edus: Vec<Box<serde_json::value::RawValue>> = req.edus.iter().map(|edu| edu.json().to_owned()).collect();
+    let results = transactions.receive(&origin, req.transaction_id.as_str(), &req.pdus, &edus).await?;
     Ok(send_transaction_message::v1::Response::new(results).into())
 }

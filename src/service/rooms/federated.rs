@@ -31,6 +31,12 @@ impl Rooms {
         servers.into_iter().collect()
     }
 
+    /// The rooms a local user is joined to.
+    pub fn joined_rooms_of(&self, user: &UserId) -> Vec<ruma::OwnedRoomId> {
+        let rooms = self.streams.user_rooms(user, i64::MAX);
+        rooms.into_iter().filter(|(_, membership, _)| membership == "join").map(|(room_id, _, _)| room_id).collect()
+    }
+
     /// Whether a user of this server is joined to the room.
     pub fn has_local_member(&self, room_id: &RoomId) -> bool {
         self.streams.members(room_id, "join").iter().any(|user| user.server_name() == self.server_name)
@@ -38,7 +44,11 @@ impl Rooms {
 
     /// Of `servers`, those the room's current `m.room.server_acl` lets take part: our events
     /// never go to a denied server (spec "Server Access Control Lists").
-    async fn allowed_servers(&self, room_id: &RoomId, servers: Vec<OwnedServerName>) -> Vec<OwnedServerName> {
+    pub(crate) async fn allowed_servers(
+        &self,
+        room_id: &RoomId,
+        servers: Vec<OwnedServerName>,
+    ) -> Vec<OwnedServerName> {
         let mut allowed = Vec::with_capacity(servers.len());
         for server in servers {
             match self.is_server_allowed(room_id, &server).await {
