@@ -134,6 +134,21 @@ type GroupParts = (Option<(Option<i64>, i64)>, Vec<(String, String, String)>);
 /// twice in some queries).
 const ENTRIES_PER_QUERY: usize = 200;
 
+/// A place in a room's topological order — depth, then stream position — between events: the
+/// point just after the event at (`depth`, `stream`), whether or not one is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TopoPos {
+    pub depth: i64,
+    pub stream: i64,
+}
+
+impl TopoPos {
+    /// Before every event.
+    pub const START: TopoPos = TopoPos { depth: i64::MIN, stream: i64::MIN };
+    /// After every event.
+    pub const END: TopoPos = TopoPos { depth: i64::MAX, stream: i64::MAX };
+}
+
 /// Direction of a range read over a room's events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {
@@ -388,6 +403,54 @@ impl Db {
             sqlx::query_as(sql).bind(room_id.as_str()).bind(after).bind(upto).bind(limit).fetch_all(pool).await?
         });
         rows.into_iter().map(event_row).collect()
+    }
+
+    /// A room's events whose topological position lies in `(after, upto]` and whose stream
+    /// position is at most `max_stream` (a reader's bound), in `dir` order, at most `limit`.
+    /// Soft-failed events are never returned.
+    pub async fn room_events_topological(
+        &self,
+        room_id: &RoomId,
+        after: TopoPos,
+        upto: TopoPos,
+        max_stream: i64,
+        dir: Dir,
+        limit: i64,
+    ) -> StorageResult<Vec<EventRow>> {
+        let order = if dir == Dir::Forward { "ASC" } else { "DESC" };
+        // Row values compare lexicographically on both engines: (depth, stream_pos) is the order.
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE room_id = $1 AND (depth, stream_pos) > ($2, $3) AND (depth, stream_pos) <= ($4, $5)
+               AND stream_pos <= $6 AND NOT soft_failed
+             ORDER BY depth {order}, stream_pos {order} LIMIT $7"
+        ));
+        let rows: Vec<EventTuple> = on_reader!(self, pool => {
+            sqlx::query_as(sql)
+                .bind(room_id.as_str())
+                .bind(after.depth)
+                .bind(after.stream)
+                .bind(upto.depth)
+                .bind(upto.stream)
+                .bind(max_stream)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter().map(event_row).collect()
+    }
+
+    /// The topological position of stream position `stream` in a room: the greatest depth of its
+    /// events at or before it, with `stream` (Synapse's `get_current_topological_token`).
+    pub async fn topological_at_stream(&self, room_id: &RoomId, stream: i64) -> StorageResult<TopoPos> {
+        let depth: Option<i64> = on_reader!(self, pool => {
+            sqlx::query_scalar("SELECT MAX(depth) FROM events WHERE room_id = $1 AND stream_pos <= $2")
+                .bind(room_id.as_str())
+                .bind(stream)
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(TopoPos { depth: depth.unwrap_or(0), stream })
     }
 
     /// The events of a room in `(after, upto]`, newest first, that push rules could make notify

@@ -7,7 +7,7 @@ use hearth::{
         pdu::{EventTemplate, Pdu, Placement, canonical_content},
     },
     service::rooms::receive::Outcome,
-    storage::rooms::Dir,
+    storage::rooms::{Dir, TopoPos},
 };
 use ruma::{
     MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, ServerName, UInt, UserId,
@@ -163,7 +163,8 @@ async fn a_remote_room_enters_the_graph_from_the_state_of_a_join(backend: Backen
                     alice: ruma::OwnedUserId,
                     room: OwnedRoomId| async move {
         let access = rooms.read_access(&alice, &room).await.expect("access");
-        let page = rooms.page(&alice, &room, access.upto, None, Dir::Backward, 100, None, &access).await.expect("page");
+        let page =
+            rooms.page(&alice, &room, TopoPos::END, None, Dir::Backward, 100, None, &access).await.expect("page");
         page.events.iter().map(|e| e.pdu.event_id.clone()).collect::<Vec<_>>()
     };
     assert_eq!(timeline(f.state.rooms.clone(), f.alice.clone(), room.clone()).await, vec![alice_join.event_id.clone()]);

@@ -20,6 +20,7 @@ mod federated;
 pub mod graph;
 pub mod history;
 pub mod membership;
+pub mod pagination;
 pub mod receive;
 mod remote_members;
 mod restricted;
