@@ -317,6 +317,11 @@ impl Db {
             .bind(now)
             .execute(pool)
             .await?;
+            // A missing event that turns out rejected is no gap: nothing is missing there.
+            sqlx::query("DELETE FROM room_backward_extremities WHERE missing_id = $1")
+                .bind(row.event_id.as_str())
+                .execute(pool)
+                .await?;
         });
         Ok(())
     }
@@ -438,6 +443,27 @@ impl Db {
                 .await?
         });
         rows.into_iter().map(event_row).collect()
+    }
+
+    /// A room's backward extremities: timeline events with prev events we do not hold, and
+    /// those prev events, deepest first (at most `limit` rows).
+    pub async fn backward_extremities(
+        &self,
+        room_id: &RoomId,
+        limit: i64,
+    ) -> StorageResult<Vec<(OwnedEventId, OwnedEventId)>> {
+        let rows: Vec<(String, String)> = on_reader!(self, pool => {
+            sqlx::query_as(
+                "SELECT b.event_id, b.missing_id FROM room_backward_extremities b
+                 JOIN events e ON e.event_id = b.event_id
+                 WHERE b.room_id = $1 ORDER BY e.depth DESC, e.stream_pos DESC, b.missing_id LIMIT $2",
+            )
+            .bind(room_id.as_str())
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        });
+        rows.into_iter().map(|(event, missing)| Ok((parse_id(event)?, parse_id(missing)?))).collect()
     }
 
     /// The topological position of stream position `stream` in a room: the greatest depth of its

@@ -308,6 +308,27 @@ macro_rules! apply_write {
                 .bind(e.redacted_by.as_ref().map(|id| id.as_str()))
                 .execute(&mut *$tx)
                 .await?;
+                // Backward extremities: this event closes the gaps it was missing from, and opens
+                // one for each prev event we do not hold (earlier events of this batch are
+                // already in `events`).
+                sqlx::query("DELETE FROM room_backward_extremities WHERE missing_id = $1")
+                    .bind(pdu.event_id.as_str())
+                    .execute(&mut *$tx)
+                    .await?;
+                for prev in &pdu.prev_events {
+                    sqlx::query(
+                        "INSERT INTO room_backward_extremities (room_id, event_id, missing_id)
+                         SELECT $1, $2, $3
+                         WHERE NOT EXISTS (SELECT 1 FROM events WHERE event_id = $3)
+                           AND NOT EXISTS (SELECT 1 FROM rejected_events WHERE event_id = $3)
+                         ON CONFLICT (event_id, missing_id) DO NOTHING",
+                    )
+                    .bind(room)
+                    .bind(pdu.event_id.as_str())
+                    .bind(prev.as_str())
+                    .execute(&mut *$tx)
+                    .await?;
+                }
                 if e.was_outlier {
                     sqlx::query("DELETE FROM outliers WHERE event_id = $1")
                         .bind(pdu.event_id.as_str())

@@ -1,5 +1,6 @@
 //! Reading a room: who may see which events (history visibility), serving events to clients
-//! with their `unsigned` data and bundled aggregations, and the history endpoints (`/event`, `/relations`, `/threads`, `/timestamp_to_event`, `/state`, `/members`).
+//! with their `unsigned` data and bundled aggregations, and the history endpoints (`/event`,
+//! `/relations`, `/threads`, `/timestamp_to_event`, `/state`, `/members`).
 //!
 //! `/relations` and `/threads` page in stream order, which never changes once an event is
 //! stored; `/messages` and `/context` page in the room's topological order (`pagination.rs`).

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use ruma::{EventId, RoomId, UserId, api::client::filter::RoomEventFilter};
+use ruma::{EventId, OwnedEventId, RoomId, UserId, api::client::filter::RoomEventFilter};
 
 use super::{Rooms, StoredEvent, history::ReadAccess};
 use crate::{
@@ -82,6 +82,13 @@ impl Rooms {
             PageToken::Topological(pos) => Ok(pos),
             PageToken::Stream(stream) => Ok(self.db.topological_at_stream(room_id, stream).await?),
         }
+    }
+
+    /// The room's backward extremities (where the history we hold stops): (a timeline event, a
+    /// prev event of it we do not hold), deepest first, at most `limit`. A room joined over
+    /// federation has at least its join there until its history is backfilled.
+    pub async fn gaps(&self, room_id: &RoomId, limit: usize) -> Result<Vec<(OwnedEventId, OwnedEventId)>> {
+        Ok(self.db.backward_extremities(room_id, limit as i64).await?)
     }
 
     /// Reads a page of a room's events from `from` in `dir` (down to, or up to, `to`), keeping
