@@ -13,6 +13,7 @@ use crate::{
     service::{
         account_data::AccountData,
         aliases::Aliases,
+        backfill::Backfill,
         ephemeral::{Presence, Typing},
         joins::Joins,
         notifications::Notifications,
@@ -292,6 +293,8 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         outbox.clone(),
         config.is_federation_enabled(),
     ));
+    let backfill =
+        Arc::new(Backfill::new(rooms.clone(), keys.clone(), federation_client.clone(), config.is_federation_enabled()));
     let joins = Arc::new(Joins::new(
         rooms.clone(),
         aliases.clone(),
@@ -342,6 +345,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         joins,
         transactions,
         remote_membership,
+        backfill,
     };
     Ok(state)
 }

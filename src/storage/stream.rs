@@ -91,6 +91,9 @@ pub struct EventWrite {
     /// For redactions: the redacted form of the target event to store in its place.
     pub redaction_target: Option<(OwnedEventId, String)>,
     pub new_room: Option<NewRoom>,
+    /// History fetched from another server (a negative position): it leaves the room's forward
+    /// extremities as they are.
+    pub backfilled: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -391,7 +394,7 @@ macro_rules! apply_write {
                         .execute(&mut *$tx)
                         .await?;
                 }
-                if tip {
+                if tip && !e.backfilled {
                     sqlx::query("DELETE FROM room_forward_extremities WHERE room_id = $1")
                         .bind(room)
                         .execute(&mut *$tx)
@@ -592,6 +595,14 @@ impl Db {
             .await?
         });
         Ok(max.unwrap_or(0))
+    }
+
+    /// The lowest stream position stored (backfilled events count down from below 0).
+    pub async fn min_stream_pos(&self) -> StorageResult<i64> {
+        let min: Option<i64> = on_reader!(self, pool => {
+            sqlx::query_scalar("SELECT MIN(stream_pos) FROM events").fetch_one(pool).await?
+        });
+        Ok(min.unwrap_or(0))
     }
 
     /// Positions the stream's in-memory views start from.

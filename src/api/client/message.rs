@@ -24,6 +24,7 @@ use crate::{
     error::Error,
     matrix::client_event::Format,
     service::{
+        backfill::Backfill,
         ephemeral::Presence,
         filter,
         rate_limit::UserAction,
@@ -85,6 +86,7 @@ pub async fn redact(
 /// `GET /_matrix/client/v3/rooms/{roomId}/messages`
 pub async fn messages(
     State(rooms): State<Arc<Rooms>>,
+    State(backfill): State<Arc<Backfill>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<get_message_events::v3::Request>,
 ) -> ApiResult<get_message_events::v3::Response> {
@@ -104,7 +106,10 @@ pub async fn messages(
     };
     let limit = (u64::from(req.limit) as usize).clamp(1, 1000);
     crate::service::filter::check_room_event_limits(&req.filter)?;
-    let page = rooms.page(user, &req.room_id, from, to, dir, limit, Some(&req.filter), &access).await?;
+    let page = match dir {
+        Dir::Backward => backfill.page_back(user, &req.room_id, from, to, limit, Some(&req.filter), &access).await?,
+        Dir::Forward => rooms.page(user, &req.room_id, from, to, dir, limit, Some(&req.filter), &access).await?,
+    };
     let device = Some(authed.device_id.as_str());
     let mut response = get_message_events::v3::Response::new();
     response.start = req.from.clone().unwrap_or_else(|| PageToken::format(from));

@@ -79,17 +79,19 @@ impl Rooms {
         // The state at the event: after it for a state event (a join is visible to the joiner),
         // before it otherwise — the two only differ by the event itself.
         let group = if event.is_outlier() { 0 } else { event.state_after };
-        self.server_view_at(server, group).await
+        self.server_view_at(server, group, false).await
     }
 
-    /// [`Rooms::server_view`] of any event whose state (after it) is `group`.
-    async fn server_view_at(&self, server: &ServerName, group: i64) -> Result<ServerView> {
+    /// [`Rooms::server_view`] of any event whose state (after it) is `group`. For a server in
+    /// the room now (`is_in_room`), `shared` history is visible whether or not it was there at
+    /// the event, as for its users (Synapse's `filter_events_for_server` does the same).
+    async fn server_view_at(&self, server: &ServerName, group: i64, is_in_room: bool) -> Result<ServerView> {
         let visibility = self
             .state_event_at(group, "m.room.history_visibility", "")
             .await?
             .and_then(|e| e.pdu.content_value().get("history_visibility").and_then(Value::as_str).map(str::to_owned))
             .unwrap_or_else(|| "shared".to_owned());
-        if visibility == "world_readable" {
+        if visibility == "world_readable" || (is_in_room && visibility == "shared") {
             return Ok(ServerView::Full);
         }
         let (mut joined, mut invited) = (false, false);
@@ -332,7 +334,7 @@ impl Rooms {
             let view = match views.get(&event.state_after) {
                 Some(view) => *view,
                 None => {
-                    let view = match self.server_view_at(server, event.state_after).await {
+                    let view = match self.server_view_at(server, event.state_after, true).await {
                         Ok(view) => Some(view),
                         Err(Error::Forbidden(_)) => None,
                         Err(err) => return Err(err),
