@@ -72,14 +72,21 @@ impl Rooms {
     }
 
     /// How `server` may see `event`, or 403 if not at all. Spec "History visibility" for
-    /// servers: a `world_readable` event goes to anyone; otherwise the server must have had a
-    /// member in the room at the event (joined, or for `invited`/`shared` also invited), and
-    /// gets the redacted form when the visibility rules hide the event from all its members.
+    /// servers: a `world_readable` event goes to anyone, a `shared` one to a server in the room
+    /// now; otherwise the server must have had a member in the room at the event (joined, or
+    /// for `invited`/`shared` also invited), and gets the redacted form when the visibility
+    /// rules hide the event from all its members.
     pub async fn server_view(&self, server: &ServerName, event: &StoredEvent) -> Result<ServerView> {
         // The state at the event: after it for a state event (a join is visible to the joiner),
         // before it otherwise — the two only differ by the event itself.
         let group = if event.is_outlier() { 0 } else { event.state_after };
-        self.server_view_at(server, group, false).await
+        let is_in_room = self.is_server_joined(&event.pdu.room_id, server);
+        self.server_view_at(server, group, is_in_room).await
+    }
+
+    /// Whether a user of `server` is joined to the room now.
+    fn is_server_joined(&self, room_id: &RoomId, server: &ServerName) -> bool {
+        self.streams.members(room_id, "join").iter().any(|user| user.server_name() == server)
     }
 
     /// [`Rooms::server_view`] of any event whose state (after it) is `group`. For a server in
@@ -215,7 +222,7 @@ impl Rooms {
     /// now: history is walked only for servers in the room (as Synapse's `assert_host_in_room`).
     async fn check_server_in_room(&self, room_id: &RoomId, server: &ServerName) -> Result<()> {
         self.check_server_acl(room_id, server).await?;
-        if !self.streams.members(room_id, "join").iter().any(|user| user.server_name() == server) {
+        if !self.is_server_joined(room_id, server) {
             return Err(Error::forbidden("Server is not in the room"));
         }
         Ok(())
