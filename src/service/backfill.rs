@@ -35,7 +35,7 @@ use crate::{
         rooms::{
             Rooms, StateMap,
             history::ReadAccess,
-            pagination::{HistoryPage, position_of},
+            pagination::{HistoryPage, PageToken, position_of},
             receive::Outcome,
         },
     },
@@ -69,52 +69,60 @@ impl Backfill {
     }
 
     /// A page of `/messages` backwards from `from` (down to `to`) that does not stop at a gap:
-    /// when the events it covers reach a backward extremity — or it runs out of events above
-    /// one — the history behind it is fetched first and the page read again.
+    /// when the page reaches down past a backward extremity — the history below it is missing —
+    /// the history behind it is fetched first and the page read again. Tokens are resolved after
+    /// each fill: a stream token's topological position moves down as history arrives below it.
+    /// Returns the page and where it started.
     #[allow(clippy::too_many_arguments)] // Rooms::page's parameters, passed through.
     pub async fn page_back(
         &self,
         viewer: &UserId,
         room_id: &RoomId,
-        from: TopoPos,
-        to: Option<TopoPos>,
+        from: PageToken,
+        to: Option<PageToken>,
         limit: usize,
         filter: Option<&RoomEventFilter>,
         access: &ReadAccess,
-    ) -> Result<HistoryPage> {
+    ) -> Result<(HistoryPage, TopoPos)> {
         let started = Instant::now();
-        let mut page = self.rooms.page(viewer, room_id, from, to, Dir::Backward, limit, filter, access).await?;
-        if !self.is_enabled {
-            return Ok(page);
-        }
-        for _ in 0..MAX_FILLS_PER_PAGE {
+        let mut fills = 0;
+        loop {
+            let from_pos = self.rooms.topological_position(room_id, from).await?;
+            let to_pos = match to {
+                Some(token) => Some(self.rooms.topological_position(room_id, token).await?),
+                None => None,
+            };
+            let page = self.rooms.page(viewer, room_id, from_pos, to_pos, Dir::Backward, limit, filter, access).await?;
+            if !self.is_enabled || fills == MAX_FILLS_PER_PAGE || started.elapsed() > PAGE_DEADLINE {
+                return Ok((page, from_pos));
+            }
             // The page covers (floor, from]: down to where it would continue, or to its end.
-            let floor = page.next.unwrap_or(to.unwrap_or(TopoPos::START));
+            // History missing below a gap event sorts below it, so any gap above the floor may
+            // hide events that belong in this page.
+            let floor = page.next.unwrap_or(to_pos.unwrap_or(TopoPos::START));
             let mut gaps = Vec::new();
             for (gap, missing) in self.rooms.gaps(room_id, 100).await? {
-                if let Some(event) = self.rooms.timeline_event(&gap).await? {
-                    let pos = position_of(&event);
-                    if pos > floor && pos <= from {
-                        gaps.push((gap, missing));
-                    }
+                if let Some(event) = self.rooms.timeline_event(&gap).await?
+                    && position_of(&event) > floor
+                {
+                    gaps.push((gap, missing));
                 }
             }
-            if gaps.is_empty() || started.elapsed() > PAGE_DEADLINE {
-                break;
+            if gaps.is_empty() {
+                return Ok((page, from_pos));
             }
-            match tokio::time::timeout(PAGE_DEADLINE.saturating_sub(started.elapsed()), self.fill(room_id, &gaps)).await
-            {
+            fills += 1;
+            let budget = PAGE_DEADLINE.saturating_sub(started.elapsed());
+            match tokio::time::timeout(budget, self.fill(room_id, &gaps)).await {
                 Ok(Ok(placed)) if placed > 0 => {}
                 Ok(Err(err)) => {
                     // The page we have is still an answer: the gap stays for the next request.
                     tracing::info!(%room_id, %err, "backfill for a page failed");
-                    break;
+                    return Ok((page, from_pos));
                 }
-                _ => break,
+                _ => return Ok((page, from_pos)),
             }
-            page = self.rooms.page(viewer, room_id, from, to, Dir::Backward, limit, filter, access).await?;
         }
-        Ok(page)
     }
 
     /// Fetches history behind `gaps` (gap event, missing prev event) of `room_id`: the number

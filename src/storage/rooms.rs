@@ -466,6 +466,27 @@ impl Db {
         rows.into_iter().map(|(event, missing)| Ok((parse_id(event)?, parse_id(missing)?))).collect()
     }
 
+    /// Whether any of `event_ids` is a backward extremity (history below it is missing).
+    pub async fn has_backward_extremity(&self, event_ids: &[&EventId]) -> StorageResult<bool> {
+        for chunk in event_ids.chunks(ENTRIES_PER_QUERY) {
+            let placeholders = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT event_id FROM room_backward_extremities WHERE event_id IN ({placeholders}) LIMIT 1"
+            ));
+            let row: Option<String> = on_reader!(self, pool => {
+                let mut query = sqlx::query_scalar(sql);
+                for id in chunk {
+                    query = query.bind(id.as_str());
+                }
+                query.fetch_optional(pool).await?
+            });
+            if row.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// The topological position of stream position `stream` in a room: the greatest depth of its
     /// events at or before it, with `stream` (Synapse's `get_current_topological_token`).
     pub async fn topological_at_stream(&self, room_id: &RoomId, stream: i64) -> StorageResult<TopoPos> {

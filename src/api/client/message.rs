@@ -94,21 +94,23 @@ pub async fn messages(
     let access = rooms.read_access(user, &req.room_id).await?;
     let dir = if req.dir == Direction::Backward { Dir::Backward } else { Dir::Forward };
     let from = match req.from.as_deref() {
-        Some(token) => rooms.topological_position(&req.room_id, PageToken::parse(token)?).await?,
-        None if dir == Dir::Backward => {
-            rooms.topological_position(&req.room_id, PageToken::Stream(access.upto)).await?
-        }
-        None => TopoPos::START,
+        Some(token) => PageToken::parse(token)?,
+        None if dir == Dir::Backward => PageToken::Stream(access.upto),
+        None => PageToken::Topological(TopoPos::START),
     };
-    let to = match req.to.as_deref() {
-        Some(token) => Some(rooms.topological_position(&req.room_id, PageToken::parse(token)?).await?),
-        None => None,
-    };
+    let to = req.to.as_deref().map(PageToken::parse).transpose()?;
     let limit = (u64::from(req.limit) as usize).clamp(1, 1000);
     crate::service::filter::check_room_event_limits(&req.filter)?;
-    let page = match dir {
+    let (page, from) = match dir {
         Dir::Backward => backfill.page_back(user, &req.room_id, from, to, limit, Some(&req.filter), &access).await?,
-        Dir::Forward => rooms.page(user, &req.room_id, from, to, dir, limit, Some(&req.filter), &access).await?,
+        Dir::Forward => {
+            let from = rooms.topological_position(&req.room_id, from).await?;
+            let to = match to {
+                Some(token) => Some(rooms.topological_position(&req.room_id, token).await?),
+                None => None,
+            };
+            (rooms.page(user, &req.room_id, from, to, dir, limit, Some(&req.filter), &access).await?, from)
+        }
     };
     let device = Some(authed.device_id.as_str());
     let mut response = get_message_events::v3::Response::new();

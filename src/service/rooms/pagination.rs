@@ -91,6 +91,12 @@ impl Rooms {
         Ok(self.db.backward_extremities(room_id, limit as i64).await?)
     }
 
+    /// Whether `events` reach a gap: one of them has prev events we do not hold.
+    pub async fn reaches_gap(&self, events: &[Arc<StoredEvent>]) -> Result<bool> {
+        let ids: Vec<&EventId> = events.iter().map(|e| &*e.pdu.event_id).collect();
+        Ok(self.db.has_backward_extremity(&ids).await?)
+    }
+
     /// Reads a page of a room's events from `from` in `dir` (down to, or up to, `to`), keeping
     /// only events that pass `filter` and visibility and that lie within the viewer's read
     /// bound, fetching more while the page is short.
