@@ -8,13 +8,14 @@ use serde_json::{Value, json};
 
 use crate::{
     graph::{get_as, two_servers},
-    harness::{Backend, enc},
+    harness::{Backend, enc, timeline},
     hostile::bob_joins_alices_room,
     membership::{event_ids, wait_for_message},
     testnet::{Peer, TestNet, json as body_of, x_matrix},
 };
 
 crate::backend_tests!(
+    a_joining_server_paginates_a_thousand_messages_of_history_through_backfill,
     backfill_and_missing_events_hide_history_from_before_the_servers_join,
     backfill_and_missing_events_are_refused_outside_the_room_and_to_denied_servers,
 );
@@ -44,6 +45,77 @@ fn message_bodies(pdus: &Value) -> Vec<Option<String>> {
         .filter(|pdu| pdu["type"] == "m.room.message")
         .map(|pdu| pdu["content"]["body"].as_str().map(str::to_owned))
         .collect()
+}
+
+/// How many messages the room has before the second server joins.
+const HISTORY: usize = 1000;
+
+async fn a_joining_server_paginates_a_thousand_messages_of_history_through_backfill(backend: Backend) {
+    let net = TestNet::new().await;
+    let (a, b) = two_servers(&net, backend).await;
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let room = a.server.create_room(&alice, json!({"preset": "public_chat", "name": "Old"})).await;
+    for n in 0..HISTORY {
+        a.server.send_text(&alice, &room, &format!("m{n}")).await;
+    }
+    let (status, body) = b
+        .server
+        .post(&format!("/_matrix/client/v3/join/{}?via=a.test", enc(&room)), Some(&bob.access_token), json!({}))
+        .await;
+    assert_eq!(status, 200, "remote join: {body}");
+    let (sync, since) = b.server.sync_until(&bob, None, |sync| sync["rooms"]["join"][&room].is_object()).await;
+    // Sync shows the join, which is a gap: limited, with a prev_batch to page back from.
+    let joined = &sync["rooms"]["join"][&room]["timeline"];
+    assert_eq!(joined["limited"], json!(true), "{joined}");
+    let prev_batch = joined["prev_batch"].as_str().expect("prev_batch").to_owned();
+
+    // Bob pages back from there to the room's start: every message once, newest first, the
+    // create event last.
+    let mut bodies: Vec<String> = Vec::new();
+    let mut types: Vec<String> = Vec::new();
+    let mut from: Option<String> = Some(prev_batch);
+    for _ in 0..(HISTORY / 50 + 10) {
+        let mut uri = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(&room));
+        if let Some(token) = &from {
+            uri.push_str(&format!("&from={}", enc(token)));
+        }
+        let (status, page) = b.server.get(&uri, Some(&bob.access_token)).await;
+        assert_eq!(status, 200, "{page}");
+        for event in page["chunk"].as_array().unwrap() {
+            types.push(event["type"].as_str().unwrap().to_owned());
+            if let Some(text) = event["content"]["body"].as_str() {
+                bodies.push(text.to_owned());
+            }
+        }
+        match page["end"].as_str() {
+            Some(end) => from = Some(end.to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..HISTORY).rev().map(|n| format!("m{n}")).collect();
+    assert_eq!(bodies, expected, "all of the history, in order, without duplicates");
+    assert!(!types.is_empty() && types.iter().filter(|t| *t == "m.room.member").count() == 1, "alice's join only");
+    assert_eq!(types.last().map(String::as_str), Some("m.room.create"), "the room's start last");
+
+    // None of it is new to bob's sync: a message sent now is all the next sync brings.
+    a.server.send_text(&alice, &room, "now").await;
+    let (sync, _) = b
+        .server
+        .sync_until(&bob, Some(since), |sync| timeline(sync, &room).iter().any(|e| e["content"]["body"] == "now"))
+        .await;
+    let texts: Vec<&Value> = timeline(&sync, &room).iter().map(|e| &e["content"]["body"]).collect();
+    assert_eq!(texts, [&json!("now")], "{sync}");
+    let initial = b.server.sync(&bob, None, None, 0).await;
+    let old = timeline(&initial, &room)
+        .iter()
+        .filter(|e| e["content"]["body"].as_str().is_some_and(|t| t.starts_with('m')))
+        .count();
+    assert_eq!(old, 0, "backfilled history is not in an initial sync's timeline either");
+    // B's current state and forward extremities did not move back: bob can still send.
+    let reply = b.server.send_text(&bob, &room, "still here").await;
+    wait_for_message(&a.server, &alice, &room, "still here").await;
+    assert!(reply.starts_with('$'));
 }
 
 async fn backfill_and_missing_events_hide_history_from_before_the_servers_join(backend: Backend) {

@@ -496,3 +496,86 @@ async fn hearth_and_synapse_users_see_each_others_typing_and_read_receipts() {
     assert_eq!(status, 200, "{body}");
     hearth.server.sync_until(&alice, None, |response| shows_read(response, &room, &alices_event, sam_id)).await;
 }
+
+/// Messages in a room before the other side joins it.
+const INTEROP_HISTORY: usize = 150;
+
+/// The message bodies of a room's history as `page` (one `/messages` request from a token, or
+/// from now) returns it, newest first, following `end` until it stops (at most 40 pages).
+async fn paginate_bodies<F, Fut>(mut page: F) -> Vec<String>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Value>,
+{
+    let mut bodies = Vec::new();
+    let mut from = None;
+    for _ in 0..40 {
+        let response = page(from.clone()).await;
+        let chunk = response["chunk"].as_array().cloned().unwrap_or_default();
+        bodies.extend(chunk.iter().filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)));
+        match response["end"].as_str() {
+            Some(end) if !chunk.is_empty() || from.as_deref() != Some(end) => from = Some(end.to_owned()),
+            _ => break,
+        }
+    }
+    bodies
+}
+
+/// History across servers with Synapse: Synapse joins a Hearth room with history and its user
+/// pages back through all of it (Hearth serves `/backfill`), and a Hearth user joins a Synapse
+/// room with history and pages back through it (Hearth asks Synapse's `/backfill`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts a Synapse; run by .ci/run with --ignored"]
+async fn hearth_and_synapse_users_page_back_through_each_others_room_history() {
+    let Some((_net, hearth, synapse)) = hearth_and_synapse().await else { return skipped("port 8448") };
+    let alice = hearth.server.register("alice").await;
+    let sam = synapse.register("sam").await;
+    let expected: Vec<String> = (0..INTEROP_HISTORY).rev().map(|n| format!("h{n}")).collect();
+
+    // A Hearth room with history, joined from Synapse.
+    let room = hearth.server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    for n in 0..INTEROP_HISTORY {
+        hearth.server.send_text(&alice, &room, &format!("h{n}")).await;
+    }
+    let join = format!("/_matrix/client/v3/join/{}?server_name=hearth.test", enc(&room));
+    let (status, joined) = synapse.request(Method::POST, &join, &sam, Some(json!({}))).await;
+    assert_eq!(status, 200, "{joined}\n{}", synapse.log_tail());
+    let bodies = paginate_bodies(|from| {
+        let mut path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(&room));
+        if let Some(from) = from {
+            path.push_str(&format!("&from={}", enc(&from)));
+        }
+        let (synapse, sam) = (&synapse, &sam);
+        async move { synapse.request(Method::GET, &path, sam, None).await.1 }
+    })
+    .await;
+    assert_eq!(bodies, expected, "Synapse pages all of Hearth's history\n{}", synapse.log_tail());
+    let served = hearth.server.log_lines().iter().any(|line| line.contains("/_matrix/federation/v1/backfill/"));
+    assert!(served, "Synapse got the history through Hearth's /backfill");
+
+    // A Synapse room with history, joined from Hearth.
+    let (status, created) = synapse
+        .request(Method::POST, "/_matrix/client/v3/createRoom", &sam, Some(json!({"preset": "public_chat"})))
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    for n in 0..INTEROP_HISTORY {
+        let send = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/h{n}", enc(&room));
+        let body = json!({"msgtype": "m.text", "body": format!("h{n}")});
+        let (status, _) = synapse.request(Method::PUT, &send, &sam, Some(body)).await;
+        assert_eq!(status, 200);
+    }
+    let join = format!("/_matrix/client/v3/join/{}?server_name=synapse.test", enc(&room));
+    let (status, joined) = hearth.server.post(&join, Some(&alice.access_token), json!({})).await;
+    assert_eq!(status, 200, "{joined}");
+    let bodies = paginate_bodies(|from| {
+        let mut path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(&room));
+        if let Some(from) = from {
+            path.push_str(&format!("&from={}", enc(&from)));
+        }
+        let (hearth, token) = (&hearth, alice.access_token.clone());
+        async move { hearth.server.get(&path, Some(&token)).await.1 }
+    })
+    .await;
+    assert_eq!(bodies, expected, "Hearth pages all of Synapse's history");
+}

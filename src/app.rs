@@ -13,6 +13,7 @@ use crate::{
     service::{
         account_data::AccountData,
         aliases::Aliases,
+        backfill::Backfill,
         edus::{Edus, inbound::InboundEdus},
         ephemeral::{Presence, Typing},
         gap_fill::GapFill,
@@ -299,6 +300,8 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         outbox.clone(),
         config.is_federation_enabled(),
     ));
+    let backfill =
+        Arc::new(Backfill::new(rooms.clone(), keys.clone(), federation_client.clone(), config.is_federation_enabled()));
     let joins = Arc::new(Joins::new(
         rooms.clone(),
         aliases.clone(),
@@ -359,6 +362,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         joins,
         transactions,
         remote_membership,
+        backfill,
     };
     Ok(state)
 }

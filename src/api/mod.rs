@@ -80,6 +80,8 @@ pub struct AppState {
     pub joins: Arc<crate::service::joins::Joins>,
     pub transactions: Arc<crate::service::transactions::Transactions>,
     pub remote_membership: Arc<crate::service::remote_membership::RemoteMembership>,
+    /// History fetched from other servers when clients paginate into a gap.
+    pub backfill: Arc<crate::service::backfill::Backfill>,
 }
 
 macro_rules! substate {
@@ -110,4 +112,5 @@ substate!(
     joins: crate::service::joins::Joins,
     remote_membership: crate::service::remote_membership::RemoteMembership,
     transactions: crate::service::transactions::Transactions,
+    backfill: crate::service::backfill::Backfill,
 );

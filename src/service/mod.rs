@@ -4,6 +4,7 @@
 
 pub mod account_data;
 pub mod aliases;
+pub mod backfill;
 pub mod edus;
 pub mod ephemeral;
 pub mod filter;

@@ -678,6 +678,10 @@ impl Sync {
             Summary::default()
         };
         let unread = self.notifications.unread(user, room_id, upto).await?;
+        // A timeline that reaches a gap (history we do not hold, such as before a join over
+        // federation) is limited too, so the client paginates back from `prev_batch`, where
+        // `/messages` backfills. Only the flag: the state sections stay as computed above.
+        let reaches_gap = !limited && !events.is_empty() && self.rooms.reaches_gap(&events).await?;
         let prev_batch = match events.first() {
             Some(first) => StreamToken::new(first.stream_pos - 1, 0).to_string(),
             None => StreamToken::new(upto, 0).to_string(),
@@ -715,7 +719,7 @@ impl Sync {
                     .rooms
                     .serve_timeline(user, Some(&request.device_id), &events, Format::WithoutRoomId, upto)
                     .await?,
-                limited,
+                limited: limited || reaches_gap,
                 prev_batch: Some(prev_batch),
             },
             ephemeral: EventList { events: ephemeral },

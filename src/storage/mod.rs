@@ -63,6 +63,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (7, "event_graph", include_str!("../../migrations/sqlite/0007_event_graph.sql")),
     (8, "federation_outbox", include_str!("../../migrations/sqlite/0008_federation_outbox.sql")),
     (9, "out_of_band_memberships", include_str!("../../migrations/sqlite/0009_out_of_band_memberships.sql")),
+    (10, "backward_extremities", include_str!("../../migrations/sqlite/0010_backward_extremities.sql")),
     (11, "federation_edus", include_str!("../../migrations/sqlite/0011_federation_edus.sql")),
     (12, "federation_catch_up", include_str!("../../migrations/sqlite/0012_federation_catch_up.sql")),
 ];
@@ -78,6 +79,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (7, "event_graph", include_str!("../../migrations/postgres/0007_event_graph.sql")),
     (8, "federation_outbox", include_str!("../../migrations/postgres/0008_federation_outbox.sql")),
     (9, "out_of_band_memberships", include_str!("../../migrations/postgres/0009_out_of_band_memberships.sql")),
+    (10, "backward_extremities", include_str!("../../migrations/postgres/0010_backward_extremities.sql")),
     (11, "federation_edus", include_str!("../../migrations/postgres/0011_federation_edus.sql")),
     (12, "federation_catch_up", include_str!("../../migrations/postgres/0012_federation_catch_up.sql")),
 ];

@@ -134,6 +134,21 @@ type GroupParts = (Option<(Option<i64>, i64)>, Vec<(String, String, String)>);
 /// twice in some queries).
 const ENTRIES_PER_QUERY: usize = 200;
 
+/// A place in a room's topological order — depth, then stream position — between events: the
+/// point just after the event at (`depth`, `stream`), whether or not one is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TopoPos {
+    pub depth: i64,
+    pub stream: i64,
+}
+
+impl TopoPos {
+    /// Before every event.
+    pub const START: TopoPos = TopoPos { depth: i64::MIN, stream: i64::MIN };
+    /// After every event.
+    pub const END: TopoPos = TopoPos { depth: i64::MAX, stream: i64::MAX };
+}
+
 /// Direction of a range read over a room's events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {
@@ -302,6 +317,11 @@ impl Db {
             .bind(now)
             .execute(pool)
             .await?;
+            // A missing event that turns out rejected is no gap: nothing is missing there.
+            sqlx::query("DELETE FROM room_backward_extremities WHERE missing_id = $1")
+                .bind(row.event_id.as_str())
+                .execute(pool)
+                .await?;
         });
         Ok(())
     }
@@ -388,6 +408,96 @@ impl Db {
             sqlx::query_as(sql).bind(room_id.as_str()).bind(after).bind(upto).bind(limit).fetch_all(pool).await?
         });
         rows.into_iter().map(event_row).collect()
+    }
+
+    /// A room's events whose topological position lies in `(after, upto]` and whose stream
+    /// position is at most `max_stream` (a reader's bound), in `dir` order, at most `limit`.
+    /// Soft-failed events are never returned.
+    pub async fn room_events_topological(
+        &self,
+        room_id: &RoomId,
+        after: TopoPos,
+        upto: TopoPos,
+        max_stream: i64,
+        dir: Dir,
+        limit: i64,
+    ) -> StorageResult<Vec<EventRow>> {
+        let order = if dir == Dir::Forward { "ASC" } else { "DESC" };
+        // Row values compare lexicographically on both engines: (depth, stream_pos) is the order.
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE room_id = $1 AND (depth, stream_pos) > ($2, $3) AND (depth, stream_pos) <= ($4, $5)
+               AND stream_pos <= $6 AND NOT soft_failed
+             ORDER BY depth {order}, stream_pos {order} LIMIT $7"
+        ));
+        let rows: Vec<EventTuple> = on_reader!(self, pool => {
+            sqlx::query_as(sql)
+                .bind(room_id.as_str())
+                .bind(after.depth)
+                .bind(after.stream)
+                .bind(upto.depth)
+                .bind(upto.stream)
+                .bind(max_stream)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter().map(event_row).collect()
+    }
+
+    /// A room's backward extremities: timeline events with prev events we do not hold, and
+    /// those prev events, deepest first (at most `limit` rows).
+    pub async fn backward_extremities(
+        &self,
+        room_id: &RoomId,
+        limit: i64,
+    ) -> StorageResult<Vec<(OwnedEventId, OwnedEventId)>> {
+        let rows: Vec<(String, String)> = on_reader!(self, pool => {
+            sqlx::query_as(
+                "SELECT b.event_id, b.missing_id FROM room_backward_extremities b
+                 JOIN events e ON e.event_id = b.event_id
+                 WHERE b.room_id = $1 ORDER BY e.depth DESC, e.stream_pos DESC, b.missing_id LIMIT $2",
+            )
+            .bind(room_id.as_str())
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        });
+        rows.into_iter().map(|(event, missing)| Ok((parse_id(event)?, parse_id(missing)?))).collect()
+    }
+
+    /// Whether any of `event_ids` is a backward extremity (history below it is missing).
+    pub async fn has_backward_extremity(&self, event_ids: &[&EventId]) -> StorageResult<bool> {
+        for chunk in event_ids.chunks(ENTRIES_PER_QUERY) {
+            let placeholders = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT event_id FROM room_backward_extremities WHERE event_id IN ({placeholders}) LIMIT 1"
+            ));
+            let row: Option<String> = on_reader!(self, pool => {
+                let mut query = sqlx::query_scalar(sql);
+                for id in chunk {
+                    query = query.bind(id.as_str());
+                }
+                query.fetch_optional(pool).await?
+            });
+            if row.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The topological position of stream position `stream` in a room: the greatest depth of its
+    /// events at or before it, with `stream` (Synapse's `get_current_topological_token`).
+    pub async fn topological_at_stream(&self, room_id: &RoomId, stream: i64) -> StorageResult<TopoPos> {
+        let depth: Option<i64> = on_reader!(self, pool => {
+            sqlx::query_scalar("SELECT MAX(depth) FROM events WHERE room_id = $1 AND stream_pos <= $2")
+                .bind(room_id.as_str())
+                .bind(stream)
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(TopoPos { depth: depth.unwrap_or(0), stream })
     }
 
     /// The events of a room in `(after, upto]`, newest first, that push rules could make notify

@@ -91,6 +91,9 @@ pub struct EventWrite {
     /// For redactions: the redacted form of the target event to store in its place.
     pub redaction_target: Option<(OwnedEventId, String)>,
     pub new_room: Option<NewRoom>,
+    /// History fetched from another server (a negative position): it leaves the room's forward
+    /// extremities as they are.
+    pub backfilled: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -308,6 +311,27 @@ macro_rules! apply_write {
                 .bind(e.redacted_by.as_ref().map(|id| id.as_str()))
                 .execute(&mut *$tx)
                 .await?;
+                // Backward extremities: this event closes the gaps it was missing from, and opens
+                // one for each prev event we do not hold (earlier events of this batch are
+                // already in `events`).
+                sqlx::query("DELETE FROM room_backward_extremities WHERE missing_id = $1")
+                    .bind(pdu.event_id.as_str())
+                    .execute(&mut *$tx)
+                    .await?;
+                for prev in &pdu.prev_events {
+                    sqlx::query(
+                        "INSERT INTO room_backward_extremities (room_id, event_id, missing_id)
+                         SELECT $1, $2, $3
+                         WHERE NOT EXISTS (SELECT 1 FROM events WHERE event_id = $3)
+                           AND NOT EXISTS (SELECT 1 FROM rejected_events WHERE event_id = $3)
+                         ON CONFLICT (event_id, missing_id) DO NOTHING",
+                    )
+                    .bind(room)
+                    .bind(pdu.event_id.as_str())
+                    .bind(prev.as_str())
+                    .execute(&mut *$tx)
+                    .await?;
+                }
                 if e.was_outlier {
                     sqlx::query("DELETE FROM outliers WHERE event_id = $1")
                         .bind(pdu.event_id.as_str())
@@ -370,7 +394,7 @@ macro_rules! apply_write {
                         .execute(&mut *$tx)
                         .await?;
                 }
-                if tip {
+                if tip && !e.backfilled {
                     sqlx::query("DELETE FROM room_forward_extremities WHERE room_id = $1")
                         .bind(room)
                         .execute(&mut *$tx)
@@ -571,6 +595,14 @@ impl Db {
             .await?
         });
         Ok(max.unwrap_or(0))
+    }
+
+    /// The lowest stream position stored (backfilled events count down from below 0).
+    pub async fn min_stream_pos(&self) -> StorageResult<i64> {
+        let min: Option<i64> = on_reader!(self, pool => {
+            sqlx::query_scalar("SELECT MIN(stream_pos) FROM events").fetch_one(pool).await?
+        });
+        Ok(min.unwrap_or(0))
     }
 
     /// Positions the stream's in-memory views start from.

@@ -17,7 +17,7 @@ use hearth::{
         },
         sync::SyncRequest,
     },
-    storage::rooms::Dir,
+    storage::rooms::{Dir, TopoPos},
 };
 use ruma::{
     CanonicalJsonObject, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId,
@@ -164,7 +164,7 @@ impl Fixture {
         let page = self
             .state
             .rooms
-            .page(&self.alice, &self.room, access.upto, None, Dir::Backward, 1, None, &access)
+            .page(&self.alice, &self.room, TopoPos::END, None, Dir::Backward, 1, None, &access)
             .await
             .expect("page");
         page.events[0].pdu.event_id.clone()
@@ -304,7 +304,7 @@ impl Fixture {
         let page = self
             .state
             .rooms
-            .page(&self.alice, &self.room, access.upto, None, Dir::Backward, 1000, None, &access)
+            .page(&self.alice, &self.room, TopoPos::END, None, Dir::Backward, 1000, None, &access)
             .await
             .expect("page");
         page.events.iter().map(|e| e.pdu.event_id.clone()).collect()

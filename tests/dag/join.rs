@@ -7,7 +7,7 @@ use hearth::{
         pdu::{EventTemplate, Pdu, Placement, canonical_content},
     },
     service::rooms::receive::Outcome,
-    storage::rooms::Dir,
+    storage::rooms::{Dir, TopoPos},
 };
 use ruma::{
     MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, ServerName, UInt, UserId,
@@ -163,13 +163,17 @@ async fn a_remote_room_enters_the_graph_from_the_state_of_a_join(backend: Backen
                     alice: ruma::OwnedUserId,
                     room: OwnedRoomId| async move {
         let access = rooms.read_access(&alice, &room).await.expect("access");
-        let page = rooms.page(&alice, &room, access.upto, None, Dir::Backward, 100, None, &access).await.expect("page");
+        let page =
+            rooms.page(&alice, &room, TopoPos::END, None, Dir::Backward, 100, None, &access).await.expect("page");
         page.events.iter().map(|e| e.pdu.event_id.clone()).collect::<Vec<_>>()
     };
     assert_eq!(timeline(f.state.rooms.clone(), f.alice.clone(), room.clone()).await, vec![alice_join.event_id.clone()]);
     let sync = f.initial_sync().await;
     assert!(sync.contains(room.as_str()) && sync.contains(alice_join.event_id.as_str()));
     assert!(!sync.contains(bob_join.event_id.as_str()), "outliers are not in the timeline");
+    // The join is a gap: its prev event is an outlier, history before it unknown.
+    let gap = vec![(alice_join.event_id.clone(), rules.event_id.clone())];
+    assert_eq!(f.state.rooms.gaps(&room, 10).await.unwrap(), gap);
 
     // The room goes on from the join.
     let message = event(
@@ -198,6 +202,8 @@ async fn a_remote_room_enters_the_graph_from_the_state_of_a_join(backend: Backen
         .send_message(&sender, &room, "m.room.message", json!({"msgtype": "m.text", "body": "thanks"}))
         .await
         .expect("send into the joined room");
+    // Events on top of known ones open no gap; the join's stays.
+    assert_eq!(f.state.rooms.gaps(&room, 10).await.unwrap(), gap);
     assert_eq!(reply.pdu.prev_events, vec![welcome]);
     let auth: std::collections::HashSet<_> = reply.pdu.auth_events.iter().cloned().collect();
     assert_eq!(auth, [levels.event_id.clone(), alice_join.event_id.clone()].into_iter().collect());

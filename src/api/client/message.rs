@@ -24,13 +24,13 @@ use crate::{
     error::Error,
     matrix::client_event::Format,
     service::{
+        backfill::Backfill,
         ephemeral::Presence,
         filter,
         rate_limit::UserAction,
-        rooms::{Rooms, send::Sender},
-        stream::StreamToken,
+        rooms::{Rooms, pagination::PageToken, send::Sender},
     },
-    storage::rooms::Dir,
+    storage::rooms::{Dir, TopoPos},
 };
 
 /// `PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}`
@@ -86,6 +86,7 @@ pub async fn redact(
 /// `GET /_matrix/client/v3/rooms/{roomId}/messages`
 pub async fn messages(
     State(rooms): State<Arc<Rooms>>,
+    State(backfill): State<Arc<Backfill>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<get_message_events::v3::Request>,
 ) -> ApiResult<get_message_events::v3::Response> {
@@ -93,18 +94,28 @@ pub async fn messages(
     let access = rooms.read_access(user, &req.room_id).await?;
     let dir = if req.dir == Direction::Backward { Dir::Backward } else { Dir::Forward };
     let from = match req.from.as_deref() {
-        Some(token) => StreamToken::parse(token)?.stream,
-        None if dir == Dir::Backward => access.upto,
-        None => 0,
+        Some(token) => PageToken::parse(token)?,
+        None if dir == Dir::Backward => PageToken::Stream(access.upto),
+        None => PageToken::Topological(TopoPos::START),
     };
-    let to = req.to.as_deref().map(StreamToken::parse).transpose()?.map(|t| t.stream);
+    let to = req.to.as_deref().map(PageToken::parse).transpose()?;
     let limit = (u64::from(req.limit) as usize).clamp(1, 1000);
     crate::service::filter::check_room_event_limits(&req.filter)?;
-    let page = rooms.page(user, &req.room_id, from, to, dir, limit, Some(&req.filter), &access).await?;
+    let (page, from) = match dir {
+        Dir::Backward => backfill.page_back(user, &req.room_id, from, to, limit, Some(&req.filter), &access).await?,
+        Dir::Forward => {
+            let from = rooms.topological_position(&req.room_id, from).await?;
+            let to = match to {
+                Some(token) => Some(rooms.topological_position(&req.room_id, token).await?),
+                None => None,
+            };
+            (rooms.page(user, &req.room_id, from, to, dir, limit, Some(&req.filter), &access).await?, from)
+        }
+    };
     let device = Some(authed.device_id.as_str());
     let mut response = get_message_events::v3::Response::new();
-    response.start = req.from.clone().unwrap_or_else(|| StreamToken::new(from, 0).to_string());
-    response.end = page.next.map(|pos| StreamToken::new(pos, 0).to_string());
+    response.start = req.from.clone().unwrap_or_else(|| PageToken::format(from));
+    response.end = page.next.map(PageToken::format);
     if filter::lazy_loading(&req.filter) && !page.events.is_empty() {
         let group = page.events.iter().map(|e| (e.stream_pos, e.state_after)).max().map(|(_, g)| g).unwrap_or(0);
         let members = rooms.members_for(group, &page.events).await?;

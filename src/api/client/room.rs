@@ -29,9 +29,8 @@ use crate::{
         rooms::{
             Rooms,
             create::{CreateRoom, Preset},
-            history::Context,
+            pagination::{Context, PageToken, position_before, position_of},
         },
-        stream::StreamToken,
     },
 };
 
@@ -152,10 +151,8 @@ pub async fn context(
     let Context { event, before, after, state_group, upto } =
         rooms.context(user, &req.room_id, &req.event_id, limit, Some(&req.filter)).await?;
     let mut response = get_context::v3::Response::new();
-    response.start =
-        Some(StreamToken::new(before.events.last().map_or(event.stream_pos - 1, |e| e.stream_pos - 1), 0).to_string());
-    response.end =
-        Some(StreamToken::new(after.events.last().map_or(event.stream_pos, |e| e.stream_pos), 0).to_string());
+    response.start = Some(PageToken::format(position_before(before.events.last().unwrap_or(&event))));
+    response.end = Some(PageToken::format(position_of(after.events.last().unwrap_or(&event))));
     let lazy = crate::service::filter::lazy_loading(&req.filter);
     let state = if lazy {
         let mut all = before.events.clone();

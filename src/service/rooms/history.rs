@@ -1,8 +1,9 @@
 //! Reading a room: who may see which events (history visibility), serving events to clients
-//! with their `unsigned` data and bundled aggregations, and the history endpoints (`/messages`,
-//! `/context`, `/event`, `/relations`, `/threads`, `/timestamp_to_event`, `/state`, `/members`).
+//! with their `unsigned` data and bundled aggregations, and the history endpoints (`/event`,
+//! `/relations`, `/threads`, `/timestamp_to_event`, `/state`, `/members`).
 //!
-//! Ordering is always the stream order, which never changes once an event is stored.
+//! `/relations` and `/threads` page in stream order, which never changes once an event is
+//! stored; `/messages` and `/context` page in the room's topological order (`pagination.rs`).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -35,16 +36,6 @@ pub struct Page {
     pub next: Option<i64>,
     /// The viewer's read bound the page was read under: what is served with its events (bundled
     /// edits, thread summaries) stops there too.
-    pub upto: i64,
-}
-
-/// `/context`: the event, the pages around it, the state group its state comes from and the
-/// viewer's read bound.
-pub struct Context {
-    pub event: Arc<StoredEvent>,
-    pub before: Page,
-    pub after: Page,
-    pub state_group: i64,
     pub upto: i64,
 }
 
@@ -427,74 +418,6 @@ impl Rooms {
         Ok(None)
     }
 
-    /// Reads a page of a room's events between two positions, keeping only events that pass
-    /// `filter` and visibility, fetching more while the page is short.
-    #[allow(clippy::too_many_arguments)] // Mirrors the pagination parameters of the spec endpoints.
-    pub async fn page(
-        &self,
-        viewer: &UserId,
-        room_id: &RoomId,
-        from: i64,
-        to: Option<i64>,
-        dir: Dir,
-        limit: usize,
-        filter: Option<&RoomEventFilter>,
-        access: &ReadAccess,
-    ) -> Result<Page> {
-        let ignored = self.ignored_users(viewer).await?;
-        let mut events = Vec::new();
-        let (mut after, mut upto) = match dir {
-            Dir::Backward => (to.unwrap_or(0), from.min(access.upto)),
-            Dir::Forward => (from, to.unwrap_or(access.upto).min(access.upto)),
-        };
-        let batch = (limit as i64 + 1).clamp(2, 1000);
-        let mut exhausted = false;
-        for _ in 0..20 {
-            if after >= upto {
-                exhausted = true;
-                break;
-            }
-            let rows = self.db.room_events(room_id, after, upto, dir, batch).await?;
-            let fetched = rows.len() as i64;
-            let Some(last) = rows.last().map(|r| r.stream_pos) else {
-                exhausted = true;
-                break;
-            };
-            match dir {
-                Dir::Backward => upto = last - 1,
-                Dir::Forward => after = last,
-            }
-            let candidates = self.events_from_rows(rows)?;
-            let candidates: Vec<_> = candidates
-                .into_iter()
-                .filter(|e| filter.is_none_or(|f| filter::room_event_matches(f, &e.pdu)))
-                .collect();
-            let visible = self.filter_visible(viewer, candidates, &ignored).await?;
-            for event in visible {
-                if events.len() == limit {
-                    break;
-                }
-                events.push(event);
-            }
-            if events.len() == limit {
-                break;
-            }
-            if fetched < batch {
-                exhausted = true;
-                break;
-            }
-        }
-        let next = if exhausted && events.len() < limit {
-            None
-        } else {
-            events.last().map(|e| match dir {
-                Dir::Backward => e.stream_pos - 1,
-                Dir::Forward => e.stream_pos,
-            })
-        };
-        Ok(Page { events, next, upto: access.upto })
-    }
-
     /// The event with `event_id` if it is in `room_id` and `viewer` may see it.
     pub async fn visible_event(
         &self,
@@ -636,28 +559,6 @@ impl Rooms {
             .filter(|m| m.membership == "join")
             .map(|m| (m.user_id, m.displayname, m.avatar_url))
             .collect())
-    }
-
-    /// `GET /rooms/{roomId}/context/{eventId}`: the event, events around it and the state at the
-    /// last returned event.
-    pub async fn context(
-        &self,
-        viewer: &UserId,
-        room_id: &RoomId,
-        event_id: &EventId,
-        limit: usize,
-        filter: Option<&RoomEventFilter>,
-    ) -> Result<Context> {
-        let (event, access) = self.visible_event_with_access(viewer, room_id, event_id).await?;
-        let before_limit = limit / 2;
-        let after_limit = limit - before_limit;
-        let before = self
-            .page(viewer, room_id, event.stream_pos - 1, None, Dir::Backward, before_limit, filter, &access)
-            .await?;
-        let after =
-            self.page(viewer, room_id, event.stream_pos, None, Dir::Forward, after_limit, filter, &access).await?;
-        let state_group = after.events.last().map_or(event.state_after, |e| e.state_after);
-        Ok(Context { event, before, after, state_group, upto: access.upto })
     }
 
     /// `GET /rooms/{roomId}/relations/{eventId}[/{relType}[/{eventType}]]`.

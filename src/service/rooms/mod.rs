@@ -13,6 +13,7 @@
 //! (messages, state, redactions), `history` (messages, context, relations, threads,
 //! visibility), `directory` (aliases, public rooms, user directory).
 
+pub mod backfilled;
 pub mod create;
 pub mod directory;
 mod event_cache;
@@ -20,6 +21,7 @@ mod federated;
 pub mod graph;
 pub mod history;
 pub mod membership;
+pub mod pagination;
 pub mod receive;
 mod remote_members;
 mod restricted;
@@ -196,6 +198,9 @@ pub struct Rooms {
     /// Where committed local events go for the other servers in their rooms (set once federation
     /// is wired up; without it nothing is sent).
     outbox: std::sync::OnceLock<Arc<crate::federation::outbox::Outbox>>,
+    /// The stream position the last backfilled event got (they count down from below every
+    /// other position, see `backfilled.rs`); also serialises their commits.
+    backfill_pos: tokio::sync::Mutex<i64>,
 }
 
 impl Rooms {
@@ -207,6 +212,7 @@ impl Rooms {
         max_handles: usize,
     ) -> Result<Arc<Rooms>> {
         let next_group = db.max_state_group().await?;
+        let backfill_pos = db.min_stream_pos().await?.min(0);
         Ok(Arc::new_cyclic(|me| Rooms {
             db,
             server_name,
@@ -224,6 +230,7 @@ impl Rooms {
             upgrades: Mutex::new(HashMap::new()),
             public_list: Mutex::new(None),
             outbox: std::sync::OnceLock::new(),
+            backfill_pos: tokio::sync::Mutex::new(backfill_pos),
         }))
     }
 
@@ -796,6 +803,7 @@ impl Rooms {
                 txn: new.txn.map(|(device, txn)| (new.sender.clone(), device, txn)),
                 redaction_target,
                 new_room: new_room.take(),
+                backfilled: false,
             })));
             stored.push(event);
         }

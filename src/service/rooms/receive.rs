@@ -85,10 +85,10 @@ struct Placed {
 }
 
 /// A received PDU past the checks that need no room state (1–3).
-struct Checked {
-    pdu: Pdu,
+pub(super) struct Checked {
+    pub(super) pdu: Pdu,
     /// The content hash did not match: `pdu` is the redacted form.
-    was_redacted: bool,
+    pub(super) was_redacted: bool,
 }
 
 /// The ID of a room version 12 create event, which is the room ID's hash (it cites no
@@ -103,7 +103,7 @@ fn create_event_id(handle: &RoomHandle) -> Option<OwnedEventId> {
 impl Rooms {
     /// What every received PDU goes through first: the checks of [`Self::check_received`] (a
     /// failure drops it), then whether it is already in the timeline or was rejected before.
-    async fn screen(
+    pub(super) async fn screen(
         &self,
         origin: &ServerName,
         room_id: &RoomId,
@@ -158,7 +158,7 @@ impl Rooms {
 
     /// Step 4: the auth rules against the event's own `auth_events`. `Err(Ok(missing))` when
     /// some are unknown, `Err(Err(reason))` when it is rejected.
-    async fn check_auth_events(
+    pub(super) async fn check_auth_events(
         &self,
         handle: &RoomHandle,
         pdu: &Pdu,
@@ -198,7 +198,7 @@ impl Rooms {
     }
 
     /// The events of `state` at the keys the auth rules look at for `pdu`.
-    async fn auth_state_for(&self, handle: &RoomHandle, pdu: &Pdu, state: &StateMap) -> Result<AuthState> {
+    pub(super) async fn auth_state_for(&self, handle: &RoomHandle, pdu: &Pdu, state: &StateMap) -> Result<AuthState> {
         let keys = auth::auth_state_keys_of(pdu, &handle.rules.authorization).map_err(Error::BadJson)?;
         let ids: Vec<(auth::StateKey, OwnedEventId)> = keys
             .into_iter()
@@ -209,7 +209,7 @@ impl Rooms {
         Ok(ids.into_iter().filter_map(|(key, id)| events.get(&id).map(|event| (key, event.clone()))).collect())
     }
 
-    async fn reject(&self, pdu: &Pdu, reason: String, state_group: Option<i64>) -> Result<Outcome> {
+    pub(super) async fn reject(&self, pdu: &Pdu, reason: String, state_group: Option<i64>) -> Result<Outcome> {
         tracing::info!(event_id = %pdu.event_id, room_id = %pdu.room_id, %reason, "rejected a received event");
         let row = RejectedRow {
             event_id: pdu.event_id.clone(),
@@ -673,6 +673,7 @@ impl Rooms {
             txn: None,
             redaction_target: redaction_target.clone(),
             new_room,
+            backfilled: false,
         };
         let stream_pos = self.streams.persist(vec![StreamWrite::Event(Box::new(write))]).await?;
 
@@ -703,7 +704,13 @@ impl Rooms {
 
     /// Whether `redaction` may redact `target` (room versions 3+, applied when both are known):
     /// its sender's server sent the target, or its sender has the redact level in `state`.
-    async fn may_redact(&self, handle: &RoomHandle, redaction: &Pdu, target: &Pdu, state: &StateMap) -> Result<bool> {
+    pub(super) async fn may_redact(
+        &self,
+        handle: &RoomHandle,
+        redaction: &Pdu,
+        target: &Pdu,
+        state: &StateMap,
+    ) -> Result<bool> {
         if redaction.sender.server_name() == target.sender.server_name() {
             return Ok(true);
         }

@@ -72,24 +72,33 @@ impl Rooms {
     }
 
     /// How `server` may see `event`, or 403 if not at all. Spec "History visibility" for
-    /// servers: a `world_readable` event goes to anyone; otherwise the server must have had a
-    /// member in the room at the event (joined, or for `invited`/`shared` also invited), and
-    /// gets the redacted form when the visibility rules hide the event from all its members.
+    /// servers: a `world_readable` event goes to anyone, a `shared` one to a server in the room
+    /// now; otherwise the server must have had a member in the room at the event (joined, or
+    /// for `invited`/`shared` also invited), and gets the redacted form when the visibility
+    /// rules hide the event from all its members.
     pub async fn server_view(&self, server: &ServerName, event: &StoredEvent) -> Result<ServerView> {
         // The state at the event: after it for a state event (a join is visible to the joiner),
         // before it otherwise — the two only differ by the event itself.
         let group = if event.is_outlier() { 0 } else { event.state_after };
-        self.server_view_at(server, group).await
+        let is_in_room = self.is_server_joined(&event.pdu.room_id, server);
+        self.server_view_at(server, group, is_in_room).await
     }
 
-    /// [`Rooms::server_view`] of any event whose state (after it) is `group`.
-    async fn server_view_at(&self, server: &ServerName, group: i64) -> Result<ServerView> {
+    /// Whether a user of `server` is joined to the room now.
+    fn is_server_joined(&self, room_id: &RoomId, server: &ServerName) -> bool {
+        self.streams.members(room_id, "join").iter().any(|user| user.server_name() == server)
+    }
+
+    /// [`Rooms::server_view`] of any event whose state (after it) is `group`. For a server in
+    /// the room now (`is_in_room`), `shared` history is visible whether or not it was there at
+    /// the event, as for its users (Synapse's `filter_events_for_server` does the same).
+    async fn server_view_at(&self, server: &ServerName, group: i64, is_in_room: bool) -> Result<ServerView> {
         let visibility = self
             .state_event_at(group, "m.room.history_visibility", "")
             .await?
             .and_then(|e| e.pdu.content_value().get("history_visibility").and_then(Value::as_str).map(str::to_owned))
             .unwrap_or_else(|| "shared".to_owned());
-        if visibility == "world_readable" {
+        if visibility == "world_readable" || (is_in_room && visibility == "shared") {
             return Ok(ServerView::Full);
         }
         let (mut joined, mut invited) = (false, false);
@@ -213,7 +222,7 @@ impl Rooms {
     /// now: history is walked only for servers in the room (as Synapse's `assert_host_in_room`).
     async fn check_server_in_room(&self, room_id: &RoomId, server: &ServerName) -> Result<()> {
         self.check_server_acl(room_id, server).await?;
-        if !self.streams.members(room_id, "join").iter().any(|user| user.server_name() == server) {
+        if !self.is_server_joined(room_id, server) {
             return Err(Error::forbidden("Server is not in the room"));
         }
         Ok(())
@@ -332,7 +341,7 @@ impl Rooms {
             let view = match views.get(&event.state_after) {
                 Some(view) => *view,
                 None => {
-                    let view = match self.server_view_at(server, event.state_after).await {
+                    let view = match self.server_view_at(server, event.state_after, true).await {
                         Ok(view) => Some(view),
                         Err(Error::Forbidden(_)) => None,
                         Err(err) => return Err(err),

@@ -1,0 +1,201 @@
+//! History fetched from other servers (`/backfill`): [`Rooms::receive_backfilled`] places an
+//! event older than what we hold through the checks on receipt (format, signatures, hash, auth
+//! events, the state before it) and stores it below everything else.
+//!
+//! A backfilled event gets a negative stream position from a counter that only goes down, so
+//! it sorts before what we had, is never after a sync token (no `/sync` or WebSocket frame
+//! shows it as new), and is written without the stream writer's views and wake-ups. It never
+//! becomes a forward extremity, never changes the room's current state and is never sent to
+//! other servers (nothing queues it).
+
+use std::sync::Arc;
+
+use ruma::{
+    CanonicalJsonObject, OwnedEventId, RoomId, ServerName, events::TimelineEventType, signatures::PublicKeyMap,
+};
+
+use super::{
+    RoomHandle, Rooms, StateMap, StoredEvent,
+    graph::GroupState,
+    receive::{Checked, Outcome},
+    relation_of,
+};
+use crate::{
+    error::{Error, Result},
+    matrix::{auth, pdu::Pdu, state_res::EventMap},
+    storage::stream::{EventWrite, NewStateGroup, StreamWrite},
+};
+
+impl Rooms {
+    /// Places a backfilled PDU of `room_id`. `state_before` is the state before it when its
+    /// prev events are not all in the graph (the oldest of a batch): fetched by the caller,
+    /// whose events are stored as outliers already; without it such an event comes back as
+    /// [`Outcome::MissingEvents`].
+    pub async fn receive_backfilled(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        pdu: CanonicalJsonObject,
+        keys: &PublicKeyMap,
+        state_before: Option<StateMap>,
+    ) -> Result<Outcome> {
+        let handle = self.handle(room_id).await?;
+        let checked = match self.screen(origin, room_id, &handle, pdu, keys).await? {
+            Ok(checked) => checked,
+            Err(outcome) => return Ok(outcome),
+        };
+        let event_id = checked.pdu.event_id.clone();
+        match self.check_auth_events(&handle, &checked.pdu, &EventMap::new()).await? {
+            Ok(()) => {}
+            Err(Ok(missing)) => return Ok(Outcome::MissingEvents { event_id, missing }),
+            Err(Err(reason)) => return self.reject(&checked.pdu, format!("auth events: {reason}"), None).await,
+        }
+        // Under the room's writer, so a live event and a backfilled one never race for the same
+        // ID; the writer's state itself is left as it is.
+        let rooms = self.me.upgrade().ok_or_else(|| Error::Internal("the rooms service has stopped".to_owned()))?;
+        tokio::spawn(async move {
+            let _writer = handle.writer.lock().await;
+            rooms.place_backfilled(&handle, checked, state_before).await
+        })
+        .await
+        .map_err(|err| Error::Internal(format!("backfilling failed: {err}")))?
+    }
+
+    /// The state before a backfilled event from its prev events in the graph, or `None` when
+    /// some are unknown.
+    async fn state_from_prevs(
+        &self,
+        handle: &RoomHandle,
+        pdu: &Pdu,
+    ) -> Result<Option<(GroupState, Option<NewStateGroup>)>> {
+        let mut groups = Vec::with_capacity(pdu.prev_events.len());
+        for prev in &pdu.prev_events {
+            if let Some(event) = self.timeline_event(prev).await? {
+                groups.push(event.state_after);
+            } else if let Some(group) = self.db.rejected(prev).await?.and_then(|r| r.state_group) {
+                groups.push(group);
+            } else {
+                return Ok(None);
+            }
+        }
+        if groups.is_empty() {
+            return Ok(None);
+        }
+        if groups.iter().all(|g| *g == groups[0]) {
+            return Ok(Some((self.group_state(groups[0]).await?, None)));
+        }
+        let mut states = Vec::with_capacity(groups.len());
+        for group in &groups {
+            states.push(self.state_at(*group).await?);
+        }
+        let resolved = self.resolve_states(handle, &states, &EventMap::new()).await?;
+        let base = self.group_state(groups[0]).await?;
+        Ok(Some(self.derive_group(&base, resolved)))
+    }
+
+    async fn place_backfilled(
+        &self,
+        handle: &RoomHandle,
+        checked: Checked,
+        state_before: Option<StateMap>,
+    ) -> Result<Outcome> {
+        let Checked { pdu, was_redacted } = checked;
+        let event_id = pdu.event_id.clone();
+        if self.timeline_event(&event_id).await?.is_some() {
+            return Ok(Outcome::AlreadyKnown { event_id });
+        }
+        let mut new_state_groups = Vec::new();
+        let is_create = pdu.event_type == TimelineEventType::RoomCreate && pdu.prev_events.is_empty();
+        let before = if is_create {
+            GroupState::default()
+        } else if let Some((before, resolution)) = self.state_from_prevs(handle, &pdu).await? {
+            // A resolution of several prev events' states is a group of its own, written with it.
+            new_state_groups.extend(resolution);
+            before
+        } else if let Some(state) = state_before {
+            let (before, group) = self.derive_group(&GroupState::default(), state);
+            new_state_groups.extend(group);
+            before
+        } else {
+            let missing: Vec<OwnedEventId> = pdu.prev_events.clone();
+            return Ok(Outcome::MissingEvents { event_id, missing });
+        };
+
+        // Step 5: against the state before it. There is no step 6: it changes no current state.
+        let before_auth = self.auth_state_for(handle, &pdu, &before.map).await?;
+        if let Err(why) = auth::check_against_state(&handle.rules.authorization, &pdu, &before_auth) {
+            let group = new_state_groups.is_empty().then_some(before.group);
+            return self.reject(&pdu, format!("state before it: {why}"), group).await;
+        }
+        let mut replaces_state = None;
+        let after = match &pdu.state_key {
+            Some(state_key) => {
+                let key = (pdu.event_type.to_string(), state_key.clone());
+                replaces_state = before.map.get(&key).cloned();
+                let mut map = (*before.map).clone();
+                map.insert(key, event_id.clone());
+                let (after, group) = self.derive_group(&before, map);
+                new_state_groups.extend(group);
+                after
+            }
+            None => before.clone(),
+        };
+
+        // A redaction of it we hold already (received before its target) applies now.
+        let mut stored_pdu = Arc::new(pdu);
+        let mut redacted_by = None;
+        for redaction_id in self.db.redactions_of(&event_id).await? {
+            let Some(redaction) = self.timeline_event(&redaction_id).await? else { continue };
+            if redaction.pdu.room_id != handle.room_id || redaction.soft_failed {
+                continue;
+            }
+            let state = self.state_at(redaction.state_before).await?;
+            if self.may_redact(handle, &redaction.pdu, &stored_pdu, &state).await? {
+                stored_pdu = Arc::new(stored_pdu.redacted(&handle.rules).map_err(Error::Internal)?);
+                redacted_by = Some(redaction_id);
+                break;
+            }
+        }
+        if was_redacted {
+            tracing::info!(%event_id, "a backfilled event's content hash did not match; stored redacted");
+        }
+        let (relates_to, rel_type) = relation_of(&stored_pdu);
+        let write = EventWrite {
+            pdu: stored_pdu.clone(),
+            relates_to,
+            rel_type,
+            state_before: before.group,
+            state_after: after.group,
+            replaces_state: replaces_state.clone(),
+            new_state_groups,
+            current: None,
+            forward_extremities: Vec::new(),
+            soft_failed: false,
+            redacted_by: redacted_by.clone(),
+            was_outlier: self.db.is_outlier(&event_id).await?,
+            txn: None,
+            redaction_target: None,
+            new_room: None,
+            backfilled: true,
+        };
+        let stream_pos = {
+            let mut last = self.backfill_pos.lock().await;
+            let pos = *last - 1;
+            self.db.commit_stream_batch(pos, &[&StreamWrite::Event(Box::new(write))]).await?;
+            *last = pos;
+            pos
+        };
+        self.events.lock().insert(Arc::new(StoredEvent {
+            pdu: (*stored_pdu).clone(),
+            stream_pos,
+            redacted_by,
+            soft_failed: false,
+            state_before: before.group,
+            state_after: after.group,
+            replaces_state,
+            txn: None,
+            txn_known: true,
+        }));
+        Ok(Outcome::Accepted { event_id, stream_pos })
+    }
+}
