@@ -40,16 +40,10 @@ impl Rooms {
         state_before: Option<StateMap>,
     ) -> Result<Outcome> {
         let handle = self.handle(room_id).await?;
-        let checked = match self.screen(origin, room_id, &handle, pdu, keys).await? {
+        let checked = match self.check_up_to_auth_events(origin, room_id, &handle, pdu, keys).await? {
             Ok(checked) => checked,
             Err(outcome) => return Ok(outcome),
         };
-        let event_id = checked.pdu.event_id.clone();
-        match self.check_auth_events(&handle, &checked.pdu, &EventMap::new()).await? {
-            Ok(()) => {}
-            Err(Ok(missing)) => return Ok(Outcome::MissingEvents { event_id, missing }),
-            Err(Err(reason)) => return self.reject(&checked.pdu, format!("auth events: {reason}"), None).await,
-        }
         // Under the room's writer, so a live event and a backfilled one never race for the same
         // ID; the writer's state itself is left as it is.
         let rooms = self.me.upgrade().ok_or_else(|| Error::Internal("the rooms service has stopped".to_owned()))?;
@@ -127,35 +121,10 @@ impl Rooms {
             let group = new_state_groups.is_empty().then_some(before.group);
             return self.reject(&pdu, format!("state before it: {why}"), group).await;
         }
-        let mut replaces_state = None;
-        let after = match &pdu.state_key {
-            Some(state_key) => {
-                let key = (pdu.event_type.to_string(), state_key.clone());
-                replaces_state = before.map.get(&key).cloned();
-                let mut map = (*before.map).clone();
-                map.insert(key, event_id.clone());
-                let (after, group) = self.derive_group(&before, map);
-                new_state_groups.extend(group);
-                after
-            }
-            None => before.clone(),
-        };
+        let (after, replaces_state) = self.state_after_placed(&before, &pdu, &mut new_state_groups);
 
         // A redaction of it we hold already (received before its target) applies now.
-        let mut stored_pdu = Arc::new(pdu);
-        let mut redacted_by = None;
-        for redaction_id in self.db.redactions_of(&event_id).await? {
-            let Some(redaction) = self.timeline_event(&redaction_id).await? else { continue };
-            if redaction.pdu.room_id != handle.room_id || redaction.soft_failed {
-                continue;
-            }
-            let state = self.state_at(redaction.state_before).await?;
-            if self.may_redact(handle, &redaction.pdu, &stored_pdu, &state).await? {
-                stored_pdu = Arc::new(stored_pdu.redacted(&handle.rules).map_err(Error::Internal)?);
-                redacted_by = Some(redaction_id);
-                break;
-            }
-        }
+        let (stored_pdu, redacted_by) = self.apply_held_redaction(handle, &Arc::new(pdu)).await?;
         if was_redacted {
             tracing::info!(%event_id, "a backfilled event's content hash did not match; stored redacted");
         }

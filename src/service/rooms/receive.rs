@@ -128,6 +128,46 @@ impl Rooms {
         Ok(Ok(checked))
     }
 
+    /// Steps 1–4 for an event about to be placed: [`Self::screen`], then the auth rules
+    /// against its own auth events. `Err` is what to answer instead (dropped, already known,
+    /// rejected, or missing auth events).
+    pub(super) async fn check_up_to_auth_events(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        handle: &RoomHandle,
+        pdu: CanonicalJsonObject,
+        keys: &PublicKeyMap,
+    ) -> Result<Result<Checked, Outcome>> {
+        let checked = match self.screen(origin, room_id, handle, pdu, keys).await? {
+            Ok(checked) => checked,
+            Err(outcome) => return Ok(Err(outcome)),
+        };
+        let event_id = checked.pdu.event_id.clone();
+        match self.check_auth_events(handle, &checked.pdu, &EventMap::new()).await? {
+            Ok(()) => Ok(Ok(checked)),
+            Err(Ok(missing)) => Ok(Err(Outcome::MissingEvents { event_id, missing })),
+            Err(Err(reason)) => Ok(Err(self.reject(&checked.pdu, format!("auth events: {reason}"), None).await?)),
+        }
+    }
+
+    /// [`Self::place_with_state`] under the room's writer, in a task of its own (the writer's
+    /// state moves on after the commit, which must not be abandoned half-way).
+    async fn place_with_state_held(
+        &self,
+        handle: Arc<RoomHandle>,
+        checked: Checked,
+        state: StateMap,
+    ) -> Result<Outcome> {
+        let rooms = self.me.upgrade().ok_or_else(|| Error::Internal("the rooms service has stopped".to_owned()))?;
+        tokio::spawn(async move {
+            let mut writer = handle.writer.lock().await;
+            rooms.place_with_state(&handle, &mut writer, checked, state).await
+        })
+        .await
+        .map_err(|err| Error::Internal(format!("receiving failed: {err}")))?
+    }
+
     /// Steps 1–3 of the checks on receipt: format, signatures, content hash.
     fn check_received(
         &self,
@@ -421,13 +461,7 @@ impl Rooms {
             Err(Ok(missing)) => return Ok(Outcome::MissingEvents { event_id, missing }),
             Err(Err(reason)) => return self.reject(&checked.pdu, format!("auth events: {reason}"), None).await,
         }
-        let rooms = self.me.upgrade().ok_or_else(|| Error::Internal("the rooms service has stopped".to_owned()))?;
-        tokio::spawn(async move {
-            let mut writer = handle.writer.lock().await;
-            rooms.place_with_state(&handle, &mut writer, checked, state_map).await
-        })
-        .await
-        .map_err(|err| Error::Internal(format!("receiving failed: {err}")))?
+        self.place_with_state_held(handle, checked, state_map).await
     }
 
     /// Whether `event_id` has its place in the room graph: in the timeline, or rejected (a
@@ -494,23 +528,10 @@ impl Rooms {
         state: StateMap,
     ) -> Result<Outcome> {
         let handle = self.handle(room_id).await?;
-        let checked = match self.screen(origin, room_id, &handle, pdu, keys).await? {
-            Ok(checked) => checked,
-            Err(outcome) => return Ok(outcome),
-        };
-        let event_id = checked.pdu.event_id.clone();
-        match self.check_auth_events(&handle, &checked.pdu, &EventMap::new()).await? {
-            Ok(()) => {}
-            Err(Ok(missing)) => return Ok(Outcome::MissingEvents { event_id, missing }),
-            Err(Err(reason)) => return self.reject(&checked.pdu, format!("auth events: {reason}"), None).await,
+        match self.check_up_to_auth_events(origin, room_id, &handle, pdu, keys).await? {
+            Ok(checked) => self.place_with_state_held(handle, checked, state).await,
+            Err(outcome) => Ok(outcome),
         }
-        let rooms = self.me.upgrade().ok_or_else(|| Error::Internal("the rooms service has stopped".to_owned()))?;
-        tokio::spawn(async move {
-            let mut writer = handle.writer.lock().await;
-            rooms.place_with_state(&handle, &mut writer, checked, state).await
-        })
-        .await
-        .map_err(|err| Error::Internal(format!("receiving failed: {err}")))?
     }
 
     /// Steps 5 and 6 and persistence for [`Rooms::receive_with_state`], with the writer held.
@@ -582,20 +603,7 @@ impl Rooms {
         let Placed { pdu, was_redacted, before, before_is_current, soft_failed, mut new_state_groups, new_room } =
             placed;
         let event_id = pdu.event_id.clone();
-        // The state after it.
-        let mut replaces_state = None;
-        let after = match &pdu.state_key {
-            Some(state_key) => {
-                let key = (pdu.event_type.to_string(), state_key.clone());
-                replaces_state = before.map.get(&key).cloned();
-                let mut map = (*before.map).clone();
-                map.insert(key, event_id.clone());
-                let (after, new_group) = self.derive_group(&before, map);
-                new_state_groups.extend(new_group);
-                after
-            }
-            None => before.clone(),
-        };
+        let (after, replaces_state) = self.state_after_placed(&before, &pdu, &mut new_state_groups);
 
         // The forward extremities and the room's current state after it.
         let pdu = Arc::new(pdu);
@@ -637,20 +645,7 @@ impl Rooms {
             let redacted = target_event.pdu.redacted(&handle.rules).map_err(Error::Internal)?;
             redaction_target = Some((target.clone(), redacted.json));
         }
-        let mut stored_pdu = pdu.clone();
-        let mut redacted_by = None;
-        for redaction_id in self.db.redactions_of(&event_id).await? {
-            let Some(redaction) = self.timeline_event(&redaction_id).await? else { continue };
-            if redaction.pdu.room_id != handle.room_id || redaction.soft_failed {
-                continue;
-            }
-            let state = self.state_at(redaction.state_before).await?;
-            if self.may_redact(handle, &redaction.pdu, &pdu, &state).await? {
-                stored_pdu = Arc::new(pdu.redacted(&handle.rules).map_err(Error::Internal)?);
-                redacted_by = Some(redaction_id);
-                break;
-            }
-        }
+        let (stored_pdu, redacted_by) = self.apply_held_redaction(handle, &pdu).await?;
         if was_redacted {
             tracing::info!(%event_id, "a received event's content hash did not match; stored redacted");
         }
@@ -700,6 +695,44 @@ impl Rooms {
         } else {
             Outcome::Accepted { event_id, stream_pos }
         })
+    }
+
+    /// The state after a placed event: `before` with it at its key when it is a state event
+    /// (a new group, added to `new_groups`), and the event it replaced there.
+    pub(super) fn state_after_placed(
+        &self,
+        before: &GroupState,
+        pdu: &Pdu,
+        new_groups: &mut Vec<crate::storage::stream::NewStateGroup>,
+    ) -> (GroupState, Option<OwnedEventId>) {
+        let Some(state_key) = &pdu.state_key else { return (before.clone(), None) };
+        let key = (pdu.event_type.to_string(), state_key.clone());
+        let replaces = before.map.get(&key).cloned();
+        let mut map = (*before.map).clone();
+        map.insert(key, pdu.event_id.clone());
+        let (after, new_group) = self.derive_group(before, map);
+        new_groups.extend(new_group);
+        (after, replaces)
+    }
+
+    /// A redaction of `pdu` received before it (kept by target) that may redact it: the form to
+    /// store (redacted, or `pdu` as it is) and the redaction's ID.
+    pub(super) async fn apply_held_redaction(
+        &self,
+        handle: &RoomHandle,
+        pdu: &Arc<Pdu>,
+    ) -> Result<(Arc<Pdu>, Option<OwnedEventId>)> {
+        for redaction_id in self.db.redactions_of(&pdu.event_id).await? {
+            let Some(redaction) = self.timeline_event(&redaction_id).await? else { continue };
+            if redaction.pdu.room_id != handle.room_id || redaction.soft_failed {
+                continue;
+            }
+            let state = self.state_at(redaction.state_before).await?;
+            if self.may_redact(handle, &redaction.pdu, pdu, &state).await? {
+                return Ok((Arc::new(pdu.redacted(&handle.rules).map_err(Error::Internal)?), Some(redaction_id)));
+            }
+        }
+        Ok((pdu.clone(), None))
     }
 
     /// Whether `redaction` may redact `target` (room versions 3+, applied when both are known):
