@@ -1,6 +1,6 @@
 //! Inbound transactions (`PUT /_matrix/federation/v1/send/{txnId}`): PDUs from another server,
-//! grouped by room and received in order per room through `Rooms::receive_pdu`, with a result per
-//! PDU. A transaction is answered once: the answer is stored by origin and transaction ID and a
+//! grouped by room and received in order per room through `GapFill::receive` (which fetches what
+//! a PDU cites that we lack, then `Rooms::receive_pdu`), with a result per PDU. A transaction is answered once: the answer is stored by origin and transaction ID and a
 //! retry gets it again without the PDUs being processed twice. PDUs of rooms this server is not
 //! in are dropped (and have no result), and so are those of an origin the room's server ACL denies
 //! (with an error as their result). The EDUs follow the PDUs (so a receipt can name an event of the
