@@ -188,6 +188,11 @@ async fn serve(config: &Config, db: Db, started: std::time::Instant, lock: &mut 
         tracing::warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}; closing anyway");
         servers.abort_all();
     }
+    // Upgraded WebSockets are no longer the listeners' connections: wait for their close frames
+    // (each tells its client where to resume) before the process ends.
+    if !state.ws.wait_closed(SHUTDOWN_GRACE).await {
+        tracing::warn!("WebSocket connections did not close within {SHUTDOWN_GRACE:?}; closing anyway");
+    }
     outcome
 }
 

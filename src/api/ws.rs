@@ -101,6 +101,25 @@ pub struct WsHub {
     /// Per device, its open connections, oldest first.
     devices: Mutex<HashMap<DeviceKey, VecDeque<(u64, CloseSender)>>>,
     shutdown: watch::Sender<bool>,
+    /// Upgraded connections whose task is still running (a shutdown waits for their close
+    /// frames): the count only changes through `Running`.
+    running: watch::Sender<usize>,
+}
+
+/// Counts a connection task as running while it lives.
+struct Running(watch::Sender<usize>);
+
+impl Running {
+    fn new(running: &watch::Sender<usize>) -> Running {
+        running.send_modify(|count| *count += 1);
+        Running(running.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.send_modify(|count| *count -= 1);
+    }
 }
 
 impl WsHub {
@@ -111,7 +130,15 @@ impl WsHub {
             next_id: AtomicU64::new(1),
             devices: Mutex::new(HashMap::new()),
             shutdown: watch::channel(false).0,
+            running: watch::channel(0).0,
         }
+    }
+
+    /// Waits until every connection task has ended (after [`Self::shut_down`], once each has sent
+    /// its `closing` frame and close), at most `limit`; whether they all did.
+    pub async fn wait_closed(&self, limit: std::time::Duration) -> bool {
+        let mut running = self.running.subscribe();
+        tokio::time::timeout(limit, running.wait_for(|count| *count == 0)).await.is_ok()
     }
 
     pub fn enabled(&self) -> bool {
@@ -207,6 +234,7 @@ pub async fn connect(
         .read_buffer_size(SOCKET_BUFFER)
         .write_buffer_size(0)
         .on_upgrade(move |socket| async move {
+            let _running = Running::new(&app.ws.running);
             let connection = Connection::new(app, peer);
             connection.run(socket, header_token, origin_refused).await;
         })
