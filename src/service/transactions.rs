@@ -36,6 +36,10 @@ pub const MAX_EDUS: usize = 100;
 /// How long the answer to an inbound transaction is kept for its retries: a sender retries a
 /// transaction for minutes, then moves on to new ones; a day is ample (Synapse keeps a day too).
 pub const ANSWER_KEPT_MS: i64 = 24 * 60 * 60 * 1000;
+/// How long the IDs of to-device messages from other servers are kept, so a message sent again
+/// reaches the devices once: a sender retries a destination for days at most (its backoff is
+/// capped), so a week covers every resend; after that the table would only grow.
+pub const TO_DEVICE_IDS_KEPT_MS: i64 = 7 * 24 * 60 * 60 * 1000;
 /// How often older answers (and idle per-origin locks) are cleared, at most.
 const PRUNE_EVERY_MS: i64 = 60 * 60 * 1000;
 
@@ -150,8 +154,9 @@ impl Transactions {
         Ok(results)
     }
 
-    /// At most once per `PRUNE_EVERY_MS`: forgets answers older than `ANSWER_KEPT_MS` and the
-    /// locks of origins with no transaction in flight, so neither grows with the server's age.
+    /// At most once per `PRUNE_EVERY_MS`: forgets answers older than `ANSWER_KEPT_MS`, to-device
+    /// message IDs older than `TO_DEVICE_IDS_KEPT_MS` and the locks of origins with no
+    /// transaction in flight, so none of them grows with the server's age.
     async fn prune_if_due(&self, now: i64) {
         use std::sync::atomic::Ordering;
         let last = self.last_pruned.load(Ordering::Relaxed);
@@ -163,6 +168,14 @@ impl Transactions {
         if let Err(err) = self.prune_answers(now - ANSWER_KEPT_MS).await {
             tracing::warn!(%err, "could not prune the answers to inbound transactions");
         }
+        if let Err(err) = self.prune_to_device_ids(now - TO_DEVICE_IDS_KEPT_MS).await {
+            tracing::warn!(%err, "could not prune the IDs of inbound to-device messages");
+        }
+    }
+
+    /// Forgets the IDs of to-device messages received before `before_ts` (ms); how many went.
+    pub async fn prune_to_device_ids(&self, before_ts: i64) -> Result<u64> {
+        Ok(self.db.prune_inbound_to_device(before_ts).await?)
     }
 
     /// Forgets the answers to transactions received before `before_ts` (ms), and the per-origin

@@ -86,6 +86,18 @@ impl Db {
         Ok(inserted == 1)
     }
 
+    /// Forgets the to-device message IDs recorded before `before_ts` (ms); how many went.
+    pub async fn prune_inbound_to_device(&self, before_ts: i64) -> StorageResult<u64> {
+        let pruned = on_writer!(self, pool => {
+            sqlx::query("DELETE FROM federation_inbound_to_device WHERE received_ts < $1")
+                .bind(before_ts)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(pruned)
+    }
+
     /// Forgets a recorded to-device message (its delivery failed, so a resend must get through).
     pub async fn forget_inbound_to_device(&self, origin: &str, message_id: &str) -> StorageResult<()> {
         on_writer!(self, pool => {
