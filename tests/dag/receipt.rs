@@ -30,6 +30,7 @@ backend_tests!(
     malformed_pdus_are_dropped_never_an_error,
     local_event_with_256_byte_type_is_refused,
     redaction_received_before_its_target_redacts_the_target,
+    backfilled_redaction_redacts_a_target_already_held,
     outliers_never_appear_in_sync_or_messages,
 );
 
@@ -478,6 +479,44 @@ async fn redaction_received_before_its_target_redacts_the_target(backend: Backen
     let target_id = accepted(&f.receive(&target).await);
     let stored = f.state.rooms.event(&target_id).await.unwrap().unwrap();
     assert_eq!(stored.pdu.content.get(), "{}", "stored redacted on arrival");
+    assert_eq!(stored.redacted_by.as_ref(), Some(&redaction_id));
+    assert!(!f.initial_sync().await.contains("regrettable"));
+}
+
+async fn backfilled_redaction_redacts_a_target_already_held(backend: Backend) {
+    let f = Fixture::new(backend, RoomVersionId::V12).await;
+    let bob = f.remote.user.clone();
+    let base = f.latest().await;
+    let target = f.remote_message("regrettable", &base, now()).await;
+    let target_id = accepted(&f.receive(&target).await);
+    // A redaction on a side branch, found only by paging back (backfill).
+    let redaction = f
+        .remote_event(Spec {
+            sender: &bob,
+            event_type: "m.room.redaction",
+            state_key: None,
+            content: json!({"reason": "oops"}),
+            prev_events: vec![base.clone()],
+            auth_from: base.clone(),
+            ts: now() + 1,
+            redacts: Some(target_id.clone()),
+        })
+        .await;
+    let outcome = f
+        .state
+        .rooms
+        .receive_backfilled(&f.remote.server, &f.room, redaction.canonical_object(), &f.remote.keys, None)
+        .await
+        .expect("backfilled");
+    let redaction_id = match outcome {
+        Outcome::Accepted { event_id, stream_pos } => {
+            assert!(stream_pos < 0, "backfilled events sort before the live ones: {stream_pos}");
+            event_id
+        }
+        other => panic!("expected the redaction to be accepted, got {other:?}"),
+    };
+    let stored = f.state.rooms.event(&target_id).await.unwrap().unwrap();
+    assert_eq!(stored.pdu.content.get(), "{}", "the held target is redacted");
     assert_eq!(stored.redacted_by.as_ref(), Some(&redaction_id));
     assert!(!f.initial_sync().await.contains("regrettable"));
 }

@@ -123,7 +123,9 @@ impl Rooms {
         }
         let (after, replaces_state) = self.state_after_placed(&before, &pdu, &mut new_state_groups);
 
-        // A redaction of it we hold already (received before its target) applies now.
+        // A backfilled redaction of an event we hold redacts it; a redaction of this one we hold
+        // already (received before its target) applies now.
+        let redaction_target = self.redaction_of_held(handle, &pdu, &before.map).await?;
         let (stored_pdu, redacted_by) = self.apply_held_redaction(handle, &Arc::new(pdu)).await?;
         if was_redacted {
             tracing::info!(%event_id, "a backfilled event's content hash did not match; stored redacted");
@@ -143,7 +145,7 @@ impl Rooms {
             redacted_by: redacted_by.clone(),
             was_outlier: self.db.is_outlier(&event_id).await?,
             txn: None,
-            redaction_target: None,
+            redaction_target: redaction_target.clone(),
             new_room: None,
             backfilled: true,
         };
@@ -154,7 +156,11 @@ impl Rooms {
             *last = pos;
             pos
         };
-        self.events.lock().insert(Arc::new(StoredEvent {
+        let mut cache = self.events.lock();
+        if let Some((target, _)) = &redaction_target {
+            cache.redacted(target);
+        }
+        cache.insert(Arc::new(StoredEvent {
             pdu: (*stored_pdu).clone(),
             stream_pos,
             redacted_by,

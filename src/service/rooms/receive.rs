@@ -635,16 +635,8 @@ impl Rooms {
         };
 
         // Redactions: of a target we have, or of this event, received before it.
-        let mut redaction_target = None;
-        if let Some(target) = pdu.redacts.as_ref().filter(|_| !soft_failed)
-            && let Some(target_event) = self.timeline_event(target).await?
-            && target_event.pdu.room_id == handle.room_id
-            && target_event.redacted_by.is_none()
-            && self.may_redact(handle, &pdu, &target_event.pdu, &before.map).await?
-        {
-            let redacted = target_event.pdu.redacted(&handle.rules).map_err(Error::Internal)?;
-            redaction_target = Some((target.clone(), redacted.json));
-        }
+        let redaction_target =
+            if soft_failed { None } else { self.redaction_of_held(handle, &pdu, &before.map).await? };
         let (stored_pdu, redacted_by) = self.apply_held_redaction(handle, &pdu).await?;
         if was_redacted {
             tracing::info!(%event_id, "a received event's content hash did not match; stored redacted");
@@ -713,6 +705,26 @@ impl Rooms {
         let (after, new_group) = self.derive_group(before, map);
         new_groups.extend(new_group);
         (after, replaces)
+    }
+
+    /// When `pdu` is a redaction of an event we hold, not yet redacted, that it may redact (by
+    /// `state`, the state before it): the target's ID and its redacted form, to store.
+    pub(super) async fn redaction_of_held(
+        &self,
+        handle: &RoomHandle,
+        pdu: &Pdu,
+        state: &StateMap,
+    ) -> Result<Option<(OwnedEventId, String)>> {
+        let Some(target) = pdu.redacts.as_ref() else { return Ok(None) };
+        let Some(target_event) = self.timeline_event(target).await? else { return Ok(None) };
+        if target_event.pdu.room_id != handle.room_id
+            || target_event.redacted_by.is_some()
+            || !self.may_redact(handle, pdu, &target_event.pdu, state).await?
+        {
+            return Ok(None);
+        }
+        let redacted = target_event.pdu.redacted(&handle.rules).map_err(Error::Internal)?;
+        Ok(Some((target.clone(), redacted.json)))
     }
 
     /// A redaction of `pdu` received before it (kept by target) that may redact it: the form to
