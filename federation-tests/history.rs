@@ -18,6 +18,7 @@ crate::backend_tests!(
     a_joining_server_paginates_a_thousand_messages_of_history_through_backfill,
     backfill_and_missing_events_hide_history_from_before_the_servers_join,
     backfill_and_missing_events_are_refused_outside_the_room_and_to_denied_servers,
+    a_gap_no_server_could_fill_is_tried_again_later_not_on_every_page,
 );
 
 /// A POST signed by `signer` as its server, sent to `to`.
@@ -234,4 +235,54 @@ async fn backfill_and_missing_events_are_refused_outside_the_room_and_to_denied_
     let request = json!({"earliest_events": [], "latest_events": [latest]});
     let (status, body) = post_as(&net, &a, &b, &missing_events_uri(&room), &request).await;
     assert_eq!((status, &body["errcode"]), (403, &json!("M_FORBIDDEN")), "{body}");
+}
+
+/// The messages of a backward `/messages` page of `room` from `from`, as bob of `server`.
+async fn page_texts(server: &crate::harness::TestServer, token: &str, room: &str, from: &str) -> Vec<String> {
+    let uri = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50&from={}", enc(room), enc(from));
+    let (status, page) = server.get(&uri, Some(token)).await;
+    assert_eq!(status, 200, "{page}");
+    page["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)).collect()
+}
+
+async fn a_gap_no_server_could_fill_is_tried_again_later_not_on_every_page(backend: Backend) {
+    let net = TestNet::new().await;
+    let (mut a, b) = two_servers(&net, backend).await;
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let room = a.server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    for n in 0..5 {
+        a.server.send_text(&alice, &room, &format!("old {n}")).await;
+    }
+    let (status, body) = b
+        .server
+        .post(&format!("/_matrix/client/v3/join/{}?via=a.test", enc(&room)), Some(&bob.access_token), json!({}))
+        .await;
+    assert_eq!(status, 200, "remote join: {body}");
+    let (sync, _) = b.server.sync_until(&bob, None, |sync| sync["rooms"]["join"][&room].is_object()).await;
+    let prev_batch = sync["rooms"]["join"][&room]["timeline"]["prev_batch"].as_str().expect("prev_batch").to_owned();
+
+    // The only server with the history is down: the page is what B holds, answered, not an error.
+    a.server.stop();
+    let failed_at = std::time::Instant::now();
+    assert!(page_texts(&b.server, &bob.access_token, &room, &prev_batch).await.is_empty());
+    // Back up at once: B does not ask again on the very next page (its fill failed a moment ago)…
+    a.server.restart();
+    if failed_at.elapsed() < std::time::Duration::from_secs(8) {
+        assert!(
+            page_texts(&b.server, &bob.access_token, &room, &prev_batch).await.is_empty(),
+            "a gap whose fill just failed is not asked about again on the next page"
+        );
+    }
+    // …but later it does, and the history arrives.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let texts = page_texts(&b.server, &bob.access_token, &room, &prev_batch).await;
+        if texts.len() == 5 {
+            assert_eq!(texts, ["old 4", "old 3", "old 2", "old 1", "old 0"]);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the history never arrived: {texts:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }

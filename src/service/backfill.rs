@@ -10,9 +10,13 @@
 
 use std::{
     collections::BTreeSet,
+    num::NonZeroUsize,
     sync::Arc,
     time::{Duration, Instant},
 };
+
+use lru::LruCache;
+use parking_lot::Mutex;
 
 use ruma::{
     CanonicalJsonObject, OwnedEventId, OwnedServerName, RoomId, ServerName, UInt, UserId,
@@ -55,17 +59,55 @@ const MAX_STATE_EVENTS: usize = 100_000;
 /// Backfills one page of `/messages` may wait for, and the time they may take together.
 const MAX_FILLS_PER_PAGE: usize = 3;
 const PAGE_DEADLINE: Duration = Duration::from_secs(30);
+/// After a fill behind a gap got nothing, pages skip that gap for this long, doubling with
+/// each failure up to `MAX_RETRY_AFTER`: a gap no server can fill (all down, or none has the
+/// history) must not make every page of every client wait for the same deadlines again.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60 * 60);
+/// Gaps whose failures are remembered (the least recently failed are forgotten first).
+const FAILED_GAPS_KEPT: usize = 10_000;
+
+/// A gap's failed fills: how many in a row, and when the next may be tried.
+#[derive(Clone, Copy)]
+struct Failed {
+    count: u32,
+    retry_at: Instant,
+}
 
 pub struct Backfill {
     rooms: Arc<Rooms>,
     keys: Arc<Keys>,
     client: Arc<FederationClient>,
     is_enabled: bool,
+    /// By missing event ID.
+    failed: Mutex<LruCache<OwnedEventId, Failed>>,
 }
 
 impl Backfill {
     pub fn new(rooms: Arc<Rooms>, keys: Arc<Keys>, client: Arc<FederationClient>, is_enabled: bool) -> Backfill {
-        Backfill { rooms, keys, client, is_enabled }
+        let failed = Mutex::new(LruCache::new(NonZeroUsize::new(FAILED_GAPS_KEPT).expect("non-zero")));
+        Backfill { rooms, keys, client, is_enabled, failed }
+    }
+
+    /// Whether the history behind `missing` may be asked for now (no recent failed fill).
+    fn may_try(&self, missing: &OwnedEventId, now: Instant) -> bool {
+        self.failed.lock().peek(missing).is_none_or(|failed| failed.retry_at <= now)
+    }
+
+    /// Remembers how the fill behind `gaps` went: a success forgets their failures, a failure
+    /// puts the next try further off.
+    fn record_fill(&self, gaps: &[(OwnedEventId, OwnedEventId)], succeeded: bool) {
+        let mut failed = self.failed.lock();
+        let now = Instant::now();
+        for (_, missing) in gaps {
+            if succeeded {
+                failed.pop(missing);
+                continue;
+            }
+            let count = failed.peek(missing).map_or(1, |f| f.count.saturating_add(1));
+            let wait = RETRY_AFTER.saturating_mul(1 << (count - 1).min(16)).min(MAX_RETRY_AFTER);
+            failed.put(missing.clone(), Failed { count, retry_at: now + wait });
+        }
     }
 
     /// A page of `/messages` backwards from `from` (down to `to`) that does not stop at a gap:
@@ -101,8 +143,10 @@ impl Backfill {
             // hide events that belong in this page.
             let floor = page.next.unwrap_or(to_pos.unwrap_or(TopoPos::START));
             let mut gaps = Vec::new();
+            let now = Instant::now();
             for (gap, missing) in self.rooms.gaps(room_id, 100).await? {
-                if let Some(event) = self.rooms.timeline_event(&gap).await?
+                if self.may_try(&missing, now)
+                    && let Some(event) = self.rooms.timeline_event(&gap).await?
                     && position_of(&event) > floor
                 {
                     gaps.push((gap, missing));
@@ -113,14 +157,23 @@ impl Backfill {
             }
             fills += 1;
             let budget = PAGE_DEADLINE.saturating_sub(started.elapsed());
+            // The page we have is still an answer when a fill fails: the gap stays for a later
+            // request.
             match tokio::time::timeout(budget, self.fill(room_id, &gaps)).await {
-                Ok(Ok(placed)) if placed > 0 => {}
-                Ok(Err(err)) => {
-                    // The page we have is still an answer: the gap stays for the next request.
-                    tracing::info!(%room_id, %err, "backfill for a page failed");
+                Ok(Ok(placed)) if placed > 0 => self.record_fill(&gaps, true),
+                Ok(Ok(_)) => {
+                    self.record_fill(&gaps, false);
                     return Ok((page, from_pos));
                 }
-                _ => return Ok((page, from_pos)),
+                Ok(Err(err)) => {
+                    tracing::info!(%room_id, %err, "backfill for a page failed");
+                    self.record_fill(&gaps, false);
+                    return Ok((page, from_pos));
+                }
+                Err(_) => {
+                    self.record_fill(&gaps, false);
+                    return Ok((page, from_pos));
+                }
             }
         }
     }
