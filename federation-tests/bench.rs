@@ -716,3 +716,169 @@ async fn bench_inbound_send_throughput() {
     }
     report.save("federation-inbound.md");
 }
+
+/// The user ID behind `client`'s token.
+async fn whoami(client: &Client) -> String {
+    let (status, body) = client.request(Method::GET, "/_matrix/client/v3/account/whoami", None).await;
+    assert_eq!(status, 200, "{}: whoami: {body}", client.label);
+    body["user_id"].as_str().unwrap().to_owned()
+}
+
+/// Syncs as `receiver` until `deadline` and hands on each ephemeral event of `room` with the
+/// time it arrived.
+fn watch_ephemeral(
+    receiver: Client,
+    room: String,
+    since: String,
+    deadline: Instant,
+) -> tokio::sync::mpsc::UnboundedReceiver<(Instant, Value)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut since = since;
+        while Instant::now() < deadline && !tx.is_closed() {
+            let path = format!("/_matrix/client/v3/sync?timeout=5000&since={}", enc(&since));
+            let (status, body) = receiver.request(Method::GET, &path, None).await;
+            let now = Instant::now();
+            if status != 200 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            for event in body["rooms"]["join"][room.as_str()]["ephemeral"]["events"].as_array().into_iter().flatten() {
+                let _ = tx.send((now, event.clone()));
+            }
+            if let Some(next) = body["next_batch"].as_str() {
+                since = next.to_owned();
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (at most 10 s) for an ephemeral event that `wanted` accepts; when it arrived.
+async fn next_matching(
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, Value)>,
+    wanted: impl Fn(&Value) -> bool,
+) -> Option<Instant> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some((at, event))) if wanted(&event) => return Some(at),
+            Ok(Some(_)) => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// Issue 9's "Measure": typing and read-receipt latency across servers — from the start of the
+/// typing (or receipt) request on one server to its arrival in the other server's user's
+/// `/sync`, Hearth and Synapse each way beside Synapse → Synapse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints figures for BENCHMARKS.md"]
+async fn bench_typing_and_receipt_latency() {
+    const ROUNDS: usize = 50;
+    let Some(n) = network().await else { return skipped("port 8448") };
+    let clients = [
+        Client::hearth("hearth-a", &n.hearth_a.server, &n.hearth_a.server.register("alice").await),
+        Client::hearth("hearth-b", &n.hearth_b.server, &n.hearth_b.server.register("bob").await),
+        Client::synapse("synapse-a", &n.synapse_a, &n.synapse_a.register("sam").await),
+        Client::synapse("synapse-b", &n.synapse_b, &n.synapse_b.register("sue").await),
+    ];
+    let servers = ["hearth-a.test", "hearth-b.test", "synapse-a.test", "synapse-b.test"];
+    let pairs = [
+        (0, 1, "Hearth → Hearth"),
+        (0, 2, "Hearth → Synapse"),
+        (2, 0, "Synapse → Hearth"),
+        (2, 3, "Synapse → Synapse"),
+    ];
+    let mut report = Report::new(
+        "Federation: typing and read-receipt latency",
+        &format!(
+            "{ROUNDS} rounds per pair, each pair alone in a room of its own, one thing in flight at a time: typing \
+             started and stopped (each timed from the start of the `PUT /typing` to the other user's `/sync` \
+             showing the change) and read receipts on the receiver's messages (from the start of the `POST \
+             /receipt` to the other user's `/sync` showing it), in ms. Two Hearths and two Synapses on SQLite, \
+             on loopback with TLS."
+        ),
+        "bench_typing_and_receipt_latency",
+    );
+    report.line("| path | typing p50 | typing p99 | typing seen | receipt p50 | receipt p99 | receipts seen |");
+    report.line("|---|---|---|---|---|---|---|");
+    for (from, to, label) in pairs {
+        let (actor, observer) = (&clients[from], &clients[to]);
+        let actor_id = whoami(actor).await;
+        let room = actor.create_room(json!({"preset": "public_chat"})).await;
+        observer.join(&room, servers[from]).await;
+        // The observer's messages, for the actor to mark read; the actor sees them all first.
+        let mut messages = Vec::new();
+        for i in 0..=ROUNDS {
+            let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/rr{}-{i}", enc(&room), rand_suffix());
+            let (status, sent) = observer
+                .request(Method::PUT, &path, Some(json!({"msgtype": "m.text", "body": format!("read me {i}")})))
+                .await;
+            assert_eq!(status, 200, "{label}: send: {sent}");
+            messages.push(sent["event_id"].as_str().unwrap().to_owned());
+        }
+        let last = messages.last().unwrap().clone();
+        let waited = Instant::now();
+        loop {
+            let path = format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&last));
+            if actor.request(Method::GET, &path, None).await.0 == 200 {
+                break;
+            }
+            assert!(waited.elapsed() < Duration::from_secs(120), "{label}: the messages never reached the actor");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let since = observer.sync_token().await;
+        let mut events =
+            watch_ephemeral(observer.clone(), room.clone(), since, Instant::now() + Duration::from_secs(900));
+        let typing_path = format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&actor_id));
+        let typing_has = |event: &Value, id: &str| {
+            event["content"]["user_ids"].as_array().is_some_and(|ids| ids.iter().any(|u| u == id))
+        };
+        let mut typing = Vec::new();
+        // The first receipt and the first typing round are warm-up, outside the measurement.
+        for round in 0..=ROUNDS {
+            for on in [true, false] {
+                let started = Instant::now();
+                let body = if on { json!({"typing": true, "timeout": 30000}) } else { json!({"typing": false}) };
+                let (status, answer) = actor.request(Method::PUT, &typing_path, Some(body)).await;
+                assert_eq!(status, 200, "{label}: typing: {answer}");
+                let seen = next_matching(&mut events, |event| {
+                    event["type"] == "m.typing" && typing_has(event, &actor_id) == on
+                })
+                .await;
+                if let (Some(at), true) = (seen, round > 0) {
+                    typing.push(at.saturating_duration_since(started).as_secs_f64() * 1000.0);
+                }
+            }
+        }
+        let mut receipts = Vec::new();
+        for (round, event_id) in messages.iter().enumerate() {
+            let started = Instant::now();
+            let path = format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(event_id));
+            let (status, answer) = actor.request(Method::POST, &path, Some(json!({}))).await;
+            assert_eq!(status, 200, "{label}: receipt: {answer}");
+            let seen = next_matching(&mut events, |event| {
+                event["type"] == "m.receipt"
+                    && event["content"][event_id.as_str()]["m.read"][actor_id.as_str()].is_object()
+            })
+            .await;
+            if let (Some(at), true) = (seen, round > 0) {
+                receipts.push(at.saturating_duration_since(started).as_secs_f64() * 1000.0);
+            }
+        }
+        drop(events);
+        let (typing, receipts) = (summarise(typing), summarise(receipts));
+        report.line(&format!(
+            "| {label} | {:.1} | {:.1} | {}/{} | {:.1} | {:.1} | {}/{ROUNDS} |",
+            typing.p50,
+            typing.p99,
+            typing.count,
+            2 * ROUNDS,
+            receipts.p50,
+            receipts.p99,
+            receipts.count
+        ));
+    }
+    report.save("federation-edus.md");
+}
