@@ -21,7 +21,7 @@ use std::{
 };
 
 use parking_lot::{Mutex, RwLock};
-use ruma::{OwnedRoomId, OwnedUserId, RoomId, ServerName, UserId};
+use ruma::{EventId, OwnedRoomId, OwnedUserId, RoomId, ServerName, UserId};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
@@ -326,6 +326,14 @@ impl Streams {
             .await
             .map_err(|_| Error::Internal("the stream writer has stopped".to_owned()))?;
         result.await.map_err(|_| Error::Internal("the stream writer dropped a write".to_owned()))?
+    }
+
+    /// A redaction committed outside the stream (a backfilled one, at a negative position):
+    /// the recent events sync serves from show its target redacted too.
+    pub fn redacted_outside_stream(&self, room: &RoomId, target: &EventId, redacted_json: &str, redaction: &EventId) {
+        if let Some(recent) = self.views.write().recent.get_mut(room) {
+            redact_recent(recent, target, redacted_json, redaction);
+        }
     }
 
     /// A local user's rooms, with their membership as of `upto`.
@@ -660,15 +668,8 @@ impl Streams {
                         txn_known: true,
                     });
                     let recent = views.recent.entry(room.clone()).or_default();
-                    if let Some((target, redacted_json)) = &event.redaction_target
-                        && let Some(slot) = recent.iter_mut().find(|e| &e.pdu.event_id == target)
-                        && let Ok(redacted) = Pdu::from_json(redacted_json.clone(), room.clone(), target.clone())
-                    {
-                        *slot = Arc::new(StoredEvent {
-                            pdu: redacted,
-                            redacted_by: Some(event.pdu.event_id.clone()),
-                            ..(**slot).clone()
-                        });
+                    if let Some((target, redacted_json)) = &event.redaction_target {
+                        redact_recent(recent, target, redacted_json, &event.pdu.event_id);
                     }
                     if recent.len() >= RECENT_EVENTS_PER_ROOM {
                         recent.pop_front();
@@ -1003,5 +1004,15 @@ mod tests {
         assert_eq!(m.as_of(12), Some(("leave", 10)));
         assert_eq!(m.as_of(7), Some(("join", 5)));
         assert_eq!(m.as_of(3), None);
+    }
+}
+
+/// Puts the redacted form of `target` (redacted by `redaction`) in its place among a room's
+/// recent events, when it is one of them.
+fn redact_recent(recent: &mut VecDeque<Arc<StoredEvent>>, target: &EventId, redacted_json: &str, redaction: &EventId) {
+    if let Some(slot) = recent.iter_mut().find(|e| e.pdu.event_id == target)
+        && let Ok(redacted) = Pdu::from_json(redacted_json.to_owned(), slot.pdu.room_id.clone(), target.to_owned())
+    {
+        *slot = Arc::new(StoredEvent { pdu: redacted, redacted_by: Some(redaction.to_owned()), ..(**slot).clone() });
     }
 }

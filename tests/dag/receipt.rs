@@ -518,7 +518,8 @@ async fn backfilled_redaction_redacts_a_target_already_held(backend: Backend) {
     let stored = f.state.rooms.event(&target_id).await.unwrap().unwrap();
     assert_eq!(stored.pdu.content.get(), "{}", "the held target is redacted");
     assert_eq!(stored.redacted_by.as_ref(), Some(&redaction_id));
-    assert!(!f.initial_sync().await.contains("regrettable"));
+    let sync = f.initial_sync().await;
+    assert!(!sync.contains("regrettable"), "{sync}");
 }
 
 async fn outliers_never_appear_in_sync_or_messages(backend: Backend) {

@@ -156,6 +156,9 @@ impl Rooms {
             *last = pos;
             pos
         };
+        if let Some((target, redacted_json)) = &redaction_target {
+            self.streams.redacted_outside_stream(&handle.room_id, target, redacted_json, &event_id);
+        }
         let mut cache = self.events.lock();
         if let Some((target, _)) = &redaction_target {
             cache.redacted(target);
