@@ -959,6 +959,16 @@ impl std::fmt::Display for StreamToken {
     }
 }
 
+/// Puts the redacted form of `target` (redacted by `redaction`) in its place among a room's
+/// recent events, when it is one of them.
+fn redact_recent(recent: &mut VecDeque<Arc<StoredEvent>>, target: &EventId, redacted_json: &str, redaction: &EventId) {
+    if let Some(slot) = recent.iter_mut().find(|e| e.pdu.event_id == target)
+        && let Ok(redacted) = Pdu::from_json(redacted_json.to_owned(), slot.pdu.room_id.clone(), target.to_owned())
+    {
+        *slot = Arc::new(StoredEvent { pdu: redacted, redacted_by: Some(redaction.to_owned()), ..(**slot).clone() });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1004,15 +1014,5 @@ mod tests {
         assert_eq!(m.as_of(12), Some(("leave", 10)));
         assert_eq!(m.as_of(7), Some(("join", 5)));
         assert_eq!(m.as_of(3), None);
-    }
-}
-
-/// Puts the redacted form of `target` (redacted by `redaction`) in its place among a room's
-/// recent events, when it is one of them.
-fn redact_recent(recent: &mut VecDeque<Arc<StoredEvent>>, target: &EventId, redacted_json: &str, redaction: &EventId) {
-    if let Some(slot) = recent.iter_mut().find(|e| e.pdu.event_id == target)
-        && let Ok(redacted) = Pdu::from_json(redacted_json.to_owned(), slot.pdu.room_id.clone(), target.to_owned())
-    {
-        *slot = Arc::new(StoredEvent { pdu: redacted, redacted_by: Some(redaction.to_owned()), ..(**slot).clone() });
     }
 }
