@@ -135,7 +135,7 @@ impl Backfill {
                 None => None,
             };
             let page = self.rooms.page(viewer, room_id, from_pos, to_pos, Dir::Backward, limit, filter, access).await?;
-            if !self.is_enabled || fills == MAX_FILLS_PER_PAGE || started.elapsed() > PAGE_DEADLINE {
+            if !self.is_enabled {
                 return Ok((page, from_pos));
             }
             // The page covers (floor, from]: down to where it would continue, or to its end.
@@ -143,17 +143,29 @@ impl Backfill {
             // hide events that belong in this page.
             let floor = page.next.unwrap_or(to_pos.unwrap_or(TopoPos::START));
             let mut gaps = Vec::new();
+            let mut highest: Option<TopoPos> = None;
             let now = Instant::now();
             for (gap, missing) in self.rooms.gaps(room_id, 100).await? {
                 if self.may_try(&missing, now)
                     && let Some(event) = self.rooms.timeline_event(&gap).await?
                     && position_of(&event) > floor
                 {
+                    highest = highest.max(Some(position_of(&event)));
                     gaps.push((gap, missing));
                 }
             }
-            if gaps.is_empty() {
+            let Some(highest) = highest else {
                 return Ok((page, from_pos));
+            };
+            if fills >= MAX_FILLS_PER_PAGE || started.elapsed() > PAGE_DEADLINE {
+                // Out of fills for this request with history still missing: the page ends at
+                // the highest gap, so the client's next page asks again from there, instead of
+                // reading on below the gap (which would look like the room's whole history).
+                // With the gap above the page's start, every fill so far went above it: the page
+                // is empty and continues from where it began, while time allows more fills.
+                if highest <= from_pos || started.elapsed() > PAGE_DEADLINE {
+                    return Ok((truncated_at_gap(page, highest, from_pos), from_pos));
+                }
             }
             fills += 1;
             let budget = PAGE_DEADLINE.saturating_sub(started.elapsed());
@@ -313,4 +325,17 @@ fn wanted_keys<'a>(
         }
     }
     wanted
+}
+
+/// `page` cut off below the gap event at `gap` (the gap event itself stays), continuing just
+/// below it; with the gap above `from`, an empty page continuing at `from`.
+fn truncated_at_gap(mut page: HistoryPage, gap: TopoPos, from: TopoPos) -> HistoryPage {
+    if gap > from {
+        page.events.clear();
+        page.next = Some(from);
+        return page;
+    }
+    page.events.retain(|event| position_of(event) >= gap);
+    page.next = Some(TopoPos { depth: gap.depth, stream: gap.stream - 1 });
+    page
 }
