@@ -514,7 +514,8 @@ async fn bench_gap_fill_and_history() {
     let count: usize = std::env::var("HEARTH_BENCH_GAP_EVENTS").ok().and_then(|n| n.parse().ok()).unwrap_or(10_000);
     let Some(mut n) = network().await else { return skipped("port 8448") };
     let ha = Client::hearth("hearth-a", &n.hearth_a.server, &n.hearth_a.server.register("alice").await);
-    let hb = Client::hearth("hearth-b", &n.hearth_b.server, &n.hearth_b.server.register("bob").await);
+    let bob = n.hearth_b.server.register("bob").await;
+    let mut hb = Client::hearth("hearth-b", &n.hearth_b.server, &bob);
     let sa = Client::synapse("synapse-a", &n.synapse_a, &n.synapse_a.register("sam").await);
     let sb = Client::synapse("synapse-b", &n.synapse_b, &n.synapse_b.register("sue").await);
     let mut report = Report::new(
@@ -538,9 +539,8 @@ async fn bench_gap_fill_and_history() {
         ("Synapse → Synapse", &sa, "synapse-a.test"),
     ] {
         let to_synapse = label.ends_with("Synapse");
-        let receiver = if to_synapse { &sb } else { &hb };
         let room = sender.create_room(json!({"preset": "public_chat"})).await;
-        receiver.join(&room, sender_name).await;
+        if to_synapse { &sb } else { &hb }.join(&room, sender_name).await;
         if to_synapse {
             n.synapse_b.stop();
         } else {
@@ -552,7 +552,10 @@ async fn bench_gap_fill_and_history() {
             n.synapse_b.restart().await;
         } else {
             n.hearth_b.server.restart();
+            // A restarted Hearth listens on a new client port.
+            hb = Client::hearth("hearth-b", &n.hearth_b.server, &bob);
         }
+        let receiver = if to_synapse { &sb } else { &hb };
         let (took, held) = time_until_complete(receiver, &room, &prefix, count).await;
         report.line(&format!("| outage of {count} | {label} | {} | {held}/{count} |", seconds(took)));
     }
