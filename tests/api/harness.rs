@@ -334,6 +334,13 @@ impl TestServer {
         let _ = child.wait();
     }
 
+    /// Overlays `config` (TOML) on the configuration, for the next [`TestServer::restart`].
+    pub fn set_config(&mut self, config: &str) {
+        let mut table: toml::Table = self.config_text.parse().unwrap();
+        merge(&mut table, config.parse().expect("test config is TOML"));
+        self.config_text = toml::to_string(&table).unwrap();
+    }
+
     /// Starts the server again on the same data directory and database.
     pub fn restart(&mut self) {
         if self.child.is_some() {

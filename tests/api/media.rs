@@ -299,6 +299,44 @@ backend_tests! {
         assert!(text.contains("1 files, 90000 bytes"), "{text}");
     }
 
+    async fn the_legacy_endpoints_serve_media_stored_while_authenticated_media_was_off(backend) {
+        let mut server = TestServer::start_with(backend, "[media]\nenable_authenticated_media = false").await;
+        let alice = server.register("alice").await;
+        let old = upload_ok(&server, &alice, png(64, 64), "image/png", Some("old.png")).await;
+        let legacy = format!("/_matrix/media/v3/download/{}", path_of(&old));
+        let response = download(&server, None, &legacy, &[]).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.bytes().await.unwrap().as_ref(), png(64, 64).as_slice());
+        let thumb = download(&server, None, &format!("/_matrix/media/r0/thumbnail/{}?width=32&height=32", path_of(&old)), &[]).await;
+        assert_eq!(thumb.status(), 200);
+        // Switched on (Synapse's "freeze"): what was stored before is still served the old way,
+        // what comes after only through the authenticated endpoints.
+        server.set_config("[media]\nenable_authenticated_media = true");
+        server.restart();
+        let new = upload_ok(&server, &alice, noise(10, 13), "text/plain", None).await;
+        assert_eq!(download(&server, None, &legacy, &[]).await.status(), 200);
+        let response = download(&server, None, &format!("/_matrix/media/v3/download/{}", path_of(&new)), &[]).await;
+        assert_error(&error_of(response).await, 404, "M_NOT_FOUND");
+        let authed = download(&server, Some(&alice.access_token), &format!("/_matrix/client/v1/media/download/{}", path_of(&new)), &[]).await;
+        assert_eq!(authed.status(), 200);
+    }
+
+    async fn uploads_are_rate_limited_per_user(backend) {
+        let server = TestServer::start_with(
+            backend,
+            "[rate_limits]\nenabled = true\n[rate_limits.media_upload]\nper_second = 0.01\nburst = 2",
+        )
+        .await;
+        let alice = server.register("alice").await;
+        upload_ok(&server, &alice, noise(100, 10), "text/plain", None).await;
+        upload_ok(&server, &alice, noise(100, 11), "text/plain", None).await;
+        let limited = upload(&server, &alice, noise(100, 12), "text/plain", None).await;
+        assert_error(&limited, 429, "M_LIMIT_EXCEEDED");
+        assert!(limited.1["retry_after_ms"].as_u64().unwrap() > 0);
+        // Creating a URI to upload to later counts against the same budget.
+        assert_error(&server.post("/_matrix/media/v1/create", Some(&alice.access_token), json!({})).await, 429, "M_LIMIT_EXCEEDED");
+    }
+
     async fn an_mxc_uri_created_first_is_uploaded_to_once_and_waited_for(backend) {
         let server = TestServer::start(backend).await;
         let alice = server.register("alice").await;

@@ -199,7 +199,7 @@ impl Media {
     fn storage_error(&self, err: StoreError) -> Error {
         match err {
             StoreError::TooLarge(_) => self.too_large(),
-            StoreError::Body(why) => Error::BadJson(why),
+            StoreError::Body(why) => Error::Unknown(why),
             StoreError::NotFound => Error::not_found("The media's file is missing"),
             StoreError::Backend(why) => {
                 tracing::error!(%why, "media storage failed");
