@@ -885,3 +885,170 @@ async fn bench_typing_and_receipt_latency() {
     }
     report.save("federation-edus.md");
 }
+
+/// The largest resident set of process `pid` seen while `work` runs (sampled every 20 ms), and
+/// the resident set before it, in MiB.
+async fn peak_rss_during<T>(pid: u32, work: impl std::future::Future<Output = T>) -> (T, f64, f64) {
+    fn rss_kib(pid: u32) -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|status| {
+                status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+    let before = rss_kib(pid);
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        tokio::spawn(async move {
+            // Bounded: at most an hour of samples.
+            for _ in 0..180_000 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                peak.fetch_max(rss_kib(pid), std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let out = work.await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    sampler.await.unwrap();
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    (out, mib(before), mib(peak.load(std::sync::atomic::Ordering::SeqCst)))
+}
+
+/// `len` bytes of a repeating but not constant pattern, as a stream of 256 KiB chunks (never
+/// all in the benchmark's memory).
+fn pattern_body(len: u64) -> reqwest::Body {
+    const CHUNK: u64 = 256 * 1024;
+    let chunk = bytes::Bytes::from((0..CHUNK).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect::<Vec<_>>());
+    let chunks = (0..len.div_ceil(CHUNK)).map(move |i| {
+        let take = (len - i * CHUNK).min(CHUNK) as usize;
+        Ok::<_, std::io::Error>(chunk.slice(..take))
+    });
+    reqwest::Body::wrap_stream(futures_util::stream::iter(chunks))
+}
+
+/// Issue 10's "Measure": upload and download throughput and the server's memory for a large
+/// file, and the time to thumbnail a 12-megapixel JPEG, Hearth beside Synapse. The file size is
+/// `HEARTH_BENCH_MEDIA_MB` (default 500).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints figures for BENCHMARKS.md"]
+async fn bench_media() {
+    let megabytes: u64 = std::env::var("HEARTH_BENCH_MEDIA_MB").ok().and_then(|n| n.parse().ok()).unwrap_or(500);
+    let len = megabytes * 1024 * 1024;
+    let net = TestNet::new().await;
+    let config = format!("[media]\nmax_upload_bytes = {}\nmax_upload_secs = 3600", len + 1024);
+    let Some(hearth) = net.peer(Backend::Sqlite, "hearth.test", Discovered::Port8448, &config).await else {
+        return skipped("port 8448");
+    };
+    let Some(synapse) = SynapsePeer::start(&net, "synapse.test", &[("hearth.test", hearth.federation[0].ip())]).await
+    else {
+        return skipped("port 8448");
+    };
+    let alice = hearth.server.register("alice").await;
+    let clients = [
+        ("Hearth", Client::hearth("hearth", &hearth.server, &alice), hearth.server.pid()),
+        ("Synapse", Client::synapse("synapse", &synapse, &synapse.register("sam").await), synapse.pid()),
+    ];
+    let mut report = Report::new(
+        "Media: a large file up and down, and thumbnails",
+        &format!(
+            "One {megabytes} MiB file uploaded (streamed by the client, with its Content-Length) and downloaded \
+             once, on loopback with TLS, SQLite, each server's media on local disk; MB/s over the whole request, \
+             and the server's resident memory before and at its peak (sampled every 20 ms). Then a 12-megapixel \
+             JPEG (4000×3000) uploaded and its 320×240 thumbnail fetched: the upload's time and the thumbnail \
+             request's (Hearth makes the common sizes after answering the upload, Synapse before)."
+        ),
+        "bench_media",
+    );
+    report.line("| server | upload MB/s | RSS before → peak, upload (MiB) | download MB/s | RSS peak, download (MiB) | 12 MP JPEG upload (ms) | its 320×240 thumbnail (ms) |");
+    report.line("|---|---|---|---|---|---|---|");
+    let jpeg = {
+        let image = image::RgbImage::from_fn(4000, 3000, |x, y| {
+            image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x ^ y) % 256) as u8])
+        });
+        let mut out = Vec::new();
+        image::DynamicImage::ImageRgb8(image)
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Jpeg)
+            .unwrap();
+        out
+    };
+    for (label, client, pid) in &clients {
+        let upload = async {
+            let started = Instant::now();
+            let response = client
+                .http
+                .post(format!("{}/_matrix/media/v3/upload?filename=big.bin", client.base))
+                .bearer_auth(&client.token)
+                .header("content-type", "application/octet-stream")
+                .header("content-length", len.to_string())
+                .timeout(Duration::from_secs(3600))
+                .body(pattern_body(len))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            assert!(status.is_success(), "{label} upload: {status} {body}");
+            (started.elapsed(), body["content_uri"].as_str().unwrap().trim_start_matches("mxc://").to_owned())
+        };
+        let ((up_time, path), before, up_peak) = peak_rss_during(*pid, upload).await;
+        let download = async {
+            let started = Instant::now();
+            let mut response = client
+                .http
+                .get(format!("{}/_matrix/client/v1/media/download/{path}", client.base))
+                .bearer_auth(&client.token)
+                .timeout(Duration::from_secs(3600))
+                .send()
+                .await
+                .unwrap();
+            assert!(response.status().is_success(), "{label} download: {}", response.status());
+            let mut got = 0u64;
+            while let Some(chunk) = response.chunk().await.unwrap() {
+                got += chunk.len() as u64;
+            }
+            assert_eq!(got, len, "{label}: the whole file");
+            started.elapsed()
+        };
+        let (down_time, _, down_peak) = peak_rss_during(*pid, download).await;
+        let mb_per_s = |took: Duration| len as f64 / 1_000_000.0 / took.as_secs_f64();
+
+        let started = Instant::now();
+        let response = client
+            .http
+            .post(format!("{}/_matrix/media/v3/upload?filename=photo.jpg", client.base))
+            .bearer_auth(&client.token)
+            .header("content-type", "image/jpeg")
+            .body(jpeg.clone())
+            .send()
+            .await
+            .unwrap();
+        let uploaded: Value = response.json().await.unwrap();
+        let jpeg_up = started.elapsed();
+        let photo = uploaded["content_uri"].as_str().unwrap().trim_start_matches("mxc://").to_owned();
+        let started = Instant::now();
+        let thumbnail = client
+            .http
+            .get(format!("{}/_matrix/client/v1/media/thumbnail/{photo}?width=320&height=240&method=scale", client.base))
+            .bearer_auth(&client.token)
+            .send()
+            .await
+            .unwrap();
+        assert!(thumbnail.status().is_success(), "{label} thumbnail: {}", thumbnail.status());
+        let _ = thumbnail.bytes().await.unwrap();
+        let thumb_time = started.elapsed();
+        report.line(&format!(
+            "| {label} | {:.0} | {before:.0} → {up_peak:.0} | {:.0} | {down_peak:.0} | {:.0} | {:.0} |",
+            mb_per_s(up_time),
+            mb_per_s(down_time),
+            jpeg_up.as_secs_f64() * 1000.0,
+            thumb_time.as_secs_f64() * 1000.0,
+        ));
+    }
+    report.save("media.md");
+}

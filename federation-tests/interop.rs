@@ -579,3 +579,83 @@ async fn hearth_and_synapse_users_page_back_through_each_others_room_history() {
     .await;
     assert_eq!(bodies, expected, "Hearth pages all of Synapse's history");
 }
+
+/// Media both ways: a Hearth user downloads what a Synapse user uploaded (Hearth fetches it over
+/// `/_matrix/federation/v1/media/download` and parses Synapse's multipart answer), and a
+/// Synapse user downloads a Hearth upload and a thumbnail of it (Synapse asks Hearth's
+/// federation media endpoints).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts a Synapse; run by .ci/run with --ignored"]
+async fn hearth_and_synapse_users_download_each_others_media() {
+    let Some((_net, hearth, synapse)) = hearth_and_synapse().await else { return skipped("port 8448") };
+    let alice = hearth.server.register("alice").await;
+    let sam = synapse.register("sam").await;
+    let picture = {
+        let image = image::RgbImage::from_fn(300, 200, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 200]));
+        let mut out = Vec::new();
+        image::DynamicImage::ImageRgb8(image)
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    };
+    let document: Vec<u8> = (0..250_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+
+    // Synapse → Hearth.
+    let response = synapse
+        .http
+        .post(synapse.url("/_matrix/media/v3/upload?filename=report.pdf"))
+        .bearer_auth(&sam)
+        .header("content-type", "application/pdf")
+        .body(document.clone())
+        .send()
+        .await
+        .unwrap();
+    let uploaded: Value = response.json().await.unwrap();
+    let on_synapse =
+        uploaded["content_uri"].as_str().expect("Synapse's content_uri").trim_start_matches("mxc://").to_owned();
+    let download = hearth
+        .server
+        .http
+        .get(hearth.server.url(&format!("/_matrix/client/v1/media/download/{on_synapse}")))
+        .bearer_auth(&alice.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(download.status(), 200, "{}", synapse.log_tail());
+    assert_eq!(download.headers()["content-type"], "application/pdf");
+    assert!(download.headers()["content-disposition"].to_str().unwrap().contains("report.pdf"));
+    assert_eq!(download.bytes().await.unwrap().as_ref(), document.as_slice(), "byte-identical from Synapse");
+
+    // Hearth → Synapse.
+    let response = hearth
+        .server
+        .http
+        .post(hearth.server.url("/_matrix/media/v3/upload?filename=map.png"))
+        .bearer_auth(&alice.access_token)
+        .header("content-type", "image/png")
+        .body(picture.clone())
+        .send()
+        .await
+        .unwrap();
+    let uploaded: Value = response.json().await.unwrap();
+    let on_hearth = uploaded["content_uri"].as_str().unwrap().trim_start_matches("mxc://").to_owned();
+    let download = synapse
+        .http
+        .get(synapse.url(&format!("/_matrix/client/v1/media/download/{on_hearth}")))
+        .bearer_auth(&sam)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(download.status(), 200, "{}", synapse.log_tail());
+    assert_eq!(download.bytes().await.unwrap().as_ref(), picture.as_slice(), "byte-identical to Synapse");
+    let thumbnail = synapse
+        .http
+        .get(synapse.url(&format!("/_matrix/client/v1/media/thumbnail/{on_hearth}?width=96&height=96&method=crop")))
+        .bearer_auth(&sam)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(thumbnail.status(), 200, "{}", synapse.log_tail());
+    let image = image::load_from_memory(&thumbnail.bytes().await.unwrap()).unwrap();
+    assert!(image.width() <= 96 && image.height() <= 96, "{}x{}", image.width(), image.height());
+}

@@ -32,6 +32,7 @@ mod interop;
 mod invites;
 mod joins;
 mod keys;
+mod media;
 mod membership;
 mod partition;
 mod public_rooms;

@@ -127,6 +127,11 @@ impl SynapsePeer {
         peer
     }
 
+    /// The Synapse process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops Synapse (the process this peer started, by its pid) and waits for it to end.
     pub fn stop(&mut self) {
         let _ = self.child.kill();

@@ -328,6 +328,9 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
     let transactions =
         Arc::new(Transactions::new(db.clone(), rooms.clone(), keys.clone(), outbox, gap_fill, inbound_edus));
 
+    let media =
+        crate::service::media::Media::new(db.clone(), config, Some(federation_client.clone())).map_err(AppError)?;
+
     let limits = &config.rate_limits;
     let enabled = |limit| limits.enabled.then_some(limit);
     let state = AppState {
@@ -368,6 +371,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         transactions,
         remote_membership,
         backfill,
+        media,
     };
     Ok(state)
 }
@@ -385,6 +389,9 @@ async fn housekeeping(state: AppState) {
         state.rate_limits.user.forget_idle_keys();
         state.rooms.streams.notifier.prune();
         remove_deactivated_members(state.clone()).await;
+        if let Err(err) = state.media.housekeeping().await {
+            tracing::warn!(%err, "media housekeeping failed");
+        }
     }
 }
 

@@ -48,6 +48,7 @@ pub struct Config {
     pub delivered_receipts: DeliveredReceiptsConfig,
     pub rooms: RoomsConfig,
     pub federation: FederationConfig,
+    pub media: MediaConfig,
     pub logging: LoggingConfig,
 }
 
@@ -135,6 +136,8 @@ pub struct RateLimitsConfig {
     pub typing: RateLimit,
     /// `sendToDevice` requests per user.
     pub to_device: RateLimit,
+    /// Media uploads per user.
+    pub media_upload: RateLimit,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -271,6 +274,117 @@ impl Default for FederationConfig {
     }
 }
 
+/// Where media files live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaBackend {
+    /// Files under `media.path` (default `data_dir/media`).
+    Local,
+    /// An S3-compatible object store (`media.s3`).
+    S3,
+}
+
+/// An S3-compatible bucket. Credentials come from the environment (`AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), never from the file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// The endpoint URL; none means AWS itself.
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    pub region: Option<String>,
+    /// Keys are stored under this prefix in the bucket.
+    pub prefix: String,
+    /// Path-style URLs (`endpoint/bucket/key`), as most S3-compatible servers want; off means
+    /// virtual-hosted style (`bucket.endpoint/key`).
+    pub path_style: bool,
+}
+
+/// URL previews (`/media/preview_url`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UrlPreviewConfig {
+    pub enabled: bool,
+    /// Addresses the previewer may reach although they are private, loopback or link-local
+    /// (CIDRs); every other private address is refused.
+    pub allowed_ip_ranges: Vec<IpNet>,
+    /// Addresses refused on top of the private ones.
+    pub denied_ip_ranges: Vec<IpNet>,
+    /// Largest page (or image) read for a preview.
+    pub max_page_bytes: usize,
+    pub timeout_secs: u64,
+    pub max_redirects: usize,
+    /// How long a preview is kept and served again.
+    pub cache_secs: u64,
+}
+
+impl Default for UrlPreviewConfig {
+    fn default() -> Self {
+        UrlPreviewConfig {
+            enabled: false,
+            allowed_ip_ranges: Vec::new(),
+            denied_ip_ranges: Vec::new(),
+            max_page_bytes: 10 * 1024 * 1024,
+            timeout_secs: 10,
+            max_redirects: 5,
+            cache_secs: 3600,
+        }
+    }
+}
+
+/// The content repository: uploads, downloads, thumbnails, other servers' media.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    pub backend: MediaBackend,
+    /// Local backend: the directory; default `data_dir/media`.
+    pub path: Option<PathBuf>,
+    pub s3: S3Config,
+    /// Largest upload (and largest remote file fetched); larger ones get 413 `M_TOO_LARGE`.
+    pub max_upload_bytes: u64,
+    /// Bytes of media each user may keep uploaded; 0 means no quota.
+    pub user_quota_bytes: u64,
+    /// Media created with `/media/v1/create` and not yet uploaded, per user at once.
+    pub max_pending_uploads: u32,
+    /// How long an `mxc://` URI from `/media/v1/create` waits for its upload.
+    pub pending_upload_secs: u64,
+    /// An upload whose body stops arriving for this long is abandoned; the whole upload may take
+    /// at most `max_upload_secs`.
+    pub upload_idle_secs: u64,
+    pub max_upload_secs: u64,
+    /// Like Synapse's `enable_authenticated_media`: media stored while this is on is served only
+    /// through the authenticated endpoints (`/_matrix/client/v1/media/…`, federation v1), and
+    /// the legacy `/_matrix/media/v3/download|thumbnail` answer 404 for it. Off, new media is
+    /// served by both.
+    pub enable_authenticated_media: bool,
+    /// Images with more pixels than this get no thumbnail (checked before decoding, so a
+    /// decompression bomb costs nothing).
+    pub max_image_pixels: u64,
+    /// Bytes of other servers' media kept; beyond it the least recently used are evicted.
+    pub remote_cache_max_bytes: u64,
+    pub url_preview: UrlPreviewConfig,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        MediaConfig {
+            backend: MediaBackend::Local,
+            path: None,
+            s3: S3Config::default(),
+            max_upload_bytes: 100 * 1024 * 1024,
+            user_quota_bytes: 0,
+            max_pending_uploads: 5,
+            pending_upload_secs: 24 * 3600,
+            upload_idle_secs: 60,
+            max_upload_secs: 3600,
+            enable_authenticated_media: true,
+            max_image_pixels: 32_000_000,
+            remote_cache_max_bytes: 10 * 1024 * 1024 * 1024,
+            url_preview: UrlPreviewConfig::default(),
+        }
+    }
+}
+
 /// A DNS server address: `IP` (port 53) or `IP:port`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DnsServer(pub SocketAddr);
@@ -326,6 +440,7 @@ impl Default for Config {
             delivered_receipts: DeliveredReceiptsConfig::default(),
             rooms: RoomsConfig::default(),
             federation: FederationConfig::default(),
+            media: MediaConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -365,6 +480,8 @@ impl Default for RateLimitsConfig {
             typing: RateLimit { per_second: 1.0, burst: 10 },
             // Synapse's limit on key requests, the bulk of to-device traffic.
             to_device: RateLimit { per_second: 20.0, burst: 100 },
+            // A photo album dropped into a chat is a burst; a steady stream is one a second.
+            media_upload: RateLimit { per_second: 1.0, burst: 30 },
         }
     }
 }
@@ -518,6 +635,7 @@ impl Config {
             ("presence", &self.rate_limits.presence),
             ("typing", &self.rate_limits.typing),
             ("to_device", &self.rate_limits.to_device),
+            ("media_upload", &self.rate_limits.media_upload),
         ] {
             if !(limit.per_second.is_finite() && limit.per_second > 0.0) {
                 return bad(&format!("rate_limits.{name}.per_second"), "must be a positive number");
@@ -550,7 +668,40 @@ impl Config {
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
             return bad("logging.level", &err.to_string());
         }
+        self.validate_media()?;
         self.validate_federation()
+    }
+
+    fn validate_media(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("config key `media.{key}`: {why}")));
+        let media = &self.media;
+        if media.max_upload_bytes == 0 {
+            return bad("max_upload_bytes", "must be at least 1");
+        }
+        if media.backend == MediaBackend::S3 {
+            if media.s3.bucket.is_empty() {
+                return bad("s3.bucket", "is required when `media.backend` is s3");
+            }
+            if let Some(endpoint) = &media.s3.endpoint
+                && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+            {
+                return bad("s3.endpoint", "must start with http:// or https://");
+            }
+        }
+        for (key, secs) in [
+            ("pending_upload_secs", media.pending_upload_secs),
+            ("upload_idle_secs", media.upload_idle_secs),
+            ("max_upload_secs", media.max_upload_secs),
+            ("url_preview.timeout_secs", media.url_preview.timeout_secs),
+        ] {
+            if secs == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if media.max_image_pixels == 0 {
+            return bad("max_image_pixels", "must be at least 1");
+        }
+        Ok(())
     }
 
     /// What can be checked without reading files; the certificate files themselves are read (and

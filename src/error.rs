@@ -104,6 +104,15 @@ pub enum Error {
     /// cause is logged, the client gets a short message.
     #[error("{0}")]
     BadGateway(String),
+    /// `PUT /media/v3/upload/…` for a URI that has its content already.
+    #[error("this media has been uploaded already")]
+    CannotOverwriteMedia,
+    /// A created URI whose upload has not arrived within the download's `timeout_ms`.
+    #[error("this media has not been uploaded yet")]
+    NotYetUploaded,
+    /// The upload would take the user past `media.user_quota_bytes`.
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -156,6 +165,9 @@ impl Error {
             Error::DuplicateAnnotation => (StatusCode::BAD_REQUEST, "M_DUPLICATE_ANNOTATION"),
             Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED"),
             Error::BadGateway(_) => (StatusCode::BAD_GATEWAY, "M_UNKNOWN"),
+            Error::CannotOverwriteMedia => (StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA"),
+            Error::NotYetUploaded => (StatusCode::GATEWAY_TIMEOUT, "M_NOT_YET_UPLOADED"),
+            Error::QuotaExceeded(_) => (StatusCode::FORBIDDEN, "M_RESOURCE_LIMIT_EXCEEDED"),
             Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN"),
         }
     }

@@ -1,8 +1,8 @@
 //! `hearth`: the homeserver and its operator commands.
 //!
 //! With no command it runs the server. `generate-config` prints the commented example
-//! configuration; `user …` and `registration-token …` act on the database directly (safe while the
-//! server runs); `keys rotate` replaces the signing key in the data directory.
+//! configuration; `user …`, `registration-token …` and `media …` act on the database directly
+//! (safe while the server runs); `keys rotate` replaces the signing key in the data directory.
 
 use std::{io::BufRead, path::PathBuf, process::ExitCode};
 
@@ -49,6 +49,32 @@ enum Command {
     /// Manage the server's signing key.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Manage stored media (safe while the server runs).
+    #[command(subcommand)]
+    Media(MediaCommand),
+}
+
+#[derive(Subcommand)]
+enum MediaCommand {
+    /// Serve a file to no one any more (it stays stored; `--release` undoes it).
+    Quarantine {
+        /// The file's `mxc://server/id` URI.
+        uri: String,
+        #[arg(long)]
+        release: bool,
+    },
+    /// Delete a file, its thumbnails and (when no other URI has the same content) its bytes.
+    Delete { uri: String },
+    /// List a user's uploads and the space they take.
+    ListUser { user: String },
+    /// The space each user's uploads take, the largest first.
+    Usage,
+    /// Delete the cached copies of other servers' media not used since a date.
+    PurgeRemote {
+        /// `YYYY-MM-DD`, or a number of days ago such as `30d`; `now` purges every copy.
+        #[arg(long)]
+        before: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -130,6 +156,7 @@ fn main() -> ExitCode {
             Some(Command::User(command)) => user_command(&config, command).await,
             Some(Command::RegistrationToken(command)) => token_command(&config, command).await,
             Some(Command::Keys(KeysCommand::Rotate)) => rotate_key(&config),
+            Some(Command::Media(command)) => media_command(&config, command).await,
             Some(Command::GenerateConfig { .. }) => unreachable!("handled above"),
         }
     });
@@ -248,6 +275,80 @@ async fn user_command(config: &Config, command: UserCommand) -> Result<(), AppEr
         }
     }
     Ok(())
+}
+
+/// `--before` of `media purge-remote`: a date (midnight UTC) or `N` days ago, in ms.
+fn before_ts(text: &str) -> Result<i64, AppError> {
+    let now = hearth::service::now_ms();
+    if text == "now" {
+        return Ok(i64::MAX);
+    }
+    if let Some(days) = text.strip_suffix('d').and_then(|days| days.parse::<i64>().ok()) {
+        return Ok(now - days * 86_400_000);
+    }
+    let date = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .map_err(|_| AppError(format!("--before {text}: give a date (YYYY-MM-DD), a number of days (30d) or now")))?;
+    Ok(date.and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp_millis()))
+}
+
+fn mxc(uri: &str) -> Result<(String, String), AppError> {
+    hearth::service::media::parse_mxc(uri)
+        .map(|(server, id)| (server.to_string(), id))
+        .ok_or_else(|| AppError(format!("{uri} is not an mxc://server/id URI")))
+}
+
+async fn media_command(config: &Config, command: MediaCommand) -> Result<(), AppError> {
+    let db = app::open_database(config).await?;
+    let media = hearth::service::media::Media::new(db.clone(), config, None).map_err(AppError)?;
+    let result = async {
+        match command {
+            MediaCommand::Quarantine { uri, release } => {
+                let (origin, id) = mxc(&uri)?;
+                if !media.set_quarantined(&origin, &id, !release).await.map_err(fail)? {
+                    return Err(AppError(format!("no media {uri} is stored here")));
+                }
+                println!("{} {uri}", if release { "released" } else { "quarantined" });
+            }
+            MediaCommand::Delete { uri } => {
+                let (origin, id) = mxc(&uri)?;
+                if !media.delete(&origin, &id).await.map_err(fail)? {
+                    return Err(AppError(format!("no media {uri} is stored here")));
+                }
+                println!("deleted {uri}");
+            }
+            MediaCommand::ListUser { user } => {
+                let user_id = local_user(config, &user)?;
+                let (rows, bytes) = media.of_user(&user_id).await.map_err(fail)?;
+                println!("{:<60} {:>12} {:<24} {:<5} NAME", "URI", "BYTES", "TYPE", "QUAR.");
+                for row in &rows {
+                    println!(
+                        "{:<60} {:>12} {:<24} {:<5} {}",
+                        format!("mxc://{}/{}", row.origin, row.media_id),
+                        row.size.map_or_else(|| "pending".to_owned(), |size| size.to_string()),
+                        row.content_type.as_deref().unwrap_or("-"),
+                        row.quarantined,
+                        row.filename.as_deref().unwrap_or("")
+                    );
+                }
+                println!("{user_id}: {} files, {bytes} bytes", rows.len());
+            }
+            MediaCommand::Usage => {
+                let rows = db.media_usage_by_user().await.map_err(|err| AppError(err.to_string()))?;
+                println!("{:<40} {:>8} {:>14}", "USER", "FILES", "BYTES");
+                for row in rows {
+                    println!("{:<40} {:>8} {:>14}", row.uploader, row.files, row.bytes);
+                }
+            }
+            MediaCommand::PurgeRemote { before } => {
+                let purged = media.purge_remote(before_ts(&before)?).await.map_err(fail)?;
+                println!("purged {purged} cached remote files");
+            }
+        }
+        Ok(())
+    }
+    .await;
+    db.close().await;
+    result
 }
 
 fn rotate_key(config: &Config) -> Result<(), AppError> {

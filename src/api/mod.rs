@@ -82,6 +82,8 @@ pub struct AppState {
     pub remote_membership: Arc<crate::service::remote_membership::RemoteMembership>,
     /// History fetched from other servers when clients paginate into a gap.
     pub backfill: Arc<crate::service::backfill::Backfill>,
+    /// The content repository.
+    pub media: Arc<crate::service::media::Media>,
 }
 
 macro_rules! substate {
@@ -113,4 +115,5 @@ substate!(
     remote_membership: crate::service::remote_membership::RemoteMembership,
     transactions: crate::service::transactions::Transactions,
     backfill: crate::service::backfill::Backfill,
+    media: crate::service::media::Media,
 );

@@ -7,7 +7,7 @@ use axum::{
     handler::Handler,
     middleware::{from_fn, from_fn_with_state},
     response::IntoResponse,
-    routing::{MethodFilter, MethodRouter, get, on},
+    routing::{self, MethodFilter, MethodRouter, get, on},
 };
 use ruma::api::{IncomingRequest, Metadata, path_builder::PathBuilder};
 use std::{sync::Arc, time::Duration};
@@ -126,8 +126,12 @@ pub fn build(state: AppState) -> Router {
     // layer and is not: a long-poll `/sync` waits by design (it gets its own, longer, deadline),
     // a WebSocket upgrade becomes a connection with limits of its own, and `/health` must answer
     // even when the server is saturated.
+    router = media_routes(router);
     let semaphore = Arc::new(Semaphore::new(state.info.max_concurrent_requests));
-    router = router.layer(request_limits(state.info.request_timeout, Some(semaphore)));
+    router = router.layer(request_limits(state.info.request_timeout, Some(semaphore.clone())));
+    // Transfers: an upload streams its body, and a download may first wait for an upload or
+    // fetch a file from another server; both get `media.max_upload_secs` (and the in-flight cap).
+    router = transfer_routes(router, state.media.transfer_deadline(), semaphore);
     let sync_deadline = state.info.request_timeout + client::sync::MAX_TIMEOUT;
     router = endpoint_with::<ruma::api::client::sync::sync_events::v3::Request>(
         router,
@@ -216,6 +220,9 @@ pub fn build_federation(state: AppState) -> Router {
         router = endpoint::<ft::send_transaction_message::v1::Request, _, _>(router, federation::transactions::send);
     }
     router = invite_routes(router);
+    router = router
+        .route("/_matrix/federation/v1/media/download/{media_id}", get(federation::media::download))
+        .route("/_matrix/federation/v1/media/thumbnail/{media_id}", get(federation::media::thumbnail));
 
     router = router.fallback(unrecognized).method_not_allowed_fallback(method_not_allowed);
     // Other servers get the same deadline and an in-flight cap of their own, so a flood of
@@ -260,6 +267,58 @@ fn graph_routes(mut router: Router<AppState>) -> Router<AppState> {
     router =
         endpoint::<ruma::api::federation::device::get_devices::v1::Request, _, _>(router, federation::device::devices);
     router
+}
+
+/// The content repository's quick endpoints (`client::media`), under the usual request limits.
+fn media_routes(mut router: Router<AppState>) -> Router<AppState> {
+    use client::media;
+    use routing::post;
+
+    router = router.route("/_matrix/media/v1/create", post(media::create));
+    for path in ["/_matrix/client/v1/media/config", "/_matrix/media/v3/config", "/_matrix/media/r0/config"] {
+        router = router.route(path, get(media::config));
+    }
+    for path in
+        ["/_matrix/client/v1/media/preview_url", "/_matrix/media/v3/preview_url", "/_matrix/media/r0/preview_url"]
+    {
+        router = router.route(path, get(media::preview_url));
+    }
+    router
+}
+
+/// Uploads and downloads, under `limits` (their own deadline): see [`build`].
+fn transfer_routes(mut router: Router<AppState>, deadline: Duration, in_flight: Arc<Semaphore>) -> Router<AppState> {
+    use client::media;
+    use routing::{post, put};
+
+    let limits = request_limits(deadline, Some(in_flight));
+    for version in ["v3", "r0"] {
+        router = router
+            .route(&format!("/_matrix/media/{version}/upload"), post(media::upload).route_layer(limits.clone()))
+            .route(
+                &format!("/_matrix/media/{version}/download/{{server_name}}/{{media_id}}"),
+                get(media::legacy_download).route_layer(limits.clone()),
+            )
+            .route(
+                &format!("/_matrix/media/{version}/download/{{server_name}}/{{media_id}}/{{file_name}}"),
+                get(media::legacy_download).route_layer(limits.clone()),
+            )
+            .route(
+                &format!("/_matrix/media/{version}/thumbnail/{{server_name}}/{{media_id}}"),
+                get(media::legacy_thumbnail).route_layer(limits.clone()),
+            );
+    }
+    router
+        .route("/_matrix/media/v3/upload/{server_name}/{media_id}", put(media::upload_to).route_layer(limits.clone()))
+        .route(
+            "/_matrix/client/v1/media/download/{server_name}/{media_id}",
+            get(media::download).route_layer(limits.clone()),
+        )
+        .route(
+            "/_matrix/client/v1/media/download/{server_name}/{media_id}/{file_name}",
+            get(media::download).route_layer(limits.clone()),
+        )
+        .route("/_matrix/client/v1/media/thumbnail/{server_name}/{media_id}", get(media::thumbnail).route_layer(limits))
 }
 
 /// Push rules and pushers (read only: see `client::push`).

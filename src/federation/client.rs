@@ -134,6 +134,44 @@ impl FederationClient {
         T: OutgoingRequest<PathBuilder = SinglePath>,
         T::Authentication: OutboundAuth,
     {
+        let (response, path) = self.execute(destination, request).await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = read_limited(response, MAX_RESPONSE_BYTES)
+            .await
+            .map_err(|err| FederationError::Unreachable(format!("{destination}{path}: {err}")))?;
+        let mut http_response = http::Response::new(body.as_slice());
+        *http_response.status_mut() = status;
+        *http_response.headers_mut() = headers;
+        T::IncomingResponse::try_from_http_response(http_response)
+            .map_err(|err| FederationError::BadResponse(format!("{destination}{path}: {err}")))
+    }
+
+    /// Like [`FederationClient::send`], but hands back the successful response unread, for a
+    /// body to be streamed (media) rather than parsed.
+    pub async fn send_streaming<T>(
+        &self,
+        destination: &ServerName,
+        request: T,
+    ) -> Result<reqwest::Response, FederationError>
+    where
+        T: OutgoingRequest<PathBuilder = SinglePath>,
+        T::Authentication: OutboundAuth,
+    {
+        Ok(self.execute(destination, request).await?.0)
+    }
+
+    /// Sends `request`; the response when its status is a success (with the request's path, for
+    /// messages), the remote's Matrix error otherwise.
+    async fn execute<T>(
+        &self,
+        destination: &ServerName,
+        request: T,
+    ) -> Result<(reqwest::Response, String), FederationError>
+    where
+        T: OutgoingRequest<PathBuilder = SinglePath>,
+        T::Authentication: OutboundAuth,
+    {
         let peer = self.peer(destination).await?;
         let origin = self.keys.server_name();
         let auth = <T::Authentication as OutboundAuth>::input(origin, destination, self.keys.key().key_pair());
@@ -156,11 +194,10 @@ impl FederationClient {
             }
         };
         let status = response.status();
-        let headers = response.headers().clone();
-        let body = read_limited(response, MAX_RESPONSE_BYTES)
-            .await
-            .map_err(|err| FederationError::Unreachable(format!("{destination}{path}: {err}")))?;
         if !status.is_success() {
+            let body = read_limited(response, MAX_RESPONSE_BYTES)
+                .await
+                .map_err(|err| FederationError::Unreachable(format!("{destination}{path}: {err}")))?;
             let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let text = |field: &str| value.get(field).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
             return Err(FederationError::Remote {
@@ -170,11 +207,7 @@ impl FederationClient {
                 message: text("error"),
             });
         }
-        let mut http_response = http::Response::new(body.as_slice());
-        *http_response.status_mut() = status;
-        *http_response.headers_mut() = headers;
-        T::IncomingResponse::try_from_http_response(http_response)
-            .map_err(|err| FederationError::BadResponse(format!("{destination}{path}: {err}")))
+        Ok((response, path))
     }
 }
 

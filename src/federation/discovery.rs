@@ -143,7 +143,7 @@ pub fn is_forbidden(ip: IpAddr) -> bool {
 
 /// Builds the DNS resolver: the configured name servers (UDP, then TCP for long answers), or the
 /// system's configuration.
-fn resolver(config: &FederationConfig) -> Result<TokioResolver, String> {
+pub fn resolver(config: &FederationConfig) -> Result<TokioResolver, String> {
     if config.dns_servers.is_empty() {
         let builder =
             TokioResolver::builder_tokio().map_err(|err| format!("cannot read the system DNS configuration: {err}"))?;

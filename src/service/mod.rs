@@ -10,6 +10,7 @@ pub mod ephemeral;
 pub mod filter;
 pub mod gap_fill;
 pub mod joins;
+pub mod media;
 pub mod notifications;
 pub mod profiles;
 pub mod rate_limit;

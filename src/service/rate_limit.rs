@@ -72,6 +72,8 @@ pub enum UserAction {
     Typing,
     /// A `sendToDevice` request.
     ToDevice,
+    /// A media upload (or an `mxc://` URI created for one).
+    MediaUpload,
 }
 
 /// The per-user budgets, one per [`UserAction`], keyed by user ID.
@@ -84,6 +86,7 @@ pub struct UserLimits {
     presence: KeyedLimit,
     typing: KeyedLimit,
     to_device: KeyedLimit,
+    media_upload: KeyedLimit,
 }
 
 impl UserLimits {
@@ -99,6 +102,7 @@ impl UserLimits {
             presence: limit(config.presence),
             typing: limit(config.typing),
             to_device: limit(config.to_device),
+            media_upload: limit(config.media_upload),
         }
     }
 
@@ -117,6 +121,7 @@ impl UserLimits {
             UserAction::Presence => &self.presence,
             UserAction::Typing => &self.typing,
             UserAction::ToDevice => &self.to_device,
+            UserAction::MediaUpload => &self.media_upload,
         }
     }
 
@@ -131,6 +136,7 @@ impl UserLimits {
             &self.presence,
             &self.typing,
             &self.to_device,
+            &self.media_upload,
         ] {
             limit.forget_idle_keys();
         }

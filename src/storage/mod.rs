@@ -15,6 +15,7 @@ pub mod accounts;
 pub mod federation;
 pub mod federation_edus;
 pub mod lock;
+pub mod media;
 pub mod out_of_band;
 pub mod rooms;
 pub mod server_keys;
@@ -66,6 +67,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (10, "backward_extremities", include_str!("../../migrations/sqlite/0010_backward_extremities.sql")),
     (11, "federation_edus", include_str!("../../migrations/sqlite/0011_federation_edus.sql")),
     (12, "federation_catch_up", include_str!("../../migrations/sqlite/0012_federation_catch_up.sql")),
+    (13, "media", include_str!("../../migrations/sqlite/0013_media.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "accounts", include_str!("../../migrations/postgres/0001_accounts.sql")),
@@ -82,6 +84,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (10, "backward_extremities", include_str!("../../migrations/postgres/0010_backward_extremities.sql")),
     (11, "federation_edus", include_str!("../../migrations/postgres/0011_federation_edus.sql")),
     (12, "federation_catch_up", include_str!("../../migrations/postgres/0012_federation_catch_up.sql")),
+    (13, "media", include_str!("../../migrations/postgres/0013_media.sql")),
 ];
 
 /// A storage failure, in terms the service layer can act on.

@@ -165,6 +165,8 @@ pub struct TestServer {
     dir: tempfile::TempDir,
     config_text: String,
     database: Option<PgDatabase>,
+    /// Environment variables the server process gets on top of the test's own.
+    env: Vec<(String, String)>,
 }
 
 /// A logged-in account.
@@ -195,6 +197,11 @@ impl TestServer {
 
     /// A server whose configuration is the test defaults overlaid with `config` (TOML).
     pub async fn start_with(backend: Backend, config: &str) -> TestServer {
+        Self::start_with_env(backend, config, &[]).await
+    }
+
+    /// [`TestServer::start_with`], with environment variables for the server process.
+    pub async fn start_with_env(backend: Backend, config: &str, env: &[(&str, &str)]) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let database = match backend {
             Backend::Sqlite => None,
@@ -235,9 +242,15 @@ impl TestServer {
             dir,
             config_text,
             database,
+            env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
         };
         server.launch();
         server
+    }
+
+    /// The server's `data_dir`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -247,6 +260,7 @@ impl TestServer {
     /// Runs `hearth <args>` against this server's configuration (operator commands).
     pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
         let mut child = hearth_command()
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .arg("--config")
             .arg(self.config_path())
             .args(args)
@@ -266,6 +280,7 @@ impl TestServer {
     fn launch(&mut self) {
         std::fs::write(self.config_path(), &self.config_text).unwrap();
         let mut child = hearth_command()
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .arg("--config")
             .arg(self.config_path())
             .stdout(Stdio::null())
@@ -317,6 +332,13 @@ impl TestServer {
         let mut child = self.child.take().expect("server is running");
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// Overlays `config` (TOML) on the configuration, for the next [`TestServer::restart`].
+    pub fn set_config(&mut self, config: &str) {
+        let mut table: toml::Table = self.config_text.parse().unwrap();
+        merge(&mut table, config.parse().expect("test config is TOML"));
+        self.config_text = toml::to_string(&table).unwrap();
     }
 
     /// Starts the server again on the same data directory and database.

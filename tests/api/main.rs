@@ -12,6 +12,8 @@ mod directory;
 mod durability;
 mod foundation;
 mod login;
+mod media;
+mod media_s3;
 mod membership;
 mod messaging;
 mod profile;

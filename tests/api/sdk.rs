@@ -71,6 +71,11 @@ backend_tests! {
         tokio::task::spawn_blocking(move || run_sdk_script(&server, "nio_account.py")).await.unwrap();
     }
 
+    async fn matrix_nio_users_share_pictures_and_files(backend) {
+        let server = TestServer::start(backend).await;
+        tokio::task::spawn_blocking(move || run_sdk_script(&server, "nio_media.py")).await.unwrap();
+    }
+
     async fn matrix_nio_users_chat_in_a_dm_and_a_group(backend) {
         let server = TestServer::start(backend).await;
         tokio::task::spawn_blocking(move || run_sdk_script(&server, "nio_chat.py")).await.unwrap();

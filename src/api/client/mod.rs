@@ -6,6 +6,7 @@ pub mod capabilities;
 pub mod devices;
 pub mod directory;
 pub mod discovery;
+pub mod media;
 pub mod membership;
 pub mod message;
 pub mod presence;

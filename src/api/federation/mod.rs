@@ -11,6 +11,7 @@ pub mod events;
 pub mod invites;
 pub mod keys;
 pub mod listener;
+pub mod media;
 pub mod membership;
 pub mod query;
 pub mod transactions;
