@@ -10,8 +10,8 @@ use std::{ops::Range, path::Path, sync::Arc, time::Duration};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt, stream::BoxStream};
 use object_store::{
-    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart, aws::AmazonS3Builder,
-    local::LocalFileSystem, path::Path as ObjectPath,
+    GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart,
+    aws::AmazonS3Builder, local::LocalFileSystem, path::Path as ObjectPath,
 };
 use sha2::{Digest, Sha256};
 
@@ -192,7 +192,12 @@ impl MediaStore {
         let result = self.store.get_opts(&self.object_path(sha256), options).await?;
         let size = result.meta.size;
         let range = result.range.clone();
-        let body = result.into_stream().map_err(StoreError::from).boxed();
+        let body = match result.payload {
+            // object_store reads local files 8 KiB at a time, each read a hand-off to a blocking
+            // thread: a download ran at a fifth of the disk's speed. Read in large chunks.
+            GetResultPayload::File(file, _) => file_stream(file, range.clone()).await?,
+            GetResultPayload::Stream(stream) => stream.map_err(StoreError::from).boxed(),
+        };
         Ok(Reading { size, range, body })
     }
 
@@ -241,6 +246,33 @@ impl MediaStore {
         }
         Ok(old.len())
     }
+}
+
+/// Bytes read from a local file at once.
+const READ_CHUNK: u64 = 256 * 1024;
+
+/// The bytes `range` of a local file, [`READ_CHUNK`] at a time.
+async fn file_stream(
+    file: std::fs::File,
+    range: Range<u64>,
+) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut file = tokio::fs::File::from_std(file);
+    file.seek(std::io::SeekFrom::Start(range.start)).await.map_err(|err| StoreError::Backend(err.to_string()))?;
+    let remaining = range.end - range.start;
+    let stream = futures_util::stream::try_unfold((file, remaining), |(mut file, remaining)| async move {
+        if remaining == 0 {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; remaining.min(READ_CHUNK) as usize];
+        let read = file.read(&mut buf).await.map_err(|err| StoreError::Backend(err.to_string()))?;
+        if read == 0 {
+            return Err(StoreError::Backend("the file ended before its recorded size".to_owned()));
+        }
+        buf.truncate(read);
+        Ok(Some((Bytes::from(buf), (file, remaining - read as u64))))
+    });
+    Ok(stream.boxed())
 }
 
 /// `now - age` in the object store's timestamp type.
