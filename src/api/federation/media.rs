@@ -33,11 +33,7 @@ fn wait(uri: &Uri) -> Duration {
 /// disposition. Written here rather than with ruma's serialiser, which needs the whole file in
 /// memory; the format is two parts between boundaries.
 fn multipart(content_type: &str, disposition: &HeaderValue, reading: Reading) -> Response {
-    let boundary: String = {
-        use rand::Rng;
-        let mut rng = rand::thread_rng();
-        (0..32).map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.gen_range(0..36)])).collect()
-    };
+    let boundary = crate::service::users::random_string(32);
     let head = format!(
         "--{boundary}\r\nContent-Type: application/json\r\n\r\n{{}}\r\n--{boundary}\r\nContent-Type: {content_type}\r\n\
          Content-Disposition: {}\r\n\r\n",

@@ -48,10 +48,7 @@ const STAGING_MAX_AGE: Duration = Duration::from_secs(6 * 3600);
 
 /// A media ID: 24 random letters and digits (the spec allows `[A-Za-z0-9_-]`).
 fn new_media_id() -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::thread_rng();
-    (0..24).map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())])).collect()
+    crate::service::users::random_string(24)
 }
 
 /// Whether `media_id` is one the spec allows; others are never looked up (or sent on).
@@ -110,8 +107,8 @@ pub struct Media {
     thumbnailers: Semaphore,
     /// URL previews, when enabled.
     previews: Option<SafeFetcher>,
-    /// For a remote media server's `Location` redirect.
-    redirects: SafeFetcher,
+    /// For a remote media server's `Location` redirect (with `federation` only).
+    redirects: Option<SafeFetcher>,
 }
 
 impl Media {
@@ -141,19 +138,9 @@ impl Media {
                 allow_private: config.federation.allow_private_destinations,
                 ..AddressPolicy::default()
             };
-            fetcher(policy, Duration::from_secs(config.media.max_upload_secs), 3)?
+            Some(fetcher(policy, Duration::from_secs(config.media.max_upload_secs), 3)?)
         } else {
-            // Never used: nothing is fetched from other servers.
-            let dns = crate::federation::discovery::resolver(&crate::config::FederationConfig {
-                dns_servers: vec![crate::config::DnsServer(std::net::SocketAddr::from(([127, 0, 0, 1], 53)))],
-                ..crate::config::FederationConfig::default()
-            })?;
-            let tls = rustls::ClientConfig::builder_with_provider(crate::federation::tls::provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|err| format!("TLS: {err}"))?
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth();
-            SafeFetcher::new(dns, AddressPolicy::default(), tls, Duration::from_secs(1), 0)?
+            None
         };
         Ok(Arc::new(Media {
             db,
@@ -262,21 +249,14 @@ impl Media {
     {
         let stored = self.receive(uploader, &meta, body).await?;
         let media_id = new_media_id();
-        let now = now_ms();
-        let row = MediaRow {
-            origin: self.server_name.to_string(),
-            media_id: media_id.clone(),
-            uploader: Some(uploader.to_string()),
-            content_type: meta.content_type.clone(),
-            filename: meta.filename.clone(),
-            size: Some(stored.size as i64),
-            sha256: Some(stored.sha256.clone()),
-            created_ts: now,
-            expires_ts: None,
-            authenticated: self.config.enable_authenticated_media,
-            quarantined: false,
-            last_access_ts: now,
-        };
+        let row = self.stored_row(
+            self.server_name.as_str(),
+            &media_id,
+            Some(uploader.to_string()),
+            meta.content_type.clone(),
+            meta.filename.clone(),
+            &stored,
+        );
         {
             let _objects = self.objects.lock().await;
             self.ensure_object(&stored).await?;
@@ -284,6 +264,34 @@ impl Media {
         }
         self.pregenerate_thumbnails(&media_id, &stored.sha256);
         Ok(self.mxc(&media_id))
+    }
+
+    /// The row of a file stored now as `mxc://origin/media_id` (`uploader` is `None` for
+    /// another server's file).
+    fn stored_row(
+        &self,
+        origin: &str,
+        media_id: &str,
+        uploader: Option<String>,
+        content_type: Option<String>,
+        filename: Option<String>,
+        stored: &Stored,
+    ) -> MediaRow {
+        let now = now_ms();
+        MediaRow {
+            origin: origin.to_owned(),
+            media_id: media_id.to_owned(),
+            uploader,
+            content_type,
+            filename,
+            size: Some(stored.size as i64),
+            sha256: Some(stored.sha256.clone()),
+            created_ts: now,
+            expires_ts: None,
+            authenticated: self.config.enable_authenticated_media,
+            quarantined: false,
+            last_access_ts: now,
+        }
     }
 
     /// Under [`Media::objects`]: the object an upload hashed to is still there (a delete of
@@ -561,7 +569,9 @@ impl Media {
         use ruma::api::federation::authenticated_media::get_content;
         let mut request = get_content::v1::Request::new(media_id.to_owned());
         request.timeout_ms = wait;
-        let Some(federation) = &self.federation else { return Err(Error::not_found("There is no such media")) };
+        let (Some(federation), Some(redirects)) = (&self.federation, &self.redirects) else {
+            return Err(Error::not_found("There is no such media"));
+        };
         let response = match federation.send_streaming(origin, request).await {
             Ok(response) => response,
             Err(FederationError::Remote { status: 404, errcode, .. }) if errcode != "M_UNRECOGNIZED" => {
@@ -612,7 +622,7 @@ impl Media {
         let stored = match location {
             Some(url) => {
                 drop(file);
-                let (_, redirected) = self.redirects.get(&url).await.map_err(bad)?;
+                let (_, redirected) = redirects.get(&url).await.map_err(bad)?;
                 if redirected.content_length().is_some_and(|len| len > max) {
                     return Err(self.too_large());
                 }
@@ -628,21 +638,7 @@ impl Media {
         let filename = disposition
             .and_then(|value| value.parse::<ruma::http_headers::ContentDisposition>().ok())
             .and_then(|disposition| disposition.filename);
-        let now = now_ms();
-        let row = MediaRow {
-            origin: origin.to_string(),
-            media_id: media_id.to_owned(),
-            uploader: None,
-            content_type,
-            filename,
-            size: Some(stored.size as i64),
-            sha256: Some(stored.sha256.clone()),
-            created_ts: now,
-            expires_ts: None,
-            authenticated: self.config.enable_authenticated_media,
-            quarantined: false,
-            last_access_ts: now,
-        };
+        let row = self.stored_row(origin.as_str(), media_id, None, content_type, filename, &stored);
         {
             let _objects = self.objects.lock().await;
             self.ensure_object(&stored).await?;

@@ -111,12 +111,7 @@ impl MediaStore {
     }
 
     fn staging_path(&self) -> ObjectPath {
-        let name: String = {
-            use rand::Rng;
-            let mut rng = rand::thread_rng();
-            (0..24).map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.gen_range(0..36)])).collect()
-        };
-        ObjectPath::from(format!("{}staging/{name}", self.prefix))
+        ObjectPath::from(format!("{}staging/{}", self.prefix, crate::service::users::random_string(24)))
     }
 
     /// Streams `body` into the store: at most `max` bytes, each chunk arriving within `idle`.
