@@ -290,6 +290,14 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
     receipts.set_edus(edus.clone());
     account_data.set_edus(edus.clone());
     users.set_edus(edus.clone());
+    let e2ee = crate::service::e2ee::E2ee::new(
+        db.clone(),
+        users.clone(),
+        streams.clone(),
+        federation_client.clone(),
+        config.is_federation_enabled(),
+    );
+    e2ee.set_edus(edus.clone());
     if config.is_federation_enabled() {
         // Our events and EDUs reach the other servers; what was queued before a restart is
         // sent again.
@@ -372,6 +380,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         remote_membership,
         backfill,
         media,
+        e2ee,
     };
     Ok(state)
 }

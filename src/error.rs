@@ -113,6 +113,13 @@ pub enum Error {
     /// The upload would take the user past `media.user_quota_bytes`.
     #[error("{0}")]
     QuotaExceeded(String),
+    /// A room key backup request for a version that is not the current one (403
+    /// `M_WRONG_ROOM_KEYS_VERSION`, with the current version).
+    #[error("this is not the current backup version")]
+    WrongRoomKeysVersion { current_version: Option<String> },
+    /// An uploaded key's signature does not verify (400 `M_INVALID_SIGNATURE`).
+    #[error("{0}")]
+    InvalidSignature(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -168,6 +175,8 @@ impl Error {
             Error::CannotOverwriteMedia => (StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA"),
             Error::NotYetUploaded => (StatusCode::GATEWAY_TIMEOUT, "M_NOT_YET_UPLOADED"),
             Error::QuotaExceeded(_) => (StatusCode::FORBIDDEN, "M_RESOURCE_LIMIT_EXCEEDED"),
+            Error::WrongRoomKeysVersion { .. } => (StatusCode::FORBIDDEN, "M_WRONG_ROOM_KEYS_VERSION"),
+            Error::InvalidSignature(_) => (StatusCode::BAD_REQUEST, "M_INVALID_SIGNATURE"),
             Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN"),
         }
     }
@@ -200,6 +209,9 @@ impl Error {
             }
             Error::Overloaded => {
                 json!({ "errcode": errcode, "error": self.to_string(), "retry_after_ms": OVERLOADED_RETRY_MS })
+            }
+            Error::WrongRoomKeysVersion { current_version } => {
+                json!({ "errcode": errcode, "error": self.to_string(), "current_version": current_version })
             }
             Error::IncompatibleRoomVersion(version) => {
                 json!({ "errcode": errcode, "error": self.to_string(), "room_version": version })

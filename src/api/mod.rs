@@ -84,6 +84,8 @@ pub struct AppState {
     pub backfill: Arc<crate::service::backfill::Backfill>,
     /// The content repository.
     pub media: Arc<crate::service::media::Media>,
+    /// End-to-end encryption keys, key backups and dehydrated devices.
+    pub e2ee: Arc<crate::service::e2ee::E2ee>,
 }
 
 macro_rules! substate {
@@ -116,4 +118,5 @@ substate!(
     transactions: crate::service::transactions::Transactions,
     backfill: crate::service::backfill::Backfill,
     media: crate::service::media::Media,
+    e2ee: crate::service::e2ee::E2ee,
 );

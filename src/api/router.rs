@@ -115,6 +115,7 @@ pub fn build(state: AppState) -> Router {
 
     router = push_routes(router);
     router = room_routes(router);
+    router = e2ee_routes(router);
     router = router.route("/_matrix/key/v2/server", get(federation::keys::server_keys));
     router = endpoint::<ruma::api::federation::discovery::discover_homeserver::Request, _, _>(
         router,
@@ -266,6 +267,9 @@ fn graph_routes(mut router: Router<AppState>) -> Router<AppState> {
     router = endpoint::<event::get_missing_events::v1::Request, _, _>(router, federation::events::missing_events);
     router =
         endpoint::<ruma::api::federation::device::get_devices::v1::Request, _, _>(router, federation::device::devices);
+    router = endpoint::<ruma::api::federation::keys::get_keys::v1::Request, _, _>(router, federation::user_keys::query);
+    router =
+        endpoint::<ruma::api::federation::keys::claim_keys::v1::Request, _, _>(router, federation::user_keys::claim);
     router
 }
 
@@ -331,6 +335,40 @@ fn push_routes(mut router: Router<AppState>) -> Router<AppState> {
     router = endpoint::<push::get_pushrule_enabled::v3::Request, _, _>(router, client::push::enabled);
     router = endpoint::<push::get_pushrule_actions::v3::Request, _, _>(router, client::push::actions);
     router = endpoint::<push::get_pushers::v3::Request, _, _>(router, client::push::pushers);
+    router
+}
+
+/// End-to-end encryption: keys, key backups, dehydrated devices.
+fn e2ee_routes(mut router: Router<AppState>) -> Router<AppState> {
+    use client::{backup as bk, dehydrated as dh, keys as k};
+    use ruma::api::client::{backup, dehydrated_device as dd, keys};
+
+    router = endpoint::<keys::upload_keys::v3::Request, _, _>(router, k::upload);
+    router = endpoint::<keys::get_keys::v3::Request, _, _>(router, k::query);
+    router = endpoint::<keys::claim_keys::v3::Request, _, _>(router, k::claim);
+    router = endpoint::<keys::get_key_changes::v3::Request, _, _>(router, k::changes);
+    router = endpoint::<keys::upload_signing_keys::v3::Request, _, _>(router, k::upload_signing);
+    router = endpoint::<keys::upload_signatures::v3::Request, _, _>(router, k::upload_signatures);
+
+    router = endpoint::<backup::create_backup_version::v3::Request, _, _>(router, bk::create_version);
+    router = endpoint::<backup::get_latest_backup_info::v3::Request, _, _>(router, bk::latest_version);
+    router = endpoint::<backup::get_backup_info::v3::Request, _, _>(router, bk::version);
+    router = endpoint::<backup::update_backup_version::v3::Request, _, _>(router, bk::update_version);
+    router = endpoint::<backup::delete_backup_version::v3::Request, _, _>(router, bk::delete_version);
+    router = endpoint::<backup::add_backup_keys::v3::Request, _, _>(router, bk::put_keys);
+    router = endpoint::<backup::add_backup_keys_for_room::v3::Request, _, _>(router, bk::put_room_keys);
+    router = endpoint::<backup::add_backup_keys_for_session::v3::Request, _, _>(router, bk::put_session_key);
+    router = endpoint::<backup::get_backup_keys::v3::Request, _, _>(router, bk::keys);
+    router = endpoint::<backup::get_backup_keys_for_room::v3::Request, _, _>(router, bk::room_keys);
+    router = endpoint::<backup::get_backup_keys_for_session::v3::Request, _, _>(router, bk::session_key);
+    router = endpoint::<backup::delete_backup_keys::v3::Request, _, _>(router, bk::delete_keys);
+    router = endpoint::<backup::delete_backup_keys_for_room::v3::Request, _, _>(router, bk::delete_room_keys);
+    router = endpoint::<backup::delete_backup_keys_for_session::v3::Request, _, _>(router, bk::delete_session_key);
+
+    router = endpoint::<dd::put_dehydrated_device::unstable::Request, _, _>(router, dh::put);
+    router = endpoint::<dd::get_dehydrated_device::unstable::Request, _, _>(router, dh::get);
+    router = endpoint::<dd::delete_dehydrated_device::unstable::Request, _, _>(router, dh::delete);
+    router = endpoint::<dd::get_events::unstable::Request, _, _>(router, dh::events);
     router
 }
 

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod client_event;
+pub mod e2e;
 pub mod identifiers;
 pub mod keys;
 pub mod pdu;

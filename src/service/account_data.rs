@@ -235,8 +235,18 @@ impl AccountData {
 
     /// Whether this device already sent a to-device request with this transaction ID (a retry,
     /// answered without sending again or counting against the sender's rate limit).
-    pub fn is_to_device_retry(&self, sender: &UserId, sender_device: &str, txn_id: &str) -> bool {
-        self.to_device_txns.lock().contains(&(sender.to_owned(), sender_device.to_owned(), txn_id.to_owned()))
+    /// The recent ones are in memory; the rest are read from the database, where each
+    /// transaction ID is committed with its messages (so a retry after a restart is caught too).
+    pub async fn is_to_device_retry(&self, sender: &UserId, sender_device: &str, txn_id: &str) -> Result<bool> {
+        let key = (sender.to_owned(), sender_device.to_owned(), txn_id.to_owned());
+        if self.to_device_txns.lock().contains(&key) {
+            return Ok(true);
+        }
+        if self.db.to_device_txn_seen(sender, sender_device, txn_id).await? {
+            self.to_device_txns.lock().put(key, ());
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// `PUT /sendToDevice/{eventType}/{txnId}`: delivers to local devices (`*` = all of a user's
@@ -250,7 +260,7 @@ impl AccountData {
         messages: &Map<String, Value>,
     ) -> Result<()> {
         let key = (sender.to_owned(), sender_device.to_owned(), txn_id.to_owned());
-        if self.to_device_txns.lock().contains(&key) {
+        if self.is_to_device_retry(sender, sender_device, txn_id).await? {
             return Ok(());
         }
         let mut writes = Vec::new();
@@ -273,9 +283,13 @@ impl AccountData {
             }
             writes.extend(self.local_to_device_writes(sender, event_type, &user, devices).await?);
         }
-        if !writes.is_empty() {
-            self.streams.persist(writes).await?;
-        }
+        writes.push(StreamWrite::ToDeviceTxn {
+            user_id: sender.to_owned(),
+            device_id: sender_device.to_owned(),
+            txn_id: txn_id.to_owned(),
+            ts: crate::service::now_ms(),
+        });
+        self.streams.persist(writes).await?;
         if !remote.is_empty()
             && let Some(edus) = self.edus.get()
         {

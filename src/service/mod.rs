@@ -5,6 +5,7 @@
 pub mod account_data;
 pub mod aliases;
 pub mod backfill;
+pub mod e2ee;
 pub mod edus;
 pub mod ephemeral;
 pub mod filter;

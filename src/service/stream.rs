@@ -726,6 +726,7 @@ impl Streams {
                     views.to_device_pos.insert((message.user_id.clone(), message.device_id.clone()), pos);
                     wake.users.insert(message.user_id.clone());
                 }
+                StreamWrite::ToDeviceTxn { .. } => {}
                 StreamWrite::OutOfBand(m) => {
                     // The user's own view only: the room has no members here.
                     let rooms = views.user_rooms.entry(m.user_id.clone()).or_default();

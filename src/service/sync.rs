@@ -313,6 +313,14 @@ impl Sync {
         }
     }
 
+    /// The device's one-time key counts (the usual algorithm always listed: clients read a
+    /// missing count as "upload keys") and its unused fallback key algorithms.
+    async fn key_counts(&self, user: &UserId, device: &str) -> Result<(BTreeMap<String, u64>, Vec<String>)> {
+        let mut counts = self.rooms.db.one_time_key_counts(user, device).await?;
+        counts.entry("signed_curve25519".to_owned()).or_insert(0);
+        Ok((counts, self.rooms.db.unused_fallback_key_types(user, device).await?))
+    }
+
     /// Everything that changed for the request's user and device since its token, up to now.
     pub async fn changes(&self, request: &SyncRequest) -> Result<SyncResponse> {
         let upto = self.streams.position();
@@ -326,7 +334,9 @@ impl Sync {
             token: StreamToken::new(upto, ephemeral_upto),
             ..SyncResponse::default()
         };
-        response.device_one_time_keys_count.insert("signed_curve25519".to_owned(), 0);
+        let (counts, fallback_types) = self.key_counts(user, request.device_id.as_str()).await?;
+        response.device_one_time_keys_count = counts;
+        response.device_unused_fallback_key_types = fallback_types;
 
         let ignored = self.rooms.ignored_users(user).await?;
         let mut memberships = self.streams.user_rooms(user, upto);

@@ -171,6 +171,16 @@ impl Users {
             };
             let Some(edus) = self.edus.get() else { continue };
             let prev_id = self.db.previous_device_list_change(user_id, stream_id).await.unwrap_or(0);
+            let keys = if device.is_deleted {
+                None
+            } else {
+                crate::service::e2ee::signed_device_keys(&self.db, user_id, device.device_id).await.unwrap_or_else(
+                    |err| {
+                        tracing::warn!(%user_id, %err, "could not read a device's keys");
+                        None
+                    },
+                )
+            };
             edus.device_list_update(DeviceListUpdate {
                 user_id,
                 device_id: device.device_id,
@@ -178,9 +188,67 @@ impl Users {
                 is_deleted: device.is_deleted,
                 stream_id,
                 prev_id,
+                keys,
             })
             .await;
         }
+    }
+
+    /// A device's identity keys changed (uploaded, or signed by the user's self-signing key):
+    /// the user's contacts look at them again, other servers get the device's news with its keys.
+    pub async fn announce_device_keys(&self, user_id: &UserId, device_id: &DeviceId) {
+        let name = match self.db.device(user_id, device_id).await {
+            Ok(Some(row)) => row.display_name,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::warn!(%user_id, %err, "could not read a device");
+                return;
+            }
+        };
+        let news = DeviceNews { device_id: device_id.as_str(), display_name: name.as_deref(), is_deleted: false };
+        self.device_list_changed(user_id, &[news]).await;
+    }
+
+    /// The user's cross-signing keys or their signatures changed: a device-list change for
+    /// local clients (other servers hear of it through `m.signing_key_update`).
+    pub async fn announce_user_keys(&self, user_id: &UserId) {
+        self.device_list_changed(user_id, &[]).await;
+    }
+
+    /// User-interactive auth by password for a sensitive operation of the caller's own account;
+    /// `finish_auth` ends the session once the operation succeeded.
+    pub async fn authorize_operation(
+        &self,
+        authed: &Authed,
+        operation: &str,
+        auth: Option<&AuthData>,
+    ) -> Result<uia::Completed> {
+        self.authorize_with_password(authed, operation, auth).await
+    }
+
+    pub async fn finish_auth(&self, completed: uia::Completed) -> Result<()> {
+        self.uia.finish(completed).await
+    }
+
+    /// Creates a device that has no access token (a dehydrated device), or names an existing one.
+    pub async fn create_tokenless_device(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        display_name: Option<&str>,
+    ) -> Result<()> {
+        self.db.create_tokenless_device(user_id, device_id.as_str(), display_name, now_ms()).await?;
+        Ok(())
+    }
+
+    /// Deletes devices the user controls without a session of their own (a dehydrated device
+    /// being replaced), telling their contacts as a deletion from `/devices` does.
+    pub async fn remove_devices_without_auth(&self, user_id: &UserId, device_ids: &[OwnedDeviceId]) -> Result<()> {
+        self.db.delete_devices(user_id, device_ids).await?;
+        self.forget_tokens();
+        let news: Vec<DeviceNews> = device_ids.iter().map(|id| DeviceNews::deleted(id.as_str())).collect();
+        self.device_list_changed(user_id, &news).await;
+        Ok(())
     }
 
     /// Deactivated local accounts (their room memberships are cleaned up by the server).
@@ -708,6 +776,9 @@ impl Users {
     /// Periodic upkeep: forgets abandoned UIA sessions and idle rate-limit keys.
     pub async fn housekeeping(&self) -> Result<()> {
         self.db.expire_uia_sessions(now_ms() - uia::SESSION_LIFETIME_MS).await?;
+        // A client retries a to-device send within minutes; a day of transaction IDs covers a
+        // restart and long offline spells.
+        self.db.prune_to_device_txns(now_ms() - 24 * 60 * 60 * 1000).await?;
         self.failed_logins.forget_idle_keys();
         Ok(())
     }

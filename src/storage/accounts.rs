@@ -184,6 +184,18 @@ macro_rules! insert_session {
 macro_rules! delete_devices_where {
     ($tx:expr, $filter:literal, $user:expr, $device:expr) => {{
         for table in [
+            // End-to-end keys go with the device (cross-signing signatures of it included).
+            concat!(
+                "DELETE FROM e2e_signatures WHERE target_user = $1 AND target_key IN ",
+                "(SELECT device_id FROM devices WHERE user_id = $1",
+                $filter,
+                ")"
+            ),
+            concat!("DELETE FROM e2e_device_keys WHERE user_id = $1", $filter),
+            concat!("DELETE FROM e2e_one_time_keys WHERE user_id = $1", $filter),
+            concat!("DELETE FROM e2e_fallback_keys WHERE user_id = $1", $filter),
+            concat!("DELETE FROM e2e_dehydrated_devices WHERE user_id = $1", $filter),
+            concat!("DELETE FROM to_device_messages WHERE user_id = $1", $filter),
             concat!("DELETE FROM access_tokens WHERE user_id = $1", $filter),
             concat!("DELETE FROM refresh_tokens WHERE user_id = $1", $filter),
             concat!("DELETE FROM devices WHERE user_id = $1", $filter),

@@ -12,6 +12,7 @@
 //! network, and takes the current time as a parameter instead of reading a clock.
 
 pub mod accounts;
+pub mod e2e;
 pub mod federation;
 pub mod federation_edus;
 pub mod lock;
@@ -68,6 +69,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (11, "federation_edus", include_str!("../../migrations/sqlite/0011_federation_edus.sql")),
     (12, "federation_catch_up", include_str!("../../migrations/sqlite/0012_federation_catch_up.sql")),
     (13, "media", include_str!("../../migrations/sqlite/0013_media.sql")),
+    (14, "e2ee", include_str!("../../migrations/sqlite/0014_e2ee.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "accounts", include_str!("../../migrations/postgres/0001_accounts.sql")),
@@ -85,6 +87,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (11, "federation_edus", include_str!("../../migrations/postgres/0011_federation_edus.sql")),
     (12, "federation_catch_up", include_str!("../../migrations/postgres/0012_federation_catch_up.sql")),
     (13, "media", include_str!("../../migrations/postgres/0013_media.sql")),
+    (14, "e2ee", include_str!("../../migrations/postgres/0014_e2ee.sql")),
 ];
 
 /// A storage failure, in terms the service layer can act on.

@@ -132,6 +132,14 @@ pub enum StreamWrite {
         content: String,
     },
     ToDevice(ToDeviceWrite),
+    /// A `/sendToDevice` request's transaction ID, committed with its messages so a retry after
+    /// a restart is recognised.
+    ToDeviceTxn {
+        user_id: OwnedUserId,
+        device_id: String,
+        txn_id: String,
+        ts: i64,
+    },
     DeviceListChange {
         user_id: OwnedUserId,
     },
@@ -467,6 +475,18 @@ macro_rules! apply_write {
                 .bind(m.sender.as_str())
                 .bind(&m.event_type)
                 .bind(&m.content)
+                .execute(&mut *$tx)
+                .await?;
+            }
+            StreamWrite::ToDeviceTxn { user_id, device_id, txn_id, ts } => {
+                sqlx::query(
+                    "INSERT INTO to_device_txns (user_id, device_id, txn_id, created_ts) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (user_id, device_id, txn_id) DO NOTHING",
+                )
+                .bind(user_id.as_str())
+                .bind(device_id)
+                .bind(txn_id)
+                .bind(ts.to_owned())
                 .execute(&mut *$tx)
                 .await?;
             }

@@ -10,6 +10,7 @@ mod concurrency;
 mod devices;
 mod directory;
 mod durability;
+mod e2ee;
 mod foundation;
 mod login;
 mod media;

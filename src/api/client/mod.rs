@@ -2,10 +2,13 @@
 
 pub mod account;
 pub mod account_data;
+pub mod backup;
 pub mod capabilities;
+pub mod dehydrated;
 pub mod devices;
 pub mod directory;
 pub mod discovery;
+pub mod keys;
 pub mod media;
 pub mod membership;
 pub mod message;

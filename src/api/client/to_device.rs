@@ -23,7 +23,7 @@ pub async fn send(
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<send_event_to_device::v3::Request>,
 ) -> ApiResult<send_event_to_device::v3::Response> {
-    if account_data.is_to_device_retry(&authed.user_id, authed.device_id.as_str(), req.txn_id.as_str()) {
+    if account_data.is_to_device_retry(&authed.user_id, authed.device_id.as_str(), req.txn_id.as_str()).await? {
         return Ok(send_event_to_device::v3::Response::new().into());
     }
     limits.user.check(UserAction::ToDevice, &authed.user_id)?;

@@ -1,6 +1,6 @@
 //! Device management (Server-Server API "Device management"): a local user's device list for
-//! the servers that share a room with them. Devices carry no identity keys until end-to-end
-//! encryption is built, so each device's `keys` is an empty key set.
+//! the servers that share a room with them, with each device's identity keys (an empty key set
+//! for a device that uploaded none) and the user's master and self-signing keys.
 
 use std::sync::Arc;
 
@@ -18,12 +18,13 @@ use crate::{
         respond::ApiResult,
     },
     error::Error,
-    service::users::Users,
+    service::{e2ee::E2ee, users::Users},
 };
 
 /// `GET /_matrix/federation/v1/user/devices/{userId}`
 pub async fn devices(
     State(users): State<Arc<Users>>,
+    State(e2ee): State<Arc<E2ee>>,
     Origin(origin): Origin,
     Ruma(req): Ruma<get_devices::v1::Request>,
 ) -> ApiResult<get_devices::v1::Response> {
@@ -31,14 +32,16 @@ pub async fn devices(
     let (stream_id, rows) = users.devices_for_federation(&req.user_id).await?;
     let mut devices = Vec::with_capacity(rows.len());
     for row in rows {
-        // TODO(issue 8 sequel: end-to-end encryption) the device's uploaded identity keys.
-        let keys = json!({
-            "user_id": req.user_id,
-            "device_id": row.device_id,
-            "algorithms": [],
-            "keys": {},
-            "signatures": {},
-        });
+        let keys = match e2ee.device_keys_for_federation(&req.user_id, row.device_id.as_str()).await? {
+            Some(keys) => keys,
+            None => json!({
+                "user_id": req.user_id,
+                "device_id": row.device_id,
+                "algorithms": [],
+                "keys": {},
+                "signatures": {},
+            }),
+        };
         let keys = serde_json::value::to_raw_value(&keys).map_err(|err| Error::Internal(err.to_string()))?;
         let mut device = UserDevice::new(row.device_id, Raw::from_json(keys));
         device.device_display_name = row.display_name;
@@ -47,5 +50,8 @@ pub async fn devices(
     let mut response =
         get_devices::v1::Response::new(req.user_id, UInt::try_from(stream_id.max(0)).unwrap_or_default());
     response.devices = devices;
+    let (master, self_signing) = e2ee.cross_signing_for_federation(&response.user_id).await?;
+    response.master_key = master.as_ref().map(crate::api::client::keys::raw);
+    response.self_signing_key = self_signing.as_ref().map(crate::api::client::keys::raw);
     Ok(response.into())
 }

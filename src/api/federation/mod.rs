@@ -15,3 +15,4 @@ pub mod media;
 pub mod membership;
 pub mod query;
 pub mod transactions;
+pub mod user_keys;

@@ -171,7 +171,33 @@ impl Edus {
         if let Some(name) = update.display_name {
             content["device_display_name"] = json!(name);
         }
+        if let Some(keys) = update.keys {
+            content["keys"] = keys;
+        }
         outbox.enqueue_edu(&destinations, &json!({"edu_type": "m.device_list_update", "content": content})).await;
+    }
+
+    /// A local user's master or self-signing key changed (or got a new signature): an
+    /// `m.signing_key_update` for every server sharing a room with them.
+    pub async fn signing_key_update(
+        &self,
+        user_id: &UserId,
+        master_key: Option<Value>,
+        self_signing_key: Option<Value>,
+    ) {
+        let Some(outbox) = self.outbox_for(user_id) else { return };
+        let destinations = self.contact_destinations(user_id).await;
+        if destinations.is_empty() {
+            return;
+        }
+        let mut content = json!({"user_id": user_id});
+        if let Some(key) = master_key {
+            content["master_key"] = key;
+        }
+        if let Some(key) = self_signing_key {
+            content["self_signing_key"] = key;
+        }
+        outbox.enqueue_edu(&destinations, &json!({"edu_type": "m.signing_key_update", "content": content})).await;
     }
 }
 
@@ -183,4 +209,6 @@ pub struct DeviceListUpdate<'a> {
     pub is_deleted: bool,
     pub stream_id: i64,
     pub prev_id: i64,
+    /// The device's identity keys with their signatures, once it uploaded them.
+    pub keys: Option<Value>,
 }
