@@ -336,6 +336,18 @@ async fn matrix_nio_users_on_hearth_and_synapse_invite_join_chat_and_leave() {
     );
 }
 
+/// End-to-end encryption between Hearth and Synapse users with matrix-js-sdk's Rust crypto
+/// (`tests/sdk/js/e2ee.js`): Bob, Dave and Eve on Synapse, Alice and Carol on Hearth — an
+/// encrypted DM and group, SAS verification across the servers, and key backup on Hearth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "starts a Synapse; run by .ci/run with --ignored"]
+async fn matrix_js_sdk_users_on_hearth_and_synapse_encrypt_verify_and_restore_keys() {
+    let Some((net, hearth, synapse)) = hearth_and_synapse().await else { return skipped("port 8448") };
+    let synapse_url = format!("https://{}", synapse.addr);
+    crate::e2ee::run_e2ee_js(hearth.server.base_url.clone(), synapse_url, Some(net.ca_path())).await;
+    drop(synapse);
+}
+
 /// Messages on Synapse, oldest first, as its `/messages` pages back (up to 500).
 async fn synapse_history(synapse: &SynapsePeer, token: &str, room: &str) -> Vec<String> {
     let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=500", enc(room));

@@ -22,6 +22,7 @@ mod bench;
 mod config;
 mod devices;
 mod discovery;
+mod e2ee;
 mod edus;
 mod forks;
 mod gaps;

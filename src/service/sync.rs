@@ -553,7 +553,12 @@ impl Sync {
         // current-state changes), not the state before the first event, which may sit on a side
         // branch.
         let start_group = match events.first() {
-            Some(first) => self.rooms.current_group_at(room_id, first.stream_pos - 1).await?,
+            Some(first) => match self.rooms.current_group_at(room_id, first.stream_pos - 1).await? {
+                // Nothing was current before it: a room joined over federation, whose state came
+                // with the join (the state before the join event).
+                0 => first.state_before,
+                group => group,
+            },
             None => self.rooms.current_group_at(room_id, upto).await?,
         };
         let in_timeline: HashSet<&ruma::EventId> = events.iter().map(|e| &*e.pdu.event_id).collect();

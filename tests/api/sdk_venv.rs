@@ -45,3 +45,25 @@ fn build_sdk_venv() -> PathBuf {
     }
     python
 }
+
+/// `node`, after `npm ci` of `tests/sdk/js` (pinned by its package-lock.json) has run once per
+/// process; `node_modules` is gitignored.
+pub fn sdk_js_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/js");
+        let lock = std::fs::read(dir.join("package-lock.json")).unwrap();
+        let stamp = dir.join("node_modules/.hearth-lock");
+        if std::fs::read(&stamp).ok().as_deref() != Some(&lock[..]) {
+            let status = Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(&dir)
+                .status()
+                .expect("npm is installed");
+            assert!(status.success(), "npm ci in tests/sdk/js failed");
+            std::fs::write(&stamp, &lock).unwrap();
+        }
+        dir
+    })
+    .clone()
+}

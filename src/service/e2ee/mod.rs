@@ -35,6 +35,7 @@ use crate::{
     storage::{
         Db,
         e2e::{NewKey, SignatureRow},
+        stream::StreamWrite,
     },
 };
 
@@ -662,7 +663,7 @@ impl E2ee {
         let mut rows = Vec::new();
         let mut signed_devices = Vec::new();
         let mut own_master_signed = false;
-        let mut others_signed = false;
+        let mut others_signed: BTreeSet<OwnedUserId> = BTreeSet::new();
         for (target_user, objects) in signed {
             for (key_id, object) in objects {
                 let outcome = if target_user == user {
@@ -694,7 +695,7 @@ impl E2ee {
                         None => Err(signature_failure("M_INVALID_SIGNATURE", "No user-signing key")),
                         Some(signer) => match self.master_key_of(&target_user).await {
                             Some(master) if keys::cross_signing_public(&master).is_some_and(|(_, p)| p == key_id) => {
-                                others_signed = true;
+                                others_signed.insert(target_user.clone());
                                 Self::signatures_by(&master, &object, user, &[signer])
                             }
                             _ => Err(signature_failure("M_NOT_FOUND", "Unknown master key")),
@@ -721,8 +722,13 @@ impl E2ee {
         }
         if own_master_signed {
             self.announce_cross_signing(user).await?;
-        } else if others_signed {
-            self.users.announce_user_keys(user).await;
+        }
+        if !others_signed.is_empty() {
+            // The signer's clients must fetch the signed users' keys again to see the new trust
+            // (Synapse tells only the signer; a change of the signed users' lists, which their
+            // other contacts also see, is the nearest our one device-list stream has).
+            let writes = others_signed.into_iter().map(|user_id| StreamWrite::DeviceListChange { user_id }).collect();
+            self.streams.persist(writes).await?;
         }
         Ok(failures)
     }
