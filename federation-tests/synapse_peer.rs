@@ -81,7 +81,9 @@ impl SynapsePeer {
     pub async fn start_at(net: &TestNet, name: &str, addr: SocketAddr, hosts: &[(&str, IpAddr)]) -> SynapsePeer {
         tokio::task::spawn_blocking(install).await.unwrap();
         net.dns.a(name, ip4(addr));
-        let (crt, key) = net.certificate(name, &[name]);
+        // The address too, for clients that reach Synapse by IP and check the name (node's fetch).
+        let ip = addr.ip().to_string();
+        let (crt, key) = net.certificate(name, &[name, &ip]);
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path();
         let fill = |template: &str| {
