@@ -48,7 +48,10 @@ impl Client {
     }
 
     async fn request(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut request = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if !self.token.is_empty() {
+            request = request.bearer_auth(&self.token);
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -1051,4 +1054,161 @@ async fn bench_media() {
         ));
     }
     report.save("media.md");
+}
+
+/// A device's identity keys signed by `key`, as a client uploads them.
+fn bench_device_keys(key: &crate::harness::Key, user: &str, device: &str) -> Value {
+    let keys = json!({
+        "user_id": user,
+        "device_id": device,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {format!("ed25519:{device}"): key.public(), format!("curve25519:{device}"): format!("curve-{device}")},
+    });
+    key.sign(user, device, keys)
+}
+
+/// Issue 11's "Measure": `/keys/query` for 1,000 users (each with a device that uploaded keys)
+/// and `/keys/claim` by 50 concurrent claimers of one device's one-time keys, Hearth beside
+/// Synapse. The user count is `HEARTH_BENCH_KEY_USERS` (default 1000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints figures for BENCHMARKS.md"]
+async fn bench_e2ee_keys() {
+    let users: usize = std::env::var("HEARTH_BENCH_KEY_USERS").ok().and_then(|n| n.parse().ok()).unwrap_or(1000);
+    const QUERIES: usize = 30;
+    const CLAIMERS: usize = 50;
+    const CLAIMS_EACH: usize = 20;
+    let net = TestNet::new().await;
+    let Some(hearth) = net.peer(Backend::Sqlite, "hearth.test", Discovered::Port8448, "").await else {
+        return skipped("port 8448");
+    };
+    let Some(synapse) = SynapsePeer::start(&net, "synapse.test", &[("hearth.test", hearth.federation[0].ip())]).await
+    else {
+        return skipped("port 8448");
+    };
+    let mut report = Report::new(
+        "End-to-end encryption keys: query and claim",
+        &format!(
+            "SQLite, loopback with TLS. {users} users each upload one device's identity keys; then one client asks \
+             `/keys/query` for all {users} users at once, {QUERIES} times in a row (latency of each answer). Then \
+             one device uploads {} signed one-time keys and {CLAIMERS} clients claim them concurrently, {CLAIMS_EACH} \
+             claims each, one at a time (every claimed key checked distinct): claims per second over the whole \
+             run and the latency of each claim.",
+            CLAIMERS * CLAIMS_EACH
+        ),
+        "bench_e2ee_keys",
+    );
+    report.line("| server | query of all users p50 (ms) | p99 (ms) | claims/s | claim p50 (ms) | claim p99 (ms) |");
+    report.line("|---|---|---|---|---|---|");
+    let key = crate::harness::Key::new();
+    let hearth_owner = hearth.server.register("owner").await;
+    let synapse_owner = synapse.register("owner").await;
+    let servers = [
+        ("Hearth", Client::hearth("hearth", &hearth.server, &hearth_owner)),
+        ("Synapse", Client::synapse("synapse", &synapse, &synapse_owner)),
+    ];
+    for (label, owner) in &servers {
+        // Users, each with a device that uploaded keys (registered 8 at a time).
+        let mut user_ids = Vec::with_capacity(users);
+        for chunk in (0..users).collect::<Vec<_>>().chunks(8) {
+            let registered = futures_util::future::join_all(chunk.iter().map(|n| async move {
+                let body = json!({"username": format!("user{n}"), "password": "a password for tests",
+                                  "auth": {"type": "m.login.dummy"}});
+                let anonymous = Client { token: String::new(), ..owner.clone() };
+                let (status, account) =
+                    anonymous.request(Method::POST, "/_matrix/client/v3/register", Some(body)).await;
+                assert_eq!(status, 200, "{label}: register: {account}");
+                account
+            }))
+            .await;
+            for account in registered {
+                let user = account["user_id"].as_str().unwrap().to_owned();
+                let device = account["device_id"].as_str().unwrap().to_owned();
+                let client = Client { token: account["access_token"].as_str().unwrap().to_owned(), ..owner.clone() };
+                let body = json!({"device_keys": bench_device_keys(&key, &user, &device)});
+                let (status, response) =
+                    client.request(Method::POST, "/_matrix/client/v3/keys/upload", Some(body)).await;
+                assert_eq!(status, 200, "{label}: keys upload: {response}");
+                user_ids.push(user);
+            }
+        }
+        let wanted: serde_json::Map<String, Value> = user_ids.iter().map(|u| (u.clone(), json!([]))).collect();
+        let query = json!({"device_keys": wanted});
+        let mut query_ms = Vec::with_capacity(QUERIES);
+        for _ in 0..QUERIES {
+            let started = Instant::now();
+            let (status, response) =
+                owner.request(Method::POST, "/_matrix/client/v3/keys/query", Some(query.clone())).await;
+            query_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(status, 200, "{label}: query");
+            let found = response["device_keys"]
+                .as_object()
+                .map_or(0, |m| m.values().filter(|d| d.as_object().is_some_and(|d| !d.is_empty())).count());
+            assert_eq!(found, users, "{label}: every user's device in the answer");
+        }
+
+        // One device with enough one-time keys for every claim.
+        let anonymous = Client { token: String::new(), ..owner.clone() };
+        let (_, target) = anonymous
+            .request(
+                Method::POST,
+                "/_matrix/client/v3/register",
+                Some(json!({"username": "target",
+                "password": "a password for tests", "auth": {"type": "m.login.dummy"}})),
+            )
+            .await;
+        let target_user = target["user_id"].as_str().unwrap().to_owned();
+        let target_device = target["device_id"].as_str().unwrap().to_owned();
+        let target_client = Client { token: target["access_token"].as_str().unwrap().to_owned(), ..owner.clone() };
+        let total = CLAIMERS * CLAIMS_EACH;
+        for batch in 0..total.div_ceil(100) {
+            let keys: serde_json::Map<String, Value> = (batch * 100..((batch + 1) * 100).min(total))
+                .map(|n| {
+                    let otk = key.sign(&target_user, &target_device, json!({"key": format!("otk{n}")}));
+                    (format!("signed_curve25519:K{n}"), otk)
+                })
+                .collect();
+            let mut body = json!({"one_time_keys": keys});
+            if batch == 0 {
+                body["device_keys"] = bench_device_keys(&key, &target_user, &target_device);
+            }
+            let (status, response) =
+                target_client.request(Method::POST, "/_matrix/client/v3/keys/upload", Some(body)).await;
+            assert_eq!(status, 200, "{label}: one-time keys upload: {response}");
+        }
+        let claimed = Arc::new(Mutex::new(Vec::new()));
+        let started = Instant::now();
+        let claimers = (0..CLAIMERS).map(|_| {
+            let (owner, claimed) = (owner.clone(), claimed.clone());
+            let (user, device) = (target_user.clone(), target_device.clone());
+            async move {
+                let mut latencies = Vec::with_capacity(CLAIMS_EACH);
+                for _ in 0..CLAIMS_EACH {
+                    let body = json!({"one_time_keys": {&user: {&device: "signed_curve25519"}}});
+                    let sent = Instant::now();
+                    let (status, response) =
+                        owner.request(Method::POST, "/_matrix/client/v3/keys/claim", Some(body)).await;
+                    latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                    assert_eq!(status, 200, "claim: {response}");
+                    let keys = response["one_time_keys"][&user][&device].as_object().cloned().unwrap_or_default();
+                    claimed.lock().unwrap().extend(keys.keys().cloned());
+                }
+                latencies
+            }
+        });
+        let latencies: Vec<f64> = futures_util::future::join_all(claimers).await.into_iter().flatten().collect();
+        let took = started.elapsed();
+        let claimed = claimed.lock().unwrap().clone();
+        let distinct: std::collections::HashSet<&String> = claimed.iter().collect();
+        assert_eq!((claimed.len(), distinct.len()), (total, total), "{label}: every claim got its own key");
+        let (query, claim) = (summarise(query_ms), summarise(latencies));
+        report.line(&format!(
+            "| {label} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} |",
+            query.p50,
+            query.p99,
+            total as f64 / took.as_secs_f64(),
+            claim.p50,
+            claim.p99
+        ));
+    }
+    report.save("e2ee-keys.md");
 }

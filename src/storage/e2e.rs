@@ -9,6 +9,14 @@ use ruma::{OwnedUserId, UserId};
 
 use super::{Db, StorageResult, on_reader, on_writer, parse_id};
 
+/// Users per statement of a batched read (well under both engines' bound-parameter limits).
+const USERS_PER_STATEMENT: usize = 500;
+
+/// `$first, $first+1, …` for `count` values.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
+}
+
 /// A one-time or fallback key as stored: its ID (`algorithm:key_id`) and the uploaded JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimedKey {
@@ -89,31 +97,130 @@ impl Db {
         }))
     }
 
+    /// Identity keys of every device of these users that uploaded any: (user, device, keys,
+    /// display name). Asked in chunks, so a query of thousands of users is a few statements.
+    pub async fn device_keys_of_users(
+        &self,
+        users: &[&str],
+    ) -> StorageResult<Vec<(String, String, String, Option<String>)>> {
+        let mut out = Vec::new();
+        for chunk in users.chunks(USERS_PER_STATEMENT) {
+            // Only numbered placeholders are formatted in; the values are bound.
+            let sql = format!(
+                "SELECT k.user_id, k.device_id, k.keys_json, d.display_name FROM e2e_device_keys k \
+                 JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id \
+                 WHERE k.user_id IN ({}) ORDER BY k.user_id, k.device_id",
+                placeholders(1, chunk.len())
+            );
+            let rows: Vec<(String, String, String, Option<String>)> = on_reader!(self, pool => {
+                let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
+                for user in chunk {
+                    query = query.bind(*user);
+                }
+                query.fetch_all(pool).await?
+            });
+            out.extend(rows);
+        }
+        Ok(out)
+    }
+
+    /// Cross-signing keys of these users: (user, key type, JSON).
+    pub async fn cross_signing_keys_of_users(&self, users: &[&str]) -> StorageResult<Vec<(String, String, String)>> {
+        let mut out = Vec::new();
+        for chunk in users.chunks(USERS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT user_id, key_type, key_json FROM e2e_cross_signing_keys WHERE user_id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let rows: Vec<(String, String, String)> = on_reader!(self, pool => {
+                let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
+                for user in chunk {
+                    query = query.bind(*user);
+                }
+                query.fetch_all(pool).await?
+            });
+            out.extend(rows);
+        }
+        Ok(out)
+    }
+
+    /// The uploaded signatures of these users' keys made by the users themselves or by
+    /// `viewer`.
+    pub async fn signatures_of_users(&self, users: &[&str], viewer: Option<&str>) -> StorageResult<Vec<SignatureRow>> {
+        let mut out = Vec::new();
+        for chunk in users.chunks(USERS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT target_user, target_key, signer, signer_key_id, signature FROM e2e_signatures \
+                 WHERE target_user IN ({}) AND (signer = target_user OR signer = $1)",
+                placeholders(2, chunk.len())
+            );
+            let rows: Vec<(String, String, String, String, String)> = on_reader!(self, pool => {
+                let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(viewer.unwrap_or(""));
+                for user in chunk {
+                    query = query.bind(*user);
+                }
+                query.fetch_all(pool).await?
+            });
+            for (target_user, target_key, signer, signer_key_id, signature) in rows {
+                out.push(SignatureRow {
+                    target_user: parse_id(target_user)?,
+                    target_key,
+                    signer: parse_id(signer)?,
+                    signer_key_id,
+                    signature,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Stores a device's identity keys and its new one-time and fallback keys, in one
     /// transaction. One-time keys already stored under the same ID are left as they are (the
     /// caller checked that their content is the same); a fallback key replaces the previous one
     /// of its algorithm (and is unused again unless it is the very same key).
+    ///
+    /// `device_keys` is (JSON, the JSON the caller saw stored): the row is written only if it
+    /// still holds what the caller checked the new keys against, so two uploads racing with
+    /// different identity keys cannot both pass. `false` (nothing written) when it did not.
     pub async fn store_device_keys(
         &self,
         user_id: &UserId,
         device_id: &str,
-        device_keys: Option<&str>,
+        device_keys: Option<(&str, Option<&str>)>,
         one_time_keys: &[NewKey<'_>],
         fallback_keys: &[NewKey<'_>],
-    ) -> StorageResult<()> {
+    ) -> StorageResult<bool> {
         let user = user_id.as_str();
-        on_writer!(self, pool => {
+        Ok(on_writer!(self, pool => 'stored: {
             let mut tx = pool.begin().await?;
-            if let Some(keys) = device_keys {
-                sqlx::query(
-                    "INSERT INTO e2e_device_keys (user_id, device_id, keys_json) VALUES ($1, $2, $3) \
-                     ON CONFLICT (user_id, device_id) DO UPDATE SET keys_json = excluded.keys_json",
-                )
-                .bind(user)
-                .bind(device_id)
-                .bind(keys)
-                .execute(&mut *tx)
-                .await?;
+            if let Some((keys, seen)) = device_keys {
+                let written = match seen {
+                    None => sqlx::query(
+                        "INSERT INTO e2e_device_keys (user_id, device_id, keys_json) VALUES ($1, $2, $3) \
+                         ON CONFLICT (user_id, device_id) DO NOTHING",
+                    )
+                    .bind(user)
+                    .bind(device_id)
+                    .bind(keys)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected(),
+                    Some(seen) => sqlx::query(
+                        "UPDATE e2e_device_keys SET keys_json = $3 WHERE user_id = $1 AND device_id = $2 \
+                         AND keys_json = $4",
+                    )
+                    .bind(user)
+                    .bind(device_id)
+                    .bind(keys)
+                    .bind(seen)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected(),
+                };
+                if written == 0 {
+                    // Dropping the transaction rolls it back.
+                    break 'stored false;
+                }
             }
             for key in one_time_keys {
                 sqlx::query(
@@ -145,8 +252,8 @@ impl Db {
                 .await?;
             }
             tx.commit().await?;
-        });
-        Ok(())
+            true
+        }))
     }
 
     /// The stored one-time keys of a device with these IDs (`algorithm:key_id`): (ID, JSON).

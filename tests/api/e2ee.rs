@@ -3,14 +3,9 @@
 
 use std::collections::HashSet;
 
-use ruma::{
-    CanonicalJsonObject,
-    serde::{Base64, base64::Standard},
-    signatures::Ed25519KeyPair,
-};
 use serde_json::{Value, json};
 
-use crate::harness::{Account, TestServer, assert_error, backend_tests, two_users_in_a_room};
+use crate::harness::{Account, Key, TestServer, assert_error, backend_tests, two_users_in_a_room};
 
 const UPLOAD: &str = "/_matrix/client/v3/keys/upload";
 const QUERY: &str = "/_matrix/client/v3/keys/query";
@@ -18,32 +13,6 @@ const CLAIM: &str = "/_matrix/client/v3/keys/claim";
 const SIGNING: &str = "/_matrix/client/v3/keys/device_signing/upload";
 const SIGNATURES: &str = "/_matrix/client/v3/keys/signatures/upload";
 const BACKUP: &str = "/_matrix/client/v3/room_keys/version";
-
-/// An ed25519 key of the test's own, signing JSON the way clients do.
-pub struct Key {
-    der: Vec<u8>,
-}
-
-impl Key {
-    pub fn new() -> Key {
-        Key { der: Ed25519KeyPair::generate().to_vec() }
-    }
-
-    fn pair(&self, name: &str) -> Ed25519KeyPair {
-        Ed25519KeyPair::from_der(&self.der, name.to_owned()).unwrap()
-    }
-
-    pub fn public(&self) -> String {
-        Base64::<Standard, _>::new(self.pair("k").public_key()).encode()
-    }
-
-    /// `object` signed by `signer` with key ID `ed25519:<key_name>`, keeping earlier signatures.
-    pub fn sign(&self, signer: &str, key_name: &str, object: Value) -> Value {
-        let mut canonical: CanonicalJsonObject = serde_json::from_value(object).unwrap();
-        ruma::signatures::sign_json(signer, &self.pair(key_name), &mut canonical).unwrap();
-        serde_json::to_value(canonical).unwrap()
-    }
-}
 
 /// A device's Olm identity as the server sees it: an ed25519 key that signs.
 pub struct Device {
@@ -460,6 +429,44 @@ backend_tests! {
         let events = sync["to_device"]["events"].as_array().unwrap();
         assert_eq!(events.len(), 1, "{sync}");
         assert_eq!(events[0]["sender"], json!(alice.user_id));
+    }
+
+    async fn to_device_messages_reach_a_device_exactly_once_across_reconnects_and_a_restart(backend) {
+        let mut server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let bob = server.register("bob").await;
+        let send = |n: usize| {
+            let path = format!("/_matrix/client/v3/sendToDevice/m.room.encrypted/once-{n}");
+            (path, json!({"messages": {&bob.user_id: {&bob.device_id: {"n": n}}}}))
+        };
+        let numbers = |sync: &Value| -> Vec<u64> {
+            sync["to_device"]["events"].as_array().unwrap().iter().map(|e| e["content"]["n"].as_u64().unwrap()).collect()
+        };
+        let first = server.sync(&bob, None, None, 0).await;
+        let start = first["next_batch"].as_str().unwrap().to_owned();
+        for n in 0..3 {
+            let (path, body) = send(n);
+            assert_eq!(server.put(&path, Some(&alice.access_token), body).await.0, 200);
+        }
+        // A response lost on the way (the client syncs again from the same token) is delivered
+        // again, because the device never confirmed it; a server restart loses nothing.
+        let lost = server.sync(&bob, Some(&start), None, 0).await;
+        assert_eq!(numbers(&lost), vec![0, 1, 2], "{lost}");
+        server.restart();
+        let again = server.sync(&bob, Some(&start), None, 0).await;
+        assert_eq!(numbers(&again), vec![0, 1, 2], "{again}");
+        // Confirmed by the next sync, they are gone for good, across another restart too.
+        let next = again["next_batch"].as_str().unwrap().to_owned();
+        let (path, body) = send(3);
+        assert_eq!(server.put(&path, Some(&alice.access_token), body).await.0, 200);
+        let after = server.sync(&bob, Some(&next), None, 0).await;
+        assert_eq!(numbers(&after), vec![3], "{after}");
+        let last = after["next_batch"].as_str().unwrap().to_owned();
+        let confirm = server.sync(&bob, Some(&last), None, 0).await;
+        assert_eq!(numbers(&confirm), Vec::<u64>::new());
+        server.restart();
+        let old = server.sync(&bob, Some(&next), None, 0).await;
+        assert_eq!(numbers(&old), Vec::<u64>::new(), "confirmed messages came back: {old}");
     }
 
     async fn a_dehydrated_device_receives_to_device_messages_for_later(backend) {

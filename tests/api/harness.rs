@@ -681,3 +681,35 @@ pub fn enc(id: &str) -> String {
     }
     out
 }
+
+/// An ed25519 key of the test's own, signing JSON the way clients do.
+pub struct Key {
+    der: Vec<u8>,
+}
+
+impl Default for Key {
+    fn default() -> Key {
+        Key::new()
+    }
+}
+
+impl Key {
+    pub fn new() -> Key {
+        Key { der: ruma::signatures::Ed25519KeyPair::generate().to_vec() }
+    }
+
+    fn pair(&self, name: &str) -> ruma::signatures::Ed25519KeyPair {
+        ruma::signatures::Ed25519KeyPair::from_der(&self.der, name.to_owned()).unwrap()
+    }
+
+    pub fn public(&self) -> String {
+        ruma::serde::Base64::<ruma::serde::base64::Standard, _>::new(self.pair("k").public_key()).encode()
+    }
+
+    /// `object` signed by `signer` with key ID `ed25519:<key_name>`, keeping earlier signatures.
+    pub fn sign(&self, signer: &str, key_name: &str, object: Value) -> Value {
+        let mut canonical: ruma::CanonicalJsonObject = serde_json::from_value(object).unwrap();
+        ruma::signatures::sign_json(signer, &self.pair(key_name), &mut canonical).unwrap();
+        serde_json::to_value(canonical).unwrap()
+    }
+}

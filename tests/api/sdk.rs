@@ -46,6 +46,11 @@ backend_tests! {
         tokio::task::spawn_blocking(move || run_js_script(&server, "e2ee.js")).await.unwrap();
     }
 
+    async fn matrix_nio_users_encrypt_and_decrypt_in_a_dm_and_a_group(backend) {
+        let server = TestServer::start(backend).await;
+        tokio::task::spawn_blocking(move || run_sdk_script(&server, "nio_e2ee.py")).await.unwrap();
+    }
+
     async fn matrix_nio_registers_logs_in_and_manages_its_profile(backend) {
         let server = TestServer::start(backend).await;
         tokio::task::spawn_blocking(move || run_sdk_script(&server, "nio_account.py")).await.unwrap();

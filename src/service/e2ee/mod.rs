@@ -140,8 +140,8 @@ impl E2ee {
         one_time_keys: &BTreeMap<String, Box<RawValue>>,
         fallback_keys: &BTreeMap<String, Box<RawValue>>,
     ) -> Result<BTreeMap<String, u64>> {
-        let stored = self.db.device_keys(user, device.as_str()).await?;
-        let stored: Option<Value> = stored.and_then(|json| serde_json::from_str(&json).ok());
+        let stored_json = self.db.device_keys(user, device.as_str()).await?;
+        let stored: Option<Value> = stored_json.as_deref().and_then(|json| serde_json::from_str(json).ok());
         let mut new_device_keys = None;
         if let Some(raw) = device_keys {
             let value = parse_json(raw, "device_keys")?;
@@ -192,9 +192,10 @@ impl E2ee {
             .iter()
             .map(|(algorithm, (key_id, key_json))| NewKey { algorithm, key_id, key_json })
             .collect();
-        self.db
-            .store_device_keys(user, device.as_str(), device_json.as_deref(), &one_time_rows, &fallback_rows)
-            .await?;
+        let device_row = device_json.as_deref().map(|json| (json, stored_json.as_deref()));
+        if !self.db.store_device_keys(user, device.as_str(), device_row, &one_time_rows, &fallback_rows).await? {
+            return Err(Error::Conflict("This device's identity keys changed meanwhile: upload again".into()));
+        }
         if new_device_keys.is_some() {
             self.users.announce_device_keys(user, device).await;
         }
@@ -273,13 +274,15 @@ impl E2ee {
     ) -> Result<QueryResult> {
         let mut result = QueryResult::default();
         let mut remote: BTreeMap<OwnedServerName, BTreeMap<OwnedUserId, Vec<OwnedDeviceId>>> = BTreeMap::new();
+        let mut local = Vec::new();
         for (user, devices) in wanted {
             if self.is_local(&user) {
-                self.local_keys(&user, &devices, Some(requester), &mut result).await?;
+                local.push((user, devices));
             } else {
                 remote.entry(user.server_name().to_owned()).or_default().insert(user, devices);
             }
         }
+        self.local_keys(&local, Some(requester), &mut result).await?;
         if remote.is_empty() {
             return Ok(result);
         }
@@ -356,56 +359,61 @@ impl E2ee {
         Ok(())
     }
 
-    /// A local user's keys into `result`: the devices asked for (all when none are named), the
-    /// master and self-signing keys, and — for the user themselves — the user-signing key.
-    /// `viewer`: whose own signatures are shown besides the user's (none for other servers).
+    /// Local users' keys into `result`: the devices asked for (all when none are named), the
+    /// master and self-signing keys, and — for the viewer themselves — the user-signing key.
+    /// `viewer`: whose own signatures are shown besides each user's (none for other servers).
+    /// A few statements for the whole batch, however many users it names.
     async fn local_keys(
         &self,
-        user: &UserId,
-        devices: &[OwnedDeviceId],
+        wanted: &[(OwnedUserId, Vec<OwnedDeviceId>)],
         viewer: Option<&UserId>,
         result: &mut QueryResult,
     ) -> Result<()> {
-        let mut signers: Vec<&UserId> = vec![user];
-        if let Some(viewer) = viewer
-            && viewer != user
-        {
-            signers.push(viewer);
+        let users: Vec<&str> = wanted.iter().map(|(user, _)| user.as_str()).collect();
+        let mut signatures: BTreeMap<String, Vec<SignatureRow>> = BTreeMap::new();
+        for row in self.db.signatures_of_users(&users, viewer.map(UserId::as_str)).await? {
+            signatures.entry(row.target_user.to_string()).or_default().push(row);
         }
-        let signatures = self.db.signatures_of(user, &signers).await?;
-        let wanted: HashSet<&str> = devices.iter().map(|d| d.as_str()).collect();
-        let mut found = BTreeMap::new();
-        for (device_id, json, display_name) in self.db.user_device_keys(user).await? {
-            if !wanted.is_empty() && !wanted.contains(device_id.as_str()) {
+        let no_signatures = Vec::new();
+        let wanted_devices: BTreeMap<&str, HashSet<&str>> = wanted
+            .iter()
+            .map(|(user, devices)| (user.as_str(), devices.iter().map(|d| d.as_str()).collect()))
+            .collect();
+        // A user the server knows is listed even without devices with keys, as Synapse does.
+        for (user, _) in wanted {
+            result.device_keys.entry(user.clone()).or_default();
+        }
+        for (user_id, device_id, json, display_name) in self.db.device_keys_of_users(&users).await? {
+            let Some(devices) = wanted_devices.get(user_id.as_str()) else { continue };
+            if !devices.is_empty() && !devices.contains(device_id.as_str()) {
                 continue;
             }
+            let Ok(user) = OwnedUserId::try_from(user_id.as_str()) else { continue };
             let Ok(mut value) = serde_json::from_str::<Value>(&json) else { continue };
-            merge_signatures(&mut value, &device_id, &signatures);
+            merge_signatures(&mut value, &device_id, signatures.get(&user_id).unwrap_or(&no_signatures));
             if let Some(object) = value.as_object_mut() {
                 let unsigned = object.entry("unsigned").or_insert_with(|| json!({}));
                 if let Some(unsigned) = unsigned.as_object_mut() {
                     unsigned.insert("device_display_name".to_owned(), json!(display_name));
                 }
             }
-            let device_id = OwnedDeviceId::from(device_id);
-            found.insert(device_id, value);
+            result.device_keys.entry(user).or_default().insert(OwnedDeviceId::from(device_id), value);
         }
-        // A user the server knows is listed even without devices with keys, as Synapse does.
-        result.device_keys.insert(user.to_owned(), found);
-        for (key_type, json) in self.db.cross_signing_keys(user).await? {
+        for (user_id, key_type, json) in self.db.cross_signing_keys_of_users(&users).await? {
+            let Ok(user) = OwnedUserId::try_from(user_id.as_str()) else { continue };
             let Ok(mut value) = serde_json::from_str::<Value>(&json) else { continue };
             if let Some((_, public)) = keys::cross_signing_public(&value) {
-                merge_signatures(&mut value, &public, &signatures);
+                merge_signatures(&mut value, &public, signatures.get(&user_id).unwrap_or(&no_signatures));
             }
             match key_type.as_str() {
                 MASTER => {
-                    result.master_keys.insert(user.to_owned(), value);
+                    result.master_keys.insert(user, value);
                 }
                 SELF_SIGNING => {
-                    result.self_signing_keys.insert(user.to_owned(), value);
+                    result.self_signing_keys.insert(user, value);
                 }
-                USER_SIGNING if viewer == Some(user) => {
-                    result.user_signing_keys.insert(user.to_owned(), value);
+                USER_SIGNING if viewer == Some(&*user) => {
+                    result.user_signing_keys.insert(user, value);
                 }
                 _ => {}
             }
@@ -417,11 +425,8 @@ impl E2ee {
     /// own signatures only; no user-signing keys).
     pub async fn query_for_federation(&self, wanted: BTreeMap<OwnedUserId, Vec<OwnedDeviceId>>) -> Result<QueryResult> {
         let mut result = QueryResult::default();
-        for (user, devices) in wanted {
-            if self.is_local(&user) {
-                self.local_keys(&user, &devices, None, &mut result).await?;
-            }
-        }
+        let local: Vec<_> = wanted.into_iter().filter(|(user, _)| self.is_local(user)).collect();
+        self.local_keys(&local, None, &mut result).await?;
         Ok(result)
     }
 
@@ -433,7 +438,7 @@ impl E2ee {
     /// A local user's (master, self-signing) keys with their own signatures, for `/user/devices`.
     pub async fn cross_signing_for_federation(&self, user: &UserId) -> Result<(Option<Value>, Option<Value>)> {
         let mut result = QueryResult::default();
-        self.local_keys(user, &[], None, &mut result).await?;
+        self.local_keys(&[(user.to_owned(), Vec::new())], None, &mut result).await?;
         Ok((result.master_keys.remove(user), result.self_signing_keys.remove(user)))
     }
 
@@ -636,7 +641,7 @@ impl E2ee {
         self.users.announce_user_keys(user).await;
         if let Some(edus) = self.edus.get() {
             let mut result = QueryResult::default();
-            self.local_keys(user, &[], None, &mut result).await?;
+            self.local_keys(&[(user.to_owned(), Vec::new())], None, &mut result).await?;
             edus.signing_key_update(user, result.master_keys.remove(user), result.self_signing_keys.remove(user)).await;
         }
         Ok(())
