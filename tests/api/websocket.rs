@@ -288,6 +288,32 @@ backend_tests! {
         assert_eq!(versions["unstable_features"]["org.hearth.delivered_receipts"], true);
     }
 
+    async fn sockets_carry_key_counts_and_to_device_messages(backend) {
+        let server = TestServer::start(backend).await;
+        let (alice, bob, _room) = two_users_in_a_room(&server).await;
+        let body = json!({"one_time_keys": {"curve25519:A": "key-a", "curve25519:B": "key-b"},
+                          "fallback_keys": {"curve25519:F": "key-f"}});
+        let (status, _) = server.post("/_matrix/client/v3/keys/upload", Some(&alice.access_token), body).await;
+        assert_eq!(status, 200);
+        let mut a = Ws::connect(&server, Some(&alice.access_token)).await;
+        let first = a.subscribe(None, None).await;
+        assert_eq!(first["data"]["device_one_time_keys_count"]["curve25519"], 2, "{first}");
+        assert_eq!(first["data"]["device_unused_fallback_key_types"], json!(["curve25519"]), "{first}");
+        let path = "/_matrix/client/v3/sendToDevice/m.room_key/ws-1";
+        let message = json!({"messages": {&alice.user_id: {&alice.device_id: {"session": "s"}}}});
+        assert_eq!(server.put(path, Some(&bob.access_token), message).await.0, 200);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let frame = a.frame().await;
+            if let Some(events) = frame["data"]["to_device"]["events"].as_array().filter(|e| !e.is_empty()) {
+                assert_eq!(events.len(), 1, "{frame}");
+                assert_eq!(events[0]["content"]["session"], "s");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no to-device frame");
+        }
+    }
+
     async fn two_users_chat_over_sockets(backend) {
         let server = TestServer::start(backend).await;
         let (alice, bob, room) = two_users_in_a_room(&server).await;
