@@ -1076,7 +1076,8 @@ async fn bench_e2ee_keys() {
     let users: usize = std::env::var("HEARTH_BENCH_KEY_USERS").ok().and_then(|n| n.parse().ok()).unwrap_or(1000);
     const QUERIES: usize = 30;
     const CLAIMERS: usize = 50;
-    const CLAIMS_EACH: usize = 20;
+    // 500 keys in all: the most one device may hold on either server.
+    const CLAIMS_EACH: usize = 10;
     let net = TestNet::new().await;
     let Some(hearth) = net.peer(Backend::Sqlite, "hearth.test", Discovered::Port8448, "").await else {
         return skipped("port 8448");

@@ -117,6 +117,10 @@ pub enum Error {
     /// `M_WRONG_ROOM_KEYS_VERSION`, with the current version).
     #[error("this is not the current backup version")]
     WrongRoomKeysVersion { current_version: Option<String> },
+    /// An upload would leave a device with more one-time keys than it may hold (400
+    /// `M_TOO_LARGE`, as Synapse answers).
+    #[error("{0}")]
+    TooManyKeys(String),
     /// An uploaded key's signature does not verify (400 `M_INVALID_SIGNATURE`).
     #[error("{0}")]
     InvalidSignature(String),
@@ -177,6 +181,7 @@ impl Error {
             Error::QuotaExceeded(_) => (StatusCode::FORBIDDEN, "M_RESOURCE_LIMIT_EXCEEDED"),
             Error::WrongRoomKeysVersion { .. } => (StatusCode::FORBIDDEN, "M_WRONG_ROOM_KEYS_VERSION"),
             Error::InvalidSignature(_) => (StatusCode::BAD_REQUEST, "M_INVALID_SIGNATURE"),
+            Error::TooManyKeys(_) => (StatusCode::BAD_REQUEST, "M_TOO_LARGE"),
             Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN"),
         }
     }

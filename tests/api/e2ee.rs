@@ -219,6 +219,11 @@ backend_tests! {
         let (status, counts) = upload(&server, &device, json!({})).await;
         assert_eq!(status, 200);
         assert_eq!(counts["one_time_key_counts"]["signed_curve25519"], 2);
+        // At most 500 unclaimed one-time keys per algorithm.
+        assert_error(&upload(&server, &device, json!({"one_time_keys": device.one_time_keys(2..501)})).await, 400, "M_TOO_LARGE");
+        assert_eq!(upload(&server, &device, json!({"one_time_keys": device.one_time_keys(2..500)})).await.0, 200);
+        let (_, counts) = upload(&server, &device, json!({})).await;
+        assert_eq!(counts["one_time_key_counts"]["signed_curve25519"], 500);
         let (_, query) = server.post(QUERY, Some(&bob.access_token), json!({"device_keys": {&alice.user_id: [&alice.device_id]}})).await;
         assert_eq!(query["device_keys"][&alice.user_id][&alice.device_id]["keys"], device.device_keys()["keys"]);
         // Claims and queries with malformed bodies are Matrix errors.

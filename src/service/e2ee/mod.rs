@@ -44,6 +44,9 @@ const DEFAULT_REMOTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most any client may ask us to wait for other servers.
 const MAX_REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The most unclaimed one-time keys of one algorithm a device may hold (Synapse's bound).
+const MAX_ONE_TIME_KEYS: u64 = 500;
+
 /// What `/keys/query` answers.
 #[derive(Debug, Default)]
 pub struct QueryResult {
@@ -176,6 +179,29 @@ impl E2ee {
                     return Err(Error::InvalidParam(format!(
                         "One-time key {} already exists with different content",
                         existing.key_id
+                    )));
+                }
+            }
+        }
+        // A device holds at most MAX_ONE_TIME_KEYS unclaimed keys per algorithm (clients keep
+        // about 50; the bound keeps one device from filling the database).
+        if !one_time.is_empty() {
+            let counts = self.db.one_time_key_counts(user, device.as_str()).await?;
+            let ids: Vec<String> = one_time.iter().map(|(algorithm, id, _)| format!("{algorithm}:{id}")).collect();
+            let known: HashSet<String> =
+                self.db.one_time_keys_by_id(user, device.as_str(), &ids).await?.into_iter().map(|k| k.key_id).collect();
+            let mut adding: BTreeMap<&str, u64> = BTreeMap::new();
+            for ((algorithm, _, _), id) in one_time.iter().zip(&ids) {
+                if !known.contains(id) {
+                    *adding.entry(algorithm.as_str()).or_default() += 1;
+                }
+            }
+            for (algorithm, more) in adding {
+                let total = counts.get(algorithm).copied().unwrap_or(0) + more;
+                if total > MAX_ONE_TIME_KEYS {
+                    return Err(Error::TooManyKeys(format!(
+                        "Uploading {more} more {algorithm} one-time keys would leave the device holding {total}, \
+                         over the limit of {MAX_ONE_TIME_KEYS}"
                     )));
                 }
             }
