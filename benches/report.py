@@ -343,7 +343,7 @@ def write(results: Path, plots: Path, out: Path) -> None:
             parts += [f"![memory per idle user](benches/plots/{memory})", ""]
     # Federation figures: written by federation-tests/bench.rs (its own run and command, kept
     # as Markdown beside the other results).
-    for federation in sorted(results.glob("federation-*.md")) + sorted(results.glob("media*.md")):
+    for federation in sorted(results.glob("federation-*.md")) + sorted(results.glob("media*.md")) + sorted(results.glob("e2ee*.md")):
         parts += [federation.read_text().strip(), ""]
     # What the people who ran it noticed (hand-written, kept with the results it describes).
     notes = results / "NOTES.md"
