@@ -168,9 +168,19 @@ async fn a_remote_room_enters_the_graph_from_the_state_of_a_join(backend: Backen
         page.events.iter().map(|e| e.pdu.event_id.clone()).collect::<Vec<_>>()
     };
     assert_eq!(timeline(f.state.rooms.clone(), f.alice.clone(), room.clone()).await, vec![alice_join.event_id.clone()]);
-    let sync = f.initial_sync().await;
-    assert!(sync.contains(room.as_str()) && sync.contains(alice_join.event_id.as_str()));
-    assert!(!sync.contains(bob_join.event_id.as_str()), "outliers are not in the timeline");
+    let sync: serde_json::Value = serde_json::from_str(&f.initial_sync().await).unwrap();
+    let ids = |section: &str| -> Vec<String> {
+        sync["rooms"]["join"][room.as_str()][section]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids("timeline"), vec![alice_join.event_id.to_string()], "outliers are not in the timeline");
+    // The state that came with the join is the room's state where the timeline starts.
+    assert!(ids("state").contains(&bob_join.event_id.to_string()), "{sync}");
+    assert!(ids("state").contains(&rules.event_id.to_string()), "{sync}");
     // The join is a gap: its prev event is an outlier, history before it unknown.
     let gap = vec![(alice_join.event_id.clone(), rules.event_id.clone())];
     assert_eq!(f.state.rooms.gaps(&room, 10).await.unwrap(), gap);

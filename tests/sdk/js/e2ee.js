@@ -164,7 +164,10 @@ async function acceptInvite(client, roomId) {
         () => client.getRoom(roomId)?.getMyMembership() === "invite",
         `${client.getUserId()} to be invited to ${roomId}`,
     );
-    await client.joinRoom(roomId);
+    // Through the inviter's server, as Element does: a v12 room ID names no server.
+    const inviter = client.getRoom(roomId).getMember(client.getUserId())?.events.member?.getSender();
+    const viaServers = inviter ? [inviter.split(":").slice(1).join(":")] : [];
+    await client.joinRoom(roomId, { viaServers });
 }
 
 // Users: Alice, Bob and Carol on the first server; Dave and Eve with Bob on the second (the same
