@@ -71,6 +71,31 @@ pub struct DehydratedDevice {
     pub device_data: String,
 }
 
+/// Inside a backup transaction: moves the version's etag when `changed`, then reads its
+/// (etag, key count), which every key upload and delete answers with.
+macro_rules! backup_change_done {
+    ($tx:expr, $user:expr, $version:expr, $changed:expr) => {{
+        if $changed {
+            sqlx::query("UPDATE e2e_backup_versions SET etag = etag + 1 WHERE user_id = $1 AND version = $2")
+                .bind($user)
+                .bind($version)
+                .execute(&mut *$tx)
+                .await?;
+        }
+        let etag: i64 = sqlx::query_scalar("SELECT etag FROM e2e_backup_versions WHERE user_id = $1 AND version = $2")
+            .bind($user)
+            .bind($version)
+            .fetch_one(&mut *$tx)
+            .await?;
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM e2e_backup_keys WHERE user_id = $1 AND version = $2")
+            .bind($user)
+            .bind($version)
+            .fetch_one(&mut *$tx)
+            .await?;
+        (etag, count)
+    }};
+}
+
 impl Db {
     /// The identity keys a device uploaded, if any.
     pub async fn device_keys(&self, user_id: &UserId, device_id: &str) -> StorageResult<Option<String>> {
@@ -628,25 +653,9 @@ impl Db {
                 .await?
                 .rows_affected();
             }
-            if changed > 0 {
-                sqlx::query("UPDATE e2e_backup_versions SET etag = etag + 1 WHERE user_id = $1 AND version = $2")
-                    .bind(user)
-                    .bind(version)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            let etag: i64 = sqlx::query_scalar("SELECT etag FROM e2e_backup_versions WHERE user_id = $1 AND version = $2")
-                .bind(user)
-                .bind(version)
-                .fetch_one(&mut *tx)
-                .await?;
-            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM e2e_backup_keys WHERE user_id = $1 AND version = $2")
-                .bind(user)
-                .bind(version)
-                .fetch_one(&mut *tx)
-                .await?;
+            let answer = backup_change_done!(tx, user, version, changed > 0);
             tx.commit().await?;
-            (etag, count)
+            answer
         }))
     }
 
@@ -707,25 +716,9 @@ impl Db {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-            if deleted > 0 {
-                sqlx::query("UPDATE e2e_backup_versions SET etag = etag + 1 WHERE user_id = $1 AND version = $2")
-                    .bind(user)
-                    .bind(version)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            let etag: i64 = sqlx::query_scalar("SELECT etag FROM e2e_backup_versions WHERE user_id = $1 AND version = $2")
-                .bind(user)
-                .bind(version)
-                .fetch_one(&mut *tx)
-                .await?;
-            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM e2e_backup_keys WHERE user_id = $1 AND version = $2")
-                .bind(user)
-                .bind(version)
-                .fetch_one(&mut *tx)
-                .await?;
+            let answer = backup_change_done!(tx, user, version, deleted > 0);
             tx.commit().await?;
-            (etag, count)
+            answer
         }))
     }
 

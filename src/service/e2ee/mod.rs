@@ -313,9 +313,7 @@ impl E2ee {
             return Ok(result);
         }
         if !self.is_federation_enabled {
-            for server in remote.keys() {
-                result.failures.insert(server.to_string(), json!({"status": 503, "message": "Federation is disabled"}));
-            }
+            result.failures.extend(federation_off(remote.keys()));
             return Ok(result);
         }
         let timeout = timeout.unwrap_or(DEFAULT_REMOTE_TIMEOUT).min(MAX_REMOTE_TIMEOUT);
@@ -489,9 +487,7 @@ impl E2ee {
             return Ok(result);
         }
         if !self.is_federation_enabled {
-            for server in remote.keys() {
-                result.failures.insert(server.to_string(), json!({"status": 503, "message": "Federation is disabled"}));
-            }
+            result.failures.extend(federation_off(remote.keys()));
             return Ok(result);
         }
         let timeout = timeout.unwrap_or(DEFAULT_REMOTE_TIMEOUT).min(MAX_REMOTE_TIMEOUT);
@@ -827,6 +823,11 @@ impl E2ee {
         let raw: Raw<_> = response.master_keys.get(user)?.clone();
         serde_json::from_str(raw.json().get()).ok()
     }
+}
+
+/// The failures `/keys/query` and `/keys/claim` report for other servers while federation is off.
+fn federation_off<'a>(servers: impl Iterator<Item = &'a OwnedServerName>) -> Vec<(String, Value)> {
+    servers.map(|server| (server.to_string(), json!({"status": 503, "message": "Federation is disabled"}))).collect()
 }
 
 /// A remote server's failure as `/keys/query` and `/keys/claim` report it.
