@@ -270,9 +270,16 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         Duration::from_secs(presence_config.idle_after_secs),
         Duration::from_secs(presence_config.offline_after_secs),
     );
-    let notifications = Arc::new(Notifications::new(rooms.clone()));
+    let push_rules = Arc::new(crate::service::push::rules::PushRules::new(db.clone(), streams.clone()));
+    let notifications = Arc::new(Notifications::new(rooms.clone(), push_rules.clone()));
     let receipts = Arc::new(Receipts::new(rooms.clone(), streams.clone(), &config.delivered_receipts));
-    let sync = Arc::new(Sync::new(rooms.clone(), typing.clone(), presence.clone(), notifications, receipts.clone()));
+    let sync =
+        Arc::new(Sync::new(rooms.clone(), typing.clone(), presence.clone(), notifications.clone(), receipts.clone()));
+    let push =
+        crate::service::push::Push::new(db.clone(), rooms.clone(), notifications, sync.clone(), push_rules, config)
+            .await
+            .map_err(AppError)?;
+    push.start();
     let account_data = Arc::new(AccountData::new(db.clone(), streams.clone()));
     let federation_client = build_federation_client(config, server_keys.clone())?;
     let keys = Arc::new(Keys::new(
@@ -381,6 +388,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         backfill,
         media,
         e2ee,
+        push,
     };
     Ok(state)
 }

@@ -49,6 +49,7 @@ pub struct Config {
     pub rooms: RoomsConfig,
     pub federation: FederationConfig,
     pub media: MediaConfig,
+    pub push: PushConfig,
     pub logging: LoggingConfig,
 }
 
@@ -332,6 +333,39 @@ impl Default for UrlPreviewConfig {
     }
 }
 
+/// Push notifications to push gateways (`/pushers/set` pushers of kind `http`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Whether pushes are sent at all (pushers can be set either way).
+    pub enabled: bool,
+    /// Gateway addresses allowed although they are private, loopback or link-local (CIDRs);
+    /// every other private address is refused, as for URL previews.
+    pub allowed_ip_ranges: Vec<IpNet>,
+    /// Addresses refused on top of the private ones.
+    pub denied_ip_ranges: Vec<IpNet>,
+    /// How long a notification waits before it is pushed: what a connected device receives
+    /// meanwhile is not pushed to it, and a burst in a room becomes one push.
+    pub coalesce_ms: u64,
+    /// Tries per push before it is dropped (the waits between them double from one second up
+    /// to five minutes).
+    pub max_attempts: u32,
+    pub timeout_secs: u64,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            enabled: true,
+            allowed_ip_ranges: Vec::new(),
+            denied_ip_ranges: Vec::new(),
+            coalesce_ms: 1500,
+            max_attempts: 10,
+            timeout_secs: 10,
+        }
+    }
+}
+
 /// The content repository: uploads, downloads, thumbnails, other servers' media.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -441,6 +475,7 @@ impl Default for Config {
             rooms: RoomsConfig::default(),
             federation: FederationConfig::default(),
             media: MediaConfig::default(),
+            push: PushConfig::default(),
             logging: LoggingConfig::default(),
         }
     }

@@ -86,6 +86,8 @@ pub struct AppState {
     pub media: Arc<crate::service::media::Media>,
     /// End-to-end encryption keys, key backups and dehydrated devices.
     pub e2ee: Arc<crate::service::e2ee::E2ee>,
+    /// Push rules, pushers and the push sender.
+    pub push: Arc<crate::service::push::Push>,
 }
 
 macro_rules! substate {
@@ -119,4 +121,5 @@ substate!(
     backfill: crate::service::backfill::Backfill,
     media: crate::service::media::Media,
     e2ee: crate::service::e2ee::E2ee,
+    push: crate::service::push::Push,
 );

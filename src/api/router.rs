@@ -325,7 +325,7 @@ fn transfer_routes(mut router: Router<AppState>, deadline: Duration, in_flight: 
         .route("/_matrix/client/v1/media/thumbnail/{server_name}/{media_id}", get(media::thumbnail).route_layer(limits))
 }
 
-/// Push rules and pushers (read only: see `client::push`).
+/// Push rules, pushers and the notification list.
 fn push_routes(mut router: Router<AppState>) -> Router<AppState> {
     use ruma::api::client::push;
 
@@ -335,6 +335,12 @@ fn push_routes(mut router: Router<AppState>) -> Router<AppState> {
     router = endpoint::<push::get_pushrule_enabled::v3::Request, _, _>(router, client::push::enabled);
     router = endpoint::<push::get_pushrule_actions::v3::Request, _, _>(router, client::push::actions);
     router = endpoint::<push::get_pushers::v3::Request, _, _>(router, client::push::pushers);
+    router = endpoint::<push::set_pushrule::v3::Request, _, _>(router, client::push::set_rule);
+    router = endpoint::<push::delete_pushrule::v3::Request, _, _>(router, client::push::delete_rule);
+    router = endpoint::<push::set_pushrule_enabled::v3::Request, _, _>(router, client::push::set_enabled);
+    router = endpoint::<push::set_pushrule_actions::v3::Request, _, _>(router, client::push::set_actions);
+    router = endpoint::<push::set_pusher::v3::Request, _, _>(router, client::push::set_pusher);
+    router = endpoint::<push::get_notifications::v3::Request, _, _>(router, client::push::notifications);
     router
 }
 

@@ -14,6 +14,7 @@ pub mod joins;
 pub mod media;
 pub mod notifications;
 pub mod profiles;
+pub mod push;
 pub mod rate_limit;
 pub mod receipts;
 pub mod remote_membership;

@@ -1,5 +1,5 @@
 //! Unread notification counts: the events after a user's read receipt that the push rules say
-//! notify (and highlight), evaluated with ruma's push-rule engine and the server-default rules.
+//! notify (and highlight), evaluated with ruma's push-rule engine and the user's own rules.
 //!
 //! Counting happens when a user syncs, not when an event is sent, so a message into a huge room
 //! costs nothing per member until that member looks. Results are cached per (user, room) and
@@ -25,7 +25,7 @@ use serde_json::Value;
 use crate::{
     error::Result,
     matrix::client_event::{self, Format, Unsigned},
-    service::rooms::Rooms,
+    service::{push::rules::PushRules, rooms::Rooms},
 };
 
 /// At most this many unread events are evaluated for a room (older ones count as read).
@@ -44,30 +44,40 @@ struct Cached {
     counts: UnreadCounts,
     /// The ignore list the counts were made with: a change recounts from the read receipt.
     ignored: Arc<HashSet<OwnedUserId>>,
+    /// The push rules they were made with: a change recounts too.
+    rules: Arc<Ruleset>,
 }
 
 pub struct Notifications {
     rooms: Arc<Rooms>,
+    rules: Arc<PushRules>,
     cache: Mutex<LruCache<(OwnedUserId, OwnedRoomId), Cached>>,
 }
 
 impl Notifications {
-    pub fn new(rooms: Arc<Rooms>) -> Notifications {
-        Notifications { rooms, cache: Mutex::new(LruCache::new(NonZeroUsize::new(200_000).unwrap())) }
+    pub fn new(rooms: Arc<Rooms>, rules: Arc<PushRules>) -> Notifications {
+        Notifications { rooms, rules, cache: Mutex::new(LruCache::new(NonZeroUsize::new(200_000).unwrap())) }
     }
 
     /// Counts for `user` in `room_id` over events up to `upto`. Events from users `user`
     /// ignores never count: the client shows them nowhere.
     pub async fn unread(&self, user: &UserId, room_id: &RoomId, upto: i64) -> Result<UnreadCounts> {
-        let read_pos = self.rooms.streams.read_pos(user, room_id);
+        // Nothing before the user's join counts (their invite included), as in Synapse.
+        let joined_at = match self.rooms.streams.membership_pos(user, room_id) {
+            Some((membership, pos)) if membership == "join" => pos,
+            _ => 0,
+        };
+        let read_pos = self.rooms.streams.read_pos(user, room_id).max(joined_at);
         let ignored = self.rooms.ignored_users(user).await?;
+        let ruleset = self.rules.ruleset(user).await?;
         let key = (user.to_owned(), room_id.to_owned());
         let cached = self.cache.lock().get(&key).cloned();
         let (mut counts, from) = match cached {
             Some(c)
                 if c.read_pos == read_pos
                     && c.evaluated_upto <= upto
-                    && (Arc::ptr_eq(&c.ignored, &ignored) || c.ignored == ignored) =>
+                    && (Arc::ptr_eq(&c.ignored, &ignored) || c.ignored == ignored)
+                    && Arc::ptr_eq(&c.rules, &ruleset) =>
             {
                 (c.counts, c.evaluated_upto)
             }
@@ -92,7 +102,6 @@ impl Notifications {
             };
             if !events.is_empty() {
                 let context = self.context(user, room_id).await?;
-                let ruleset = Ruleset::server_default(user);
                 let counted = events
                     .iter()
                     .filter(|e| e.pdu.sender != user && e.redacted_by.is_none() && !ignored.contains(&e.pdu.sender));
@@ -109,11 +118,12 @@ impl Notifications {
                 }
             }
         }
-        self.cache.lock().put(key, Cached { read_pos, evaluated_upto: upto, counts, ignored });
+        self.cache.lock().put(key, Cached { read_pos, evaluated_upto: upto, counts, ignored, rules: ruleset });
         Ok(counts)
     }
 
-    async fn context(&self, user: &UserId, room_id: &RoomId) -> Result<PushConditionRoomCtx> {
+    /// The push-rule context of `user` in `room_id` now.
+    pub async fn context(&self, user: &UserId, room_id: &RoomId) -> Result<PushConditionRoomCtx> {
         let handle = self.rooms.handle(room_id).await?;
         let group = self.rooms.current_group(room_id).await?;
         let levels = self.rooms.power_levels_at(&handle, group).await?;

@@ -302,6 +302,11 @@ impl Streams {
         *self.published.borrow()
     }
 
+    /// The published position, to follow it.
+    pub fn subscribe_position(&self) -> watch::Receiver<i64> {
+        self.published.subscribe()
+    }
+
     /// Waits until the published position reaches `pos`.
     pub async fn wait_for(&self, pos: i64) {
         let mut receiver = self.published.subscribe();
@@ -356,6 +361,11 @@ impl Streams {
     /// A local user's current membership of one room.
     pub fn membership(&self, user_id: &UserId, room_id: &RoomId) -> Option<String> {
         self.views.read().user_rooms.get(user_id)?.get(room_id).map(|m| m.membership.clone())
+    }
+
+    /// A local user's current membership of one room and the position of the event that set it.
+    pub fn membership_pos(&self, user_id: &UserId, room_id: &RoomId) -> Option<(String, i64)> {
+        self.views.read().user_rooms.get(user_id)?.get(room_id).map(|m| (m.membership.clone(), m.pos))
     }
 
     /// Members of a room with `membership`.

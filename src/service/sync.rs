@@ -31,6 +31,7 @@ use crate::{
         ephemeral::{Presence, Typing},
         filter,
         notifications::Notifications,
+        push::rules::PUSH_RULES,
         receipts::Receipts,
         rooms::{Rooms, StoredEvent},
         stream::{StreamToken, Streams},
@@ -199,6 +200,9 @@ pub struct Sync {
     last_responses: parking_lot::Mutex<HashMap<DeviceKey, (StreamToken, Vec<Delivered>)>>,
     /// Per device: up to where its to-device messages are known to be deleted.
     to_device_deleted: parking_lot::Mutex<HashMap<DeviceKey, i64>>,
+    /// Per device: the stream position its latest acknowledged token reaches (it holds every
+    /// event up to there); the push sender does not push those to it.
+    received: parking_lot::Mutex<HashMap<DeviceKey, i64>>,
 }
 
 impl Sync {
@@ -219,6 +223,7 @@ impl Sync {
             receipts,
             last_responses: Default::default(),
             to_device_deleted: Default::default(),
+            received: Default::default(),
         }
     }
 
@@ -234,6 +239,14 @@ impl Sync {
         // Delete only when there is something new to delete (a write per sync would queue every
         // sync behind the database writer).
         let key = (user.to_owned(), device.to_owned());
+        {
+            let mut received = self.received.lock();
+            if received.len() > 200_000 {
+                received.clear();
+            }
+            let upto = received.entry(key.clone()).or_default();
+            *upto = (*upto).max(token.stream);
+        }
         let latest = self.streams.to_device_pos(user, device);
         let deleted = self.to_device_deleted.lock().get(&key).copied();
         // Only as far as the token says they were delivered (a sync sends a page at most).
@@ -243,6 +256,11 @@ impl Sync {
             self.to_device_deleted.lock().insert(key, upto.min(latest).max(deleted.unwrap_or(0)));
         }
         self.receipts.record_delivered(user, delivered).await
+    }
+
+    /// The stream position up to which `device` acknowledged receiving everything.
+    pub fn received_upto(&self, user: &UserId, device: &str) -> i64 {
+        self.received.lock().get(&(user.to_owned(), device.to_owned())).copied().unwrap_or(0)
     }
 
     pub fn streams(&self) -> &Arc<Streams> {
@@ -351,6 +369,15 @@ impl Sync {
             Vec::new()
         };
         let mut room_account_data: HashMap<OwnedRoomId, Vec<Box<RawValue>>> = HashMap::new();
+        // Clients read their push rules from account data: a user who never changed one has
+        // the server defaults, which an initial sync carries as if stored.
+        if initial
+            && !account_data.iter().any(|row| row.room_id.is_none() && row.data_type == PUSH_RULES)
+            && filter::event_matches(&request.filter.account_data, PUSH_RULES, None)
+        {
+            let event = crate::service::push::rules::PushRules::default_event(user);
+            response.account_data.events.push(serde_json::value::to_raw_value(&event).expect("json"));
+        }
         for row in account_data {
             let event = account_data_event(&row.data_type, &row.content);
             match row.room_id {

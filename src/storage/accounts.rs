@@ -196,6 +196,8 @@ macro_rules! delete_devices_where {
             concat!("DELETE FROM e2e_fallback_keys WHERE user_id = $1", $filter),
             concat!("DELETE FROM e2e_dehydrated_devices WHERE user_id = $1", $filter),
             concat!("DELETE FROM to_device_messages WHERE user_id = $1", $filter),
+            // A removed device gets no more pushes.
+            concat!("DELETE FROM pushers WHERE user_id = $1", $filter),
             concat!("DELETE FROM access_tokens WHERE user_id = $1", $filter),
             concat!("DELETE FROM refresh_tokens WHERE user_id = $1", $filter),
             concat!("DELETE FROM devices WHERE user_id = $1", $filter),

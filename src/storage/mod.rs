@@ -18,6 +18,7 @@ pub mod federation_edus;
 pub mod lock;
 pub mod media;
 pub mod out_of_band;
+pub mod push;
 pub mod rooms;
 pub mod server_keys;
 pub mod stream;
@@ -70,6 +71,8 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (12, "federation_catch_up", include_str!("../../migrations/sqlite/0012_federation_catch_up.sql")),
     (13, "media", include_str!("../../migrations/sqlite/0013_media.sql")),
     (14, "e2ee", include_str!("../../migrations/sqlite/0014_e2ee.sql")),
+    (15, "push", include_str!("../../migrations/sqlite/0015_push.sql")),
+    (16, "search", include_str!("../../migrations/sqlite/0016_search.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "accounts", include_str!("../../migrations/postgres/0001_accounts.sql")),
@@ -88,6 +91,8 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (12, "federation_catch_up", include_str!("../../migrations/postgres/0012_federation_catch_up.sql")),
     (13, "media", include_str!("../../migrations/postgres/0013_media.sql")),
     (14, "e2ee", include_str!("../../migrations/postgres/0014_e2ee.sql")),
+    (15, "push", include_str!("../../migrations/postgres/0015_push.sql")),
+    (16, "search", include_str!("../../migrations/postgres/0016_search.sql")),
 ];
 
 /// A storage failure, in terms the service layer can act on.

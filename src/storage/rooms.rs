@@ -523,6 +523,54 @@ impl Db {
         rows.into_iter().map(event_row).collect()
     }
 
+    /// Events of every room with `after < stream_pos <= upto`, oldest first, at most `limit`
+    /// (the push sender's read of the stream). Soft-failed events are never returned.
+    pub async fn events_between(&self, after: i64, upto: i64, limit: i64) -> StorageResult<Vec<EventRow>> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE stream_pos > $1 AND stream_pos <= $2 AND NOT soft_failed
+             ORDER BY stream_pos LIMIT $3"
+        ));
+        let rows: Vec<EventTuple> = on_reader!(self, pool => {
+            sqlx::query_as(sql).bind(after).bind(upto).bind(limit).fetch_all(pool).await?
+        });
+        rows.into_iter().map(event_row).collect()
+    }
+
+    /// Events of `rooms` before `before` that `user` did not send, newest first, at most
+    /// `limit` (`/notifications` evaluates them). Backfilled history is left out.
+    pub async fn notifiable_events(
+        &self,
+        rooms: &[ruma::OwnedRoomId],
+        user: &UserId,
+        before: i64,
+        limit: i64,
+    ) -> StorageResult<Vec<EventRow>> {
+        if rooms.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut rows = Vec::new();
+        for chunk in rooms.chunks(ENTRIES_PER_QUERY) {
+            let list = (0..chunk.len()).map(|i| format!("${}", i + 4)).collect::<Vec<_>>().join(", ");
+            let sql = sqlx::AssertSqlSafe(format!(
+                "SELECT {EVENT_COLUMNS} FROM events
+                 WHERE stream_pos > 0 AND stream_pos < $1 AND sender <> $2 AND NOT soft_failed AND room_id IN ({list})
+                 ORDER BY stream_pos DESC LIMIT $3"
+            ));
+            let chunk_rows: Vec<EventTuple> = on_reader!(self, pool => {
+                let mut query = sqlx::query_as(sql).bind(before).bind(user.as_str()).bind(limit);
+                for room in chunk {
+                    query = query.bind(room.as_str());
+                }
+                query.fetch_all(pool).await?
+            });
+            rows.extend(chunk_rows);
+        }
+        rows.sort_by_key(|row| std::cmp::Reverse(row.0));
+        rows.truncate(limit as usize);
+        rows.into_iter().map(event_row).collect()
+    }
+
     /// Events related to `event_id` (optionally only of `rel_type`), with `after < stream_pos <=
     /// upto`, in `dir` order.
     pub async fn related_events(

@@ -14,13 +14,14 @@ use crate::{
         extract::{AuthedUser, Ruma},
         respond::ApiResult,
     },
-    service::{ephemeral::Presence, receipts::Receipts},
+    service::{ephemeral::Presence, push::Push, receipts::Receipts},
 };
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/receipt/{receiptType}/{eventId}`
 pub async fn receipt(
     State(receipts): State<Arc<Receipts>>,
     State(presence): State<Arc<Presence>>,
+    State(push): State<Arc<Push>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<create_receipt::v3::Request>,
 ) -> ApiResult<create_receipt::v3::Response> {
@@ -38,12 +39,16 @@ pub async fn receipt(
     };
     receipts.post(&authed.user_id, &req.room_id, &receipt_type, &req.event_id, thread.as_deref()).await?;
     presence.active(&authed.user_id);
+    if receipt_type != "m.fully_read" {
+        push.read_receipt(&authed.user_id);
+    }
     Ok(create_receipt::v3::Response::new().into())
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/read_markers`
 pub async fn read_markers(
     State(receipts): State<Arc<Receipts>>,
+    State(push): State<Arc<Push>>,
     AuthedUser(authed): AuthedUser,
     Ruma(req): Ruma<set_read_marker::v3::Request>,
 ) -> ApiResult<set_read_marker::v3::Response> {
@@ -56,5 +61,8 @@ pub async fn read_markers(
             req.private_read_receipt.as_deref(),
         )
         .await?;
+    if req.read_receipt.is_some() || req.private_read_receipt.is_some() {
+        push.read_receipt(&authed.user_id);
+    }
     Ok(set_read_marker::v3::Response::new().into())
 }

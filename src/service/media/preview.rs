@@ -119,6 +119,19 @@ impl SafeFetcher {
         }
     }
 
+    /// POSTs `body` as JSON to `url` (no redirects followed) and returns the answer.
+    pub async fn post_json(&self, url: &str, body: &serde_json::Value) -> Result<reqwest::Response, String> {
+        let url = Url::parse(url).map_err(|err| format!("not a URL: {err}"))?;
+        self.check(&url)?;
+        self.http
+            .post(url.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|err| format!("{}: {}", url, crate::federation::client::error_chain(&err)))
+    }
+
     /// GETs `url` (following at most `max_redirects` redirects, each checked), and starts reading
     /// the answer; errors say why in words fit for a user.
     pub async fn get(&self, url: &str) -> Result<(Url, reqwest::Response), String> {
