@@ -346,6 +346,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
     let media =
         crate::service::media::Media::new(db.clone(), config, Some(federation_client.clone())).map_err(AppError)?;
 
+    let rooms_for_search = rooms.clone();
     let limits = &config.rate_limits;
     let enabled = |limit| limits.enabled.then_some(limit);
     let state = AppState {
@@ -389,6 +390,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         media,
         e2ee,
         push,
+        search: Arc::new(crate::service::search::Search::new(rooms_for_search)),
     };
     Ok(state)
 }

@@ -88,6 +88,8 @@ pub struct AppState {
     pub e2ee: Arc<crate::service::e2ee::E2ee>,
     /// Push rules, pushers and the push sender.
     pub push: Arc<crate::service::push::Push>,
+    /// Full-text search over room events.
+    pub search: Arc<crate::service::search::Search>,
 }
 
 macro_rules! substate {
@@ -122,4 +124,5 @@ substate!(
     media: crate::service::media::Media,
     e2ee: crate::service::e2ee::E2ee,
     push: crate::service::push::Push,
+    search: crate::service::search::Search,
 );

@@ -325,7 +325,7 @@ fn transfer_routes(mut router: Router<AppState>, deadline: Duration, in_flight: 
         .route("/_matrix/client/v1/media/thumbnail/{server_name}/{media_id}", get(media::thumbnail).route_layer(limits))
 }
 
-/// Push rules, pushers and the notification list.
+/// Push rules, pushers, the notification list and search.
 fn push_routes(mut router: Router<AppState>) -> Router<AppState> {
     use ruma::api::client::push;
 
@@ -341,6 +341,7 @@ fn push_routes(mut router: Router<AppState>) -> Router<AppState> {
     router = endpoint::<push::set_pushrule_actions::v3::Request, _, _>(router, client::push::set_actions);
     router = endpoint::<push::set_pusher::v3::Request, _, _>(router, client::push::set_pusher);
     router = endpoint::<push::get_notifications::v3::Request, _, _>(router, client::push::notifications);
+    router = endpoint::<ruma::api::client::search::search_events::v3::Request, _, _>(router, client::search::search);
     router
 }
 

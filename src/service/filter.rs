@@ -64,7 +64,7 @@ fn check_patterns<'a>(patterns: impl Iterator<Item = &'a String>) -> Result<()> 
     Ok(())
 }
 
-fn types_allow(types: Option<&[String]>, not_types: &[String], event_type: &str) -> bool {
+pub fn types_allow(types: Option<&[String]>, not_types: &[String], event_type: &str) -> bool {
     if not_types.iter().any(|pattern| type_matches(pattern, event_type)) {
         return false;
     }

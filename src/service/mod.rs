@@ -19,6 +19,7 @@ pub mod rate_limit;
 pub mod receipts;
 pub mod remote_membership;
 pub mod rooms;
+pub mod search;
 pub mod server_keys;
 pub mod stream;
 pub mod sync;

@@ -122,10 +122,43 @@ struct Views {
     to_device_pos: HashMap<(OwnedUserId, String), i64>,
     /// Position of the latest device-list change of anyone.
     device_change_pos: i64,
-    /// (user, room) → position of the furthest event their (main or unthreaded) read receipts reach.
-    read_pos: HashMap<(OwnedUserId, OwnedRoomId), i64>,
+    /// (user, room) → how far their read receipts reach, unthreaded, in the main timeline and
+    /// per thread.
+    read_marks: HashMap<(OwnedUserId, OwnedRoomId), ReadMarks>,
     /// (user, room, thread) → position of their delivered receipt.
     delivered_pos: HashMap<(OwnedUserId, OwnedRoomId, String), i64>,
+}
+
+/// How far a user's read receipts (`m.read` and `m.read.private` alike) reach in a room: the
+/// unthreaded receipt covers every thread, `main` the main timeline, the others their thread.
+/// Each only moves forward.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadMarks {
+    pub unthreaded: i64,
+    pub main: i64,
+    /// Thread root → position, for threads with a receipt of their own.
+    pub threads: BTreeMap<String, i64>,
+}
+
+impl ReadMarks {
+    /// Events of `thread` (`main` or a thread root) up to this position are read.
+    pub fn bound(&self, thread: &str) -> i64 {
+        let own = match thread {
+            "main" => self.main,
+            root => self.threads.get(root).copied().unwrap_or(0),
+        };
+        self.unthreaded.max(own)
+    }
+
+    /// Takes in a receipt of `thread_id` (`""` when unthreaded) at `pos`.
+    pub fn record(&mut self, thread_id: &str, pos: i64) {
+        let mark = match thread_id {
+            "" => &mut self.unthreaded,
+            "main" => &mut self.main,
+            root => self.threads.entry(root.to_owned()).or_default(),
+        };
+        *mark = (*mark).max(pos);
+    }
 }
 
 /// The tail of a room's log of current-state changes (`room_state_changes`): enough to answer
@@ -244,7 +277,9 @@ impl Streams {
         views.account_data_pos.extend(positions.account_data);
         views.to_device_pos.extend(positions.to_device.into_iter().map(|(u, d, p)| ((u, d), p)));
         views.device_change_pos = positions.device_change;
-        views.read_pos.extend(positions.reads.into_iter().map(|(u, r, p)| ((u, r), p)));
+        for (user, room, thread, pos) in positions.reads {
+            views.read_marks.entry((user, room)).or_default().record(&thread, pos);
+        }
         views.delivered_pos.extend(positions.delivered.into_iter().map(|(u, r, t, p)| ((u, r, t), p)));
         for row in memberships {
             if row.user_id.server_name() == self.server_name {
@@ -535,8 +570,14 @@ impl Streams {
     }
 
     /// How far the user's read receipts reach in a room.
+    /// Position of the furthest main-timeline event the user has read in a room.
     pub fn read_pos(&self, user_id: &UserId, room_id: &RoomId) -> i64 {
-        self.views.read().read_pos.get(&(user_id.to_owned(), room_id.to_owned())).copied().unwrap_or(0)
+        self.read_marks(user_id, room_id).bound("main")
+    }
+
+    /// How far the user's read receipts reach in a room, per thread.
+    pub fn read_marks(&self, user_id: &UserId, room_id: &RoomId) -> ReadMarks {
+        self.views.read().read_marks.get(&(user_id.to_owned(), room_id.to_owned())).cloned().unwrap_or_default()
     }
 
     /// Position of the user's delivered receipt in a room's thread.
@@ -708,11 +749,12 @@ impl Streams {
                         ts: receipt.ts,
                         stream_pos: pos,
                     });
-                    let main_thread = receipt.thread_id.is_empty() || receipt.thread_id == "main";
-                    if matches!(receipt.receipt_type.as_str(), "m.read" | "m.read.private") && main_thread {
-                        let read =
-                            views.read_pos.entry((receipt.user_id.clone(), receipt.room_id.clone())).or_default();
-                        *read = (*read).max(receipt.event_pos);
+                    if matches!(receipt.receipt_type.as_str(), "m.read" | "m.read.private") {
+                        views
+                            .read_marks
+                            .entry((receipt.user_id.clone(), receipt.room_id.clone()))
+                            .or_default()
+                            .record(&receipt.thread_id, receipt.event_pos);
                     }
                     if receipt.receipt_type == "org.hearth.delivered" {
                         let key = (receipt.user_id.clone(), receipt.room_id.clone(), receipt.thread_id.clone());

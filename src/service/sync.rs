@@ -89,6 +89,9 @@ pub struct JoinedRoom {
     pub ephemeral: EventList,
     pub account_data: EventList,
     pub unread_notifications: UnreadNotifications,
+    /// Per thread root, when the timeline filter asks for `unread_thread_notifications`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub unread_thread_notifications: BTreeMap<String, UnreadNotifications>,
     /// Membership changes of this response's member events after `since` (not serialised): who
     /// newly shares the room or no longer does, for `device_lists`.
     #[serde(skip)]
@@ -720,6 +723,22 @@ impl Sync {
             Summary::default()
         };
         let unread = self.notifications.unread(user, room_id, upto).await?;
+        // Thread counts apart when the client asks for them; otherwise all in one.
+        let (main, unread_thread_notifications) = if timeline_filter.unread_thread_notifications {
+            let threads = unread
+                .threads
+                .iter()
+                .map(|(root, c)| {
+                    (
+                        root.clone(),
+                        UnreadNotifications { notification_count: c.notifications, highlight_count: c.highlights },
+                    )
+                })
+                .collect();
+            (unread.main, threads)
+        } else {
+            (unread.total(), BTreeMap::new())
+        };
         // A timeline that reaches a gap (history we do not hold, such as before a join over
         // federation) is limited too, so the client paginates back from `prev_batch`, where
         // `/messages` backfills. Only the flag: the state sections stay as computed above.
@@ -767,9 +786,10 @@ impl Sync {
             ephemeral: EventList { events: ephemeral },
             account_data: EventList { events: account_data },
             unread_notifications: UnreadNotifications {
-                notification_count: unread.notifications,
-                highlight_count: unread.highlights,
+                notification_count: main.notifications,
+                highlight_count: main.highlights,
             },
+            unread_thread_notifications,
             member_changes,
         }))
     }

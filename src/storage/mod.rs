@@ -20,6 +20,7 @@ pub mod media;
 pub mod out_of_band;
 pub mod push;
 pub mod rooms;
+pub mod search;
 pub mod server_keys;
 pub mod stream;
 

@@ -156,7 +156,7 @@ pub struct ViewPositions {
     pub account_data: Vec<(OwnedUserId, i64)>,
     pub to_device: Vec<(OwnedUserId, String, i64)>,
     pub device_change: i64,
-    pub reads: Vec<(OwnedUserId, OwnedRoomId, i64)>,
+    pub reads: Vec<(OwnedUserId, OwnedRoomId, String, i64)>,
     pub delivered: Vec<(OwnedUserId, OwnedRoomId, String, i64)>,
 }
 
@@ -637,7 +637,7 @@ impl Db {
             Vec<Pair>,
             Vec<Triple>,
             Option<i64>,
-            Vec<Triple>,
+            Vec<(String, String, String, i64)>,
             Vec<(String, String, String, i64)>,
         );
         let (groups, relations, account_data, to_device, device_change, reads, delivered): Raw = on_reader!(self, pool => {
@@ -665,9 +665,9 @@ impl Db {
             .await?;
             let device_change: Option<i64> =
                 sqlx::query_scalar("SELECT MAX(stream_pos) FROM device_list_changes").fetch_one(&mut *conn).await?;
-            let reads: Vec<(String, String, i64)> = sqlx::query_as(
-                "SELECT user_id, room_id, MAX(event_pos) FROM receipts
-                 WHERE receipt_type IN ('m.read', 'm.read.private') AND thread_id IN ('', 'main') GROUP BY user_id, room_id",
+            let reads: Vec<(String, String, String, i64)> = sqlx::query_as(
+                "SELECT user_id, room_id, thread_id, MAX(event_pos) FROM receipts
+                 WHERE receipt_type IN ('m.read', 'm.read.private') GROUP BY user_id, room_id, thread_id",
             )
             .fetch_all(&mut *conn)
             .await?;
@@ -686,7 +686,7 @@ impl Db {
             device_change: device_change.unwrap_or(0),
             reads: reads
                 .into_iter()
-                .map(|(u, r, p)| Ok((parse_id(u)?, parse_id(r)?, p)))
+                .map(|(u, r, t, p)| Ok((parse_id(u)?, parse_id(r)?, t, p)))
                 .collect::<StorageResult<_>>()?,
             delivered: delivered
                 .into_iter()

@@ -25,6 +25,7 @@ mod rooms;
 mod scale;
 mod sdk;
 mod sdk_venv;
+mod search;
 mod slow_clients;
 mod startup;
 mod sync;

@@ -480,4 +480,79 @@ backend_tests! {
         let pushes = gateway.wait_for(1).await;
         assert_eq!(pushes[0]["notification"]["event_id"], missed.as_str());
     }
+
+    async fn thread_counts_clear_with_their_own_receipts(backend) {
+        let server = TestServer::start(backend).await;
+        let alice = server.register("alice").await;
+        let bob = server.register("bob").await;
+        let carol = server.register("carol").await;
+        let token = Some(alice.access_token.as_str());
+        let room = server.create_room(&bob, json!({"preset": "public_chat"})).await;
+        server.join(&alice, &room).await;
+        server.join(&carol, &room).await;
+        let reply = |root: &str, body: &str, mention: bool| {
+            let mut content = json!({"msgtype": "m.text", "body": body, "m.relates_to": {
+                "rel_type": "m.thread", "event_id": root, "is_falling_back": true, "m.in_reply_to": {"event_id": root}}});
+            if mention {
+                content["m.mentions"] = json!({"user_ids": ["@alice:localhost"]});
+            }
+            content
+        };
+        let root = server.send_text(&bob, &room, "root of a thread").await;
+        server.send(&carol, &room, "m.room.message", reply(&root, "first reply", false)).await;
+        let second = server.send(&carol, &room, "m.room.message", reply(&root, "second reply, alice?", true)).await;
+        let other_root = server.send_text(&bob, &room, "another root").await;
+        server.send(&bob, &room, "m.room.message", reply(&other_root, "other thread reply", false)).await;
+
+        let threaded = r#"{"room":{"timeline":{"unread_thread_notifications":true}}}"#;
+        let thread_counts = |sync: &Value, root: &str| {
+            let counts = &sync["rooms"]["join"][&room]["unread_thread_notifications"][root];
+            (counts["notification_count"].as_u64().unwrap_or(0), counts["highlight_count"].as_u64().unwrap_or(0))
+        };
+        // Asked for, threads are counted apart from the main timeline; otherwise all in one.
+        let sync = server.sync(&alice, None, Some(threaded), 0).await;
+        assert_eq!(unread(&sync, &room), (2, 0), "{}", sync["rooms"]["join"][&room]);
+        assert_eq!(thread_counts(&sync, &root), (2, 1));
+        assert_eq!(thread_counts(&sync, &other_root), (1, 0));
+        assert_eq!(unread(&server.sync(&alice, None, None, 0).await, &room), (5, 1));
+
+        // A receipt in one thread clears that thread only.
+        let receipt = |event: String, thread: Option<String>| {
+            let server = &server;
+            let room = &room;
+            async move {
+                let body = thread.map_or(json!({}), |t| json!({"thread_id": t}));
+                server.post(&format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(room), enc(&event)), token, body).await
+            }
+        };
+        assert_eq!(receipt(second.clone(), Some(root.clone())).await.0, 200);
+        let sync = server.sync(&alice, None, Some(threaded), 0).await;
+        assert_eq!(unread(&sync, &room), (2, 0));
+        assert_eq!(thread_counts(&sync, &root), (0, 0));
+        assert!(sync["rooms"]["join"][&room]["unread_thread_notifications"].get(&root).is_none(), "a read thread is left out");
+        assert_eq!(thread_counts(&sync, &other_root), (1, 0));
+        assert_eq!(unread(&server.sync(&alice, None, None, 0).await, &room), (3, 0));
+
+        // A main-timeline receipt clears the main timeline, not the threads.
+        assert_eq!(receipt(other_root.clone(), Some("main".to_owned())).await.0, 200);
+        let sync = server.sync(&alice, None, Some(threaded), 0).await;
+        assert_eq!(unread(&sync, &room), (0, 0));
+        assert_eq!(thread_counts(&sync, &other_root), (1, 0));
+
+        // New replies count again; an unthreaded receipt clears everything before it.
+        let third = server.send(&carol, &room, "m.room.message", reply(&root, "third reply", false)).await;
+        let sync = server.sync(&alice, None, Some(threaded), 0).await;
+        assert_eq!(thread_counts(&sync, &root), (1, 0));
+        assert_eq!(receipt(third, None).await.0, 200);
+        let sync = server.sync(&alice, None, Some(threaded), 0).await;
+        assert_eq!(unread(&sync, &room), (0, 0));
+        assert!(sync["rooms"]["join"][&room].get("unread_thread_notifications").is_none(), "{}", sync["rooms"]["join"][&room]);
+
+        // The notification list knows which were read, per thread.
+        server.send(&carol, &room, "m.room.message", reply(&root, "fourth reply", false)).await;
+        let (_, list) = server.get("/_matrix/client/v3/notifications?limit=2", token).await;
+        let items = list["notifications"].as_array().unwrap();
+        assert_eq!((items[0]["event"]["content"]["body"].as_str(), items[0]["read"].as_bool()), (Some("fourth reply"), Some(false)), "{list}");
+        assert_eq!((items[1]["event"]["content"]["body"].as_str(), items[1]["read"].as_bool()), (Some("third reply"), Some(true)), "{list}");
+    }
 }

@@ -19,6 +19,7 @@ pub mod receipts;
 pub mod registration;
 pub mod relations;
 pub mod room;
+pub mod search;
 pub mod session;
 pub mod state;
 pub mod sync;

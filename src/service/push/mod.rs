@@ -37,7 +37,7 @@ use crate::{
     service::{
         media::preview::{AddressPolicy, SafeFetcher},
         notifications::Notifications,
-        now_ms,
+        now_ms, receipts,
         rooms::{Rooms, StoredEvent},
         sync::Sync,
     },
@@ -249,7 +249,8 @@ impl Push {
                     .await?;
                 let Some(served) = served.into_iter().next() else { continue };
                 let ts = ruma::MilliSecondsSinceUnixEpoch(event.pdu.origin_server_ts.0);
-                let read = self.rooms.streams.read_pos(user, room_id) >= event.stream_pos;
+                let thread = receipts::thread_of(&event.pdu);
+                let read = self.rooms.streams.read_marks(user, room_id).bound(&thread) >= event.stream_pos;
                 found.push(Notification::new(actions.to_vec(), Raw::from_json(served), read, room_id.clone(), ts));
                 if found.len() == limit {
                     return Ok((found, Some(event.stream_pos.to_string())));
@@ -435,7 +436,9 @@ impl Push {
             .rooms
             .into_values()
             .filter(|(event, _)| {
-                event.stream_pos > received && self.rooms.streams.read_pos(user, &event.pdu.room_id) < event.stream_pos
+                let thread = receipts::thread_of(&event.pdu);
+                event.stream_pos > received
+                    && self.rooms.streams.read_marks(user, &event.pdu.room_id).bound(&thread) < event.stream_pos
             })
             .collect();
         tracing::debug!(user = %user, received, pushes = events.len(), "push: due");
@@ -490,7 +493,7 @@ impl Push {
         let mut count = 0;
         for (room_id, membership, _) in self.rooms.streams.user_rooms(user, upto) {
             match membership.as_str() {
-                "join" => count += self.notifications.unread(user, &room_id, upto).await?.notifications,
+                "join" => count += self.notifications.unread(user, &room_id, upto).await?.total().notifications,
                 "invite" => count += 1,
                 _ => {}
             }

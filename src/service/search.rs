@@ -1,0 +1,376 @@
+//! `POST /search` over room events: the database's full-text index (`storage::search`) finds
+//! candidates in the rooms the user is or was in; history visibility decides which they see.
+//!
+//! Encrypted messages are never indexed (the server cannot read them; clients search those
+//! themselves). Redacted events leave the index when the redaction is stored.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+use ruma::{
+    OwnedRoomId, OwnedUserId, UInt, UserId,
+    api::client::search::search_events::v3::{
+        Criteria, EventContextResult, GroupingKey, OrderBy, ResultGroup, ResultGroupMap, ResultRoomEvents, SearchKeys,
+        SearchResult, UserProfile,
+    },
+    serde::Raw,
+};
+use serde_json::Value;
+
+use crate::{
+    error::{Error, Result},
+    matrix::client_event::Format,
+    service::{
+        filter,
+        rooms::{
+            Rooms, StoredEvent,
+            history::ReadAccess,
+            pagination::{PageToken, position_before, position_of},
+        },
+    },
+    storage::{
+        rooms::Dir,
+        search::{SearchOrder, SearchQuery},
+    },
+};
+
+/// Results per page when the filter does not say, and at most.
+const DEFAULT_LIMIT: usize = 10;
+const MAX_LIMIT: usize = 50;
+/// Events of context at most on each side of a result.
+const MAX_CONTEXT: usize = 20;
+/// Index reads per request while hits keep turning out invisible.
+const MAX_ROUNDS: usize = 5;
+/// Words of a search term used at most.
+const MAX_WORDS: usize = 16;
+
+pub struct Search {
+    rooms: Arc<Rooms>,
+}
+
+/// Where the next page starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cursor {
+    /// Rank order: hits to skip.
+    Offset(i64),
+    /// Recent order: before this stream position.
+    Before(i64),
+}
+
+impl Cursor {
+    fn parse(token: &str) -> Result<Cursor> {
+        let invalid = || Error::InvalidParam("Invalid next_batch token".to_owned());
+        let (kind, value) = token.split_at_checked(1).ok_or_else(invalid)?;
+        let value: i64 = value.parse().map_err(|_| invalid())?;
+        match kind {
+            "o" if value >= 0 => Ok(Cursor::Offset(value)),
+            "b" => Ok(Cursor::Before(value)),
+            _ => Err(invalid()),
+        }
+    }
+
+    fn format(self) -> String {
+        match self {
+            Cursor::Offset(offset) => format!("o{offset}"),
+            Cursor::Before(before) => format!("b{before}"),
+        }
+    }
+}
+
+/// The words of a search term, lowercased: letters and digits, everything else a separator.
+pub fn words(term: &str) -> Vec<String> {
+    term.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .take(MAX_WORDS)
+        .map(str::to_lowercase)
+        .collect()
+}
+
+impl Search {
+    pub fn new(rooms: Arc<Rooms>) -> Search {
+        Search { rooms }
+    }
+
+    /// The `room_events` category of `POST /search` for `user` (on `device`).
+    pub async fn room_events(
+        &self,
+        user: &UserId,
+        device: Option<&str>,
+        criteria: &Criteria,
+        next_batch: Option<&str>,
+    ) -> Result<ResultRoomEvents> {
+        let words = words(&criteria.search_term);
+        if words.is_empty() {
+            return Err(Error::InvalidParam("The search term has no words".to_owned()));
+        }
+        let order = match criteria.order_by {
+            Some(OrderBy::Recent) => SearchOrder::Recent,
+            _ => SearchOrder::Rank,
+        };
+        let mut cursor = match next_batch {
+            Some(token) => Cursor::parse(token)?,
+            None if order == SearchOrder::Rank => Cursor::Offset(0),
+            None => Cursor::Before(i64::MAX),
+        };
+        let filter = &criteria.filter;
+        let limit = filter.limit.map_or(DEFAULT_LIMIT, |l| (u64::from(l) as usize).clamp(1, MAX_LIMIT));
+        let keys = criteria
+            .keys
+            .clone()
+            .unwrap_or_else(|| vec![SearchKeys::ContentBody, SearchKeys::ContentName, SearchKeys::ContentTopic]);
+        let types: Vec<&str> = keys
+            .iter()
+            .filter_map(|key| match key {
+                SearchKeys::ContentBody => Some("m.room.message"),
+                SearchKeys::ContentName => Some("m.room.name"),
+                SearchKeys::ContentTopic => Some("m.room.topic"),
+                _ => None,
+            })
+            .filter(|t| filter::types_allow(filter.types.as_deref(), &filter.not_types, t))
+            .collect();
+
+        // Rooms the user is in or left (what they saw before leaving stays searchable), each
+        // with how far they may read.
+        let mut access: HashMap<OwnedRoomId, ReadAccess> = HashMap::new();
+        for (room_id, membership, _) in self.rooms.streams.user_rooms(user, i64::MAX) {
+            if !matches!(membership.as_str(), "join" | "leave" | "ban")
+                || !filter::room_allowed(filter.rooms.as_deref(), &filter.not_rooms, &room_id)
+            {
+                continue;
+            }
+            if let Ok(read) = self.rooms.read_access(user, &room_id).await {
+                access.insert(room_id, read);
+            }
+        }
+        let rooms: Vec<OwnedRoomId> = access.keys().cloned().collect();
+        let senders: Option<Vec<String>> =
+            filter.senders.as_ref().map(|s| s.iter().map(|u| u.as_str().to_owned()).collect());
+        let not_senders: Vec<String> = filter.not_senders.iter().map(|u| u.as_str().to_owned()).collect();
+        let query = |cursor: Cursor, limit: usize| SearchQuery {
+            words: &words,
+            rooms: &rooms,
+            types: &types,
+            senders: senders.as_deref(),
+            not_senders: &not_senders,
+            order,
+            before: match cursor {
+                Cursor::Before(before) => Some(before),
+                Cursor::Offset(_) => None,
+            },
+            offset: match cursor {
+                Cursor::Offset(offset) => offset,
+                Cursor::Before(_) => 0,
+            },
+            limit: limit as i64,
+        };
+
+        let ignored = self.rooms.ignored_users(user).await?;
+        let mut found: Vec<(Arc<StoredEvent>, f64)> = Vec::new();
+        let mut more = false;
+        for _ in 0..MAX_ROUNDS {
+            // Read one more than needed to know whether there is a next page.
+            let want = limit - found.len() + 1;
+            let hits = self.rooms.db.search_events(&query(cursor, want)).await?;
+            let exhausted = hits.len() < want;
+            let mut ranks = HashMap::new();
+            let mut positions = Vec::new();
+            for hit in &hits {
+                ranks.insert(hit.stream_pos, hit.rank);
+                positions.push(hit.stream_pos);
+            }
+            let mut events = Vec::new();
+            for pos in &positions {
+                if let Some(row) = self.rooms.db.event_at(*pos).await? {
+                    events.extend(self.rooms.events_from_rows(vec![row])?);
+                }
+            }
+            // Within the user's read bound of each room, then by history visibility.
+            events.retain(|e| access.get(&e.pdu.room_id).is_some_and(|a| e.stream_pos <= a.upto));
+            let visible = self.rooms.filter_visible(user, events, &ignored).await?;
+            let visible_positions: std::collections::HashSet<i64> = visible.iter().map(|e| e.stream_pos).collect();
+            let by_pos: HashMap<i64, Arc<StoredEvent>> = visible.into_iter().map(|e| (e.stream_pos, e)).collect();
+            // Walk the hits in order: the cursor moves past each one looked at.
+            for pos in positions {
+                if found.len() == limit {
+                    more = true;
+                    break;
+                }
+                cursor = match cursor {
+                    Cursor::Offset(offset) => Cursor::Offset(offset + 1),
+                    Cursor::Before(_) => Cursor::Before(pos),
+                };
+                if visible_positions.contains(&pos)
+                    && let Some(event) = by_pos.get(&pos)
+                {
+                    found.push((event.clone(), ranks[&pos]));
+                }
+            }
+            if more || exhausted {
+                break;
+            }
+            if found.len() == limit {
+                // Exactly filled by the last hit read: whether more exist is unknown, so offer a
+                // next page (it may come back empty).
+                more = true;
+                break;
+            }
+        }
+
+        let count = self.rooms.db.search_count(&query(Cursor::Offset(0), 0)).await?;
+        let mut response = ResultRoomEvents::new();
+        response.count = UInt::new(count.max(0) as u64);
+        response.highlights = words.clone();
+        response.next_batch = more.then(|| cursor.format());
+
+        let context = &criteria.event_context;
+        let before_limit = (u64::from(context.before_limit) as usize).min(MAX_CONTEXT);
+        let after_limit = (u64::from(context.after_limit) as usize).min(MAX_CONTEXT);
+        for (event, rank) in &found {
+            let read = &access[&event.pdu.room_id];
+            let served = self
+                .rooms
+                .serve_timeline(user, device, std::slice::from_ref(event), Format::WithRoomId, read.upto)
+                .await?;
+            let mut result = SearchResult::new();
+            result.rank = Some(*rank);
+            result.result = served.into_iter().next().map(Raw::from_json);
+            result.context =
+                self.context(user, device, event, read, before_limit, after_limit, context.include_profile).await?;
+            response.results.push(result);
+        }
+
+        if criteria.include_state == Some(true) {
+            let mut seen = Vec::new();
+            for (event, _) in &found {
+                let room_id = &event.pdu.room_id;
+                if seen.contains(room_id) {
+                    continue;
+                }
+                seen.push(room_id.clone());
+                let group = self.rooms.current_group_at(room_id, access[room_id].upto).await?;
+                let state = self.rooms.state_events(group, None).await?;
+                let served = self.rooms.serve(user, device, &state, Format::WithRoomId).await?;
+                response.state.insert(room_id.clone(), served.into_iter().map(Raw::from_json).collect());
+            }
+        }
+
+        for grouping in &criteria.groupings.group_by {
+            match &grouping.key {
+                Some(GroupingKey::RoomId) => {
+                    let groups = group_by(&found, |e| e.pdu.room_id.clone(), &response.next_batch);
+                    response.groups.insert(ResultGroupMap::RoomId(groups));
+                }
+                Some(GroupingKey::Sender) => {
+                    let groups: BTreeMap<OwnedUserId, ResultGroup> =
+                        group_by(&found, |e| e.pdu.sender.clone(), &response.next_batch);
+                    response.groups.insert(ResultGroupMap::Sender(groups));
+                }
+                _ => {}
+            }
+        }
+        Ok(response)
+    }
+
+    /// The events around a result, within what the user may see, with the senders' profiles
+    /// at the result when asked.
+    #[allow(clippy::too_many_arguments)]
+    async fn context(
+        &self,
+        user: &UserId,
+        device: Option<&str>,
+        event: &Arc<StoredEvent>,
+        read: &ReadAccess,
+        before_limit: usize,
+        after_limit: usize,
+        include_profile: bool,
+    ) -> Result<EventContextResult> {
+        let mut context = EventContextResult::new();
+        let room_id = &event.pdu.room_id;
+        if before_limit == 0 && after_limit == 0 && !include_profile {
+            return Ok(context);
+        }
+        let before = if before_limit > 0 {
+            self.rooms
+                .page(user, room_id, position_before(event), None, Dir::Backward, before_limit, None, read)
+                .await?
+                .events
+        } else {
+            Vec::new()
+        };
+        let after = if after_limit > 0 {
+            self.rooms
+                .page(user, room_id, position_of(event), None, Dir::Forward, after_limit, None, read)
+                .await?
+                .events
+        } else {
+            Vec::new()
+        };
+        context.start = Some(PageToken::format(position_before(before.last().unwrap_or(event))));
+        context.end = Some(PageToken::format(position_of(after.last().unwrap_or(event))));
+        if include_profile {
+            let mut senders: Vec<&ruma::OwnedUserId> = vec![&event.pdu.sender];
+            senders.extend(before.iter().chain(after.iter()).map(|e| &e.pdu.sender));
+            senders.sort();
+            senders.dedup();
+            for sender in senders {
+                let member = self.rooms.state_event_at(event.state_after, "m.room.member", sender.as_str()).await?;
+                let content = member.map(|m| m.pdu.content_value()).unwrap_or(Value::Null);
+                let mut profile = UserProfile::new();
+                profile.displayname = content.get("displayname").and_then(Value::as_str).map(str::to_owned);
+                profile.avatar_url = content.get("avatar_url").and_then(Value::as_str).map(ruma::OwnedMxcUri::from);
+                context.profile_info.insert(sender.clone(), profile);
+            }
+        }
+        let serve = |events: Vec<Arc<StoredEvent>>| async move {
+            self.rooms.serve_timeline(user, device, &events, Format::WithRoomId, read.upto).await
+        };
+        context.events_before = serve(before).await?.into_iter().map(Raw::from_json).collect();
+        context.events_after = serve(after).await?.into_iter().map(Raw::from_json).collect();
+        Ok(context)
+    }
+}
+
+/// Results grouped by `key`, each group in result order, groups ordered by their first result.
+fn group_by<K: Ord + Clone>(
+    found: &[(Arc<StoredEvent>, f64)],
+    key: impl Fn(&StoredEvent) -> K,
+    next_batch: &Option<String>,
+) -> BTreeMap<K, ResultGroup> {
+    let mut groups: BTreeMap<K, ResultGroup> = BTreeMap::new();
+    let mut order = 0u32;
+    for (event, _) in found {
+        let group = groups.entry(key(event)).or_insert_with(|| {
+            order += 1;
+            let mut group = ResultGroup::new();
+            group.order = Some(UInt::from(order));
+            group.next_batch = next_batch.clone();
+            group
+        });
+        group.results.push(event.pdu.event_id.clone());
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_are_letters_and_digits_lowercased() {
+        assert_eq!(words("Hello, wörld! it's 2026"), ["hello", "wörld", "it", "s", "2026"]);
+        assert!(words(" ,.;").is_empty());
+        assert_eq!(words(&"a ".repeat(40)).len(), MAX_WORDS);
+    }
+
+    #[test]
+    fn cursors_round_trip_and_bad_ones_are_refused() {
+        for cursor in [Cursor::Offset(0), Cursor::Offset(30), Cursor::Before(-5), Cursor::Before(1234)] {
+            assert_eq!(Cursor::parse(&cursor.format()).unwrap(), cursor);
+        }
+        for bad in ["", "o", "x5", "o-1", "b1.5", "ob"] {
+            assert!(Cursor::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
