@@ -9,6 +9,8 @@
 //!
 //! Every load loop is bounded in count and time; everything talks to loopback only.
 
+mod search;
+
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},

@@ -360,6 +360,14 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
             unstable_features: [
                 (config.websocket.enabled, "org.hearth.ws"),
                 (config.delivered_receipts.enabled, "org.hearth.delivered_receipts"),
+                // Threads (bundled summaries, `/threads`, `/relations` both ways), threaded read
+                // receipts and per-thread unread counts — all in v1.3/v1.4, which Hearth does not
+                // claim as a whole: how clients know to use them.
+                (true, "org.matrix.msc3440.stable"),
+                (true, "org.matrix.msc3856.stable"),
+                (true, "org.matrix.msc3715.stable"),
+                (true, "org.matrix.msc3771"),
+                (true, "org.matrix.msc3773"),
             ]
             .into_iter()
             .filter_map(|(enabled, feature)| enabled.then_some(feature))

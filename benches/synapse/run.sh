@@ -19,6 +19,8 @@
 #        SYNAPSE_REGISTRATION_SHARED_SECRET  default: hearth-bench-registration-secret
 #        SYNAPSE_PGHOST / SYNAPSE_PGPORT / SYNAPSE_PGUSER   default: 127.0.0.1 / 5432 / postgres
 #        SYNAPSE_PG_CP_MIN / SYNAPSE_PG_CP_MAX  PostgreSQL pool size (default: Twisted's 3 / 5)
+#        SYNAPSE_ALLOW_LOOPBACK_PUSH         set: outbound HTTP to 127.0.0.0/8 is allowed (push gateways
+#                                            of the push benchmark); everything else stays blocked
 #        SYNAPSE_SQLITE_SYNCHRONOUS          unset (stock Synapse: SQLite's default, FULL) or
 #                                            NORMAL/FULL/OFF: applied to every SQLite connection
 #                                            through launch.py (see README.md)
@@ -158,6 +160,10 @@ cmd_start() {
     {
         fill "$here/homeserver.yaml.template"
         printf '\n# Database (written by run.sh for "%s").\n%s\n' "$db" "$database"
+        if [ -n "${SYNAPSE_ALLOW_LOOPBACK_PUSH:-}" ]; then
+            # Outbound HTTP to loopback only (the push benchmark's gateway); everything else stays blocked.
+            printf '\nip_range_whitelist:\n  - "127.0.0.0/8"\n'
+        fi
     } >"$config.tmp"
     mv "$config.tmp" "$config"
     fill "$here/log.config.template" >"$datadir/log.config"

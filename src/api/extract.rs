@@ -26,7 +26,24 @@ use crate::{
 /// A request body and path parsed into the ruma request type `T`.
 pub struct Ruma<T>(pub T);
 
+/// [`Ruma`] with the body as sent too, for the few endpoints where a field left out means
+/// something else than its default (ruma's types cannot tell them apart).
+pub struct RumaWithBody<T>(pub T, pub axum::body::Bytes);
+
 impl<T, S> FromRequest<S> for Ruma<T>
+where
+    T: IncomingRequest + Send,
+    S: Send + Sync,
+    Arc<ServerInfo>: FromRef<S>,
+{
+    type Rejection = Error;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Error> {
+        RumaWithBody::from_request(request, state).await.map(|RumaWithBody(parsed, _)| Ruma(parsed))
+    }
+}
+
+impl<T, S> FromRequest<S> for RumaWithBody<T>
 where
     T: IncomingRequest + Send,
     S: Send + Sync,
@@ -65,7 +82,8 @@ where
         })?;
         // An empty body means "no parameters" (several clients send none to POST /join); every
         // JSON body in the API is an object, so treat it as `{}`.
-        let body: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
+        let bytes = if bytes.is_empty() { axum::body::Bytes::from_static(b"{}") } else { bytes };
+        let body: &[u8] = &bytes;
         let mut http_request = axum::http::Request::builder()
             .method(parts.method)
             .uri(parts.uri)
@@ -76,7 +94,7 @@ where
         // ruma's hand-written deserialisers index into JSON objects in places (e.g. a login body
         // without `type`), which panics; a malformed body must be a 400, never a dropped request.
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| T::try_from_http_request(http_request, &args))) {
-            Ok(parsed) => parsed.map(Ruma).map_err(request_error),
+            Ok(parsed) => parsed.map(|parsed| RumaWithBody(parsed, bytes.clone())).map_err(request_error),
             Err(_) => Err(Error::BadJson("Malformed request body".to_owned())),
         }
     }

@@ -99,6 +99,7 @@ impl Search {
         user: &UserId,
         device: Option<&str>,
         criteria: &Criteria,
+        with_context: bool,
         next_batch: Option<&str>,
     ) -> Result<ResultRoomEvents> {
         let words = words(&criteria.search_term);
@@ -140,7 +141,11 @@ impl Search {
             {
                 continue;
             }
-            if let Ok(read) = self.rooms.read_access(user, &room_id).await {
+            if membership == "join" {
+                // Joined: everything so far (history visibility still decides per event).
+                let read = ReadAccess { upto: self.rooms.streams.position(), membership: Some(membership) };
+                access.insert(room_id, read);
+            } else if let Ok(read) = self.rooms.read_access(user, &room_id).await {
                 access.insert(room_id, read);
             }
         }
@@ -180,12 +185,7 @@ impl Search {
                 ranks.insert(hit.stream_pos, hit.rank);
                 positions.push(hit.stream_pos);
             }
-            let mut events = Vec::new();
-            for pos in &positions {
-                if let Some(row) = self.rooms.db.event_at(*pos).await? {
-                    events.extend(self.rooms.events_from_rows(vec![row])?);
-                }
-            }
+            let mut events = self.rooms.events_from_rows(self.rooms.db.events_at(&positions).await?)?;
             // Within the user's read bound of each room, then by history visibility.
             events.retain(|e| access.get(&e.pdu.room_id).is_some_and(|a| e.stream_pos <= a.upto));
             let visible = self.rooms.filter_visible(user, events, &ignored).await?;
@@ -236,8 +236,10 @@ impl Search {
             let mut result = SearchResult::new();
             result.rank = Some(*rank);
             result.result = served.into_iter().next().map(Raw::from_json);
-            result.context =
-                self.context(user, device, event, read, before_limit, after_limit, context.include_profile).await?;
+            if with_context {
+                result.context =
+                    self.context(user, device, event, read, before_limit, after_limit, context.include_profile).await?;
+            }
             response.results.push(result);
         }
 

@@ -388,6 +388,23 @@ impl Db {
         row.map(event_row).transpose()
     }
 
+    /// The events at these stream positions (those that exist), in no particular order.
+    pub async fn events_at(&self, positions: &[i64]) -> StorageResult<Vec<EventRow>> {
+        if positions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = (1..=positions.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_pos IN ({list})"));
+        let rows: Vec<EventTuple> = on_reader!(self, pool => {
+            let mut query = sqlx::query_as(sql);
+            for pos in positions {
+                query = query.bind(*pos);
+            }
+            query.fetch_all(pool).await?
+        });
+        rows.into_iter().map(event_row).collect()
+    }
+
     /// A room's events with `after < stream_pos <= upto`, in `dir` order, at most `limit`.
     /// Soft-failed events are never returned.
     pub async fn room_events(

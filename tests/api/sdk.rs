@@ -41,6 +41,12 @@ backend_tests! {
         tokio::task::spawn_blocking(move || run_js_script(&server, "chat.js")).await.unwrap();
     }
 
+    async fn matrix_js_sdk_searches_sets_push_rules_and_is_pushed(backend) {
+        let config = "[push]\nallowed_ip_ranges = [\"127.0.0.0/8\"]\ncoalesce_ms = 200\n";
+        let server = TestServer::start_with(backend, config).await;
+        tokio::task::spawn_blocking(move || run_js_script(&server, "search_push.js")).await.unwrap();
+    }
+
     async fn matrix_js_sdk_users_encrypt_verify_and_restore_from_key_backup(backend) {
         let server = TestServer::start(backend).await;
         tokio::task::spawn_blocking(move || run_js_script(&server, "e2ee.js")).await.unwrap();

@@ -14,12 +14,10 @@ use crate::api::{ServerInfo, extract::Ruma, respond::ApiResult};
 /// receipts, v1.11 for authenticated media, v1.16 for extended profiles). v1.2 added the space
 /// hierarchy (`GET /_matrix/client/v1/rooms/{roomId}/hierarchy`), which Hearth does not serve, so
 /// the list stops at v1.1 (knocking, `/v3` paths, room versions 7–9: all present); later versions
-/// (v1.11's authenticated media, …) are missing more. Features absent since r0 — the content
-/// repository, end-to-end key APIs (`/keys/*`) and writable push rules — are gaps in every
-/// version; they are listed as not built in the README and ARCHITECTURE.md instead of advertising
-/// nothing, since a client refuses a server with no version it knows (matrix-js-sdk needs v1.1).
-/// Features Hearth has from later versions (threads, private receipts) are reachable by clients
-/// that call them anyway; they are not a reason to claim a version whose other requirements fail.
+/// (v1.11's authenticated media, …) are missing more. Features Hearth has from later versions
+/// (threads, threaded receipts and counts) are announced one by one as `unstable_features` (see
+/// `app.rs`), which is how clients learn of them short of the whole version; they are not a
+/// reason to claim a version whose other requirements fail.
 pub const SUPPORTED_VERSIONS: &[&str] =
     &["r0.0.1", "r0.1.0", "r0.2.0", "r0.3.0", "r0.4.0", "r0.5.0", "r0.6.0", "r0.6.1", "v1.1"];
 
