@@ -5,46 +5,12 @@
 // never sleeps. No crypto is initialised.
 import "./polyfill.js";
 import * as sdk from "matrix-js-sdk";
+import { register as registerAt, startedClient as startAt, withDeadline } from "./helpers.js";
 
 const baseUrl = process.env.HEARTH_URL;
 if (!baseUrl) throw new Error("HEARTH_URL is not set");
-
-function withDeadline(promise, what, ms = 30000) {
-    let timer;
-    const deadline = new Promise((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms);
-    });
-    return Promise.race([promise, deadline]).finally(() => clearTimeout(timer));
-}
-
-async function register(localpart) {
-    const response = await fetch(`${baseUrl}/_matrix/client/v3/register`, {
-        method: "POST",
-        headers: { "content-type": "application/json" },
-        body: JSON.stringify({ username: localpart, password: `pw-${localpart}-secret`, auth: { type: "m.login.dummy" } }),
-    });
-    const body = await response.json();
-    if (response.status !== 200) throw new Error(`register ${localpart}: ${response.status} ${JSON.stringify(body)}`);
-    return body;
-}
-
-async function startedClient(account) {
-    const client = sdk.createClient({
-        baseUrl,
-        userId: account.user_id,
-        accessToken: account.access_token,
-        deviceId: account.device_id,
-    });
-    const prepared = new Promise((resolve, reject) => {
-        client.on(sdk.ClientEvent.Sync, (state, _previous, data) => {
-            if (state === sdk.SyncState.Prepared) resolve();
-            if (state === sdk.SyncState.Error) reject(new Error(`sync error: ${data?.error}`));
-        });
-    });
-    await client.startClient({ initialSyncLimit: 10 });
-    await withDeadline(prepared, `${account.user_id} to reach PREPARED`);
-    return client;
-}
+const register = (localpart) => registerAt(baseUrl, localpart);
+const startedClient = (account) => startAt(baseUrl, account);
 
 function waitFor(client, event, predicate, what) {
     return withDeadline(
