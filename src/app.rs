@@ -398,7 +398,7 @@ pub async fn build_state(config: &Config, db: Db, public_baseurl: String) -> Res
         media,
         e2ee,
         push,
-        search: Arc::new(crate::service::search::Search::new(rooms_for_search)),
+        search: Arc::new(crate::service::search::Search::new(rooms_for_search, config.search.clone())),
     };
     Ok(state)
 }

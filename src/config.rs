@@ -50,6 +50,7 @@ pub struct Config {
     pub federation: FederationConfig,
     pub media: MediaConfig,
     pub push: PushConfig,
+    pub search: SearchConfig,
     pub logging: LoggingConfig,
 }
 
@@ -366,6 +367,24 @@ impl Default for PushConfig {
     }
 }
 
+/// `POST /search`: what a search over very common words may cost.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SearchConfig {
+    /// Rank order ranks this many matches together, newest first block by block; a word in
+    /// fewer messages is ranked over all of them.
+    pub rank_window: usize,
+    /// `count` is exact up to this many matches; beyond, it is estimated from the newest this
+    /// many.
+    pub exact_count_up_to: usize,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        SearchConfig { rank_window: 2000, exact_count_up_to: 2000 }
+    }
+}
+
 /// The content repository: uploads, downloads, thumbnails, other servers' media.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -476,6 +495,7 @@ impl Default for Config {
             federation: FederationConfig::default(),
             media: MediaConfig::default(),
             push: PushConfig::default(),
+            search: SearchConfig::default(),
             logging: LoggingConfig::default(),
         }
     }

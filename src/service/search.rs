@@ -20,6 +20,7 @@ use ruma::{
 use serde_json::Value;
 
 use crate::{
+    config::SearchConfig,
     error::{Error, Result},
     matrix::client_event::Format,
     service::{
@@ -32,7 +33,7 @@ use crate::{
     },
     storage::{
         rooms::Dir,
-        search::{SearchOrder, SearchQuery},
+        search::{SearchFrom, SearchQuery},
     },
 };
 
@@ -48,34 +49,33 @@ const MAX_WORDS: usize = 16;
 
 pub struct Search {
     rooms: Arc<Rooms>,
+    config: SearchConfig,
 }
 
-/// Where the next page starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cursor {
-    /// Rank order: hits to skip.
-    Offset(i64),
-    /// Recent order: before this stream position.
-    Before(i64),
-}
-
-impl Cursor {
-    fn parse(token: &str) -> Result<Cursor> {
-        let invalid = || Error::InvalidParam("Invalid next_batch token".to_owned());
-        let (kind, value) = token.split_at_checked(1).ok_or_else(invalid)?;
-        let value: i64 = value.parse().map_err(|_| invalid())?;
-        match kind {
-            "o" if value >= 0 => Ok(Cursor::Offset(value)),
-            "b" => Ok(Cursor::Before(value)),
-            _ => Err(invalid()),
+/// Where the next page starts: `next_batch` is `r{below}.{skip}` in rank order and
+/// `b{below}` in recent order (see [`SearchFrom`]).
+fn parse_cursor(token: &str) -> Result<SearchFrom> {
+    let invalid = || Error::InvalidParam("Invalid next_batch token".to_owned());
+    let (kind, value) = token.split_at_checked(1).ok_or_else(invalid)?;
+    match kind {
+        "r" => {
+            let (below, skip) = value.split_once('.').ok_or_else(invalid)?;
+            let below: i64 = below.parse().map_err(|_| invalid())?;
+            let skip: i64 = skip.parse().map_err(|_| invalid())?;
+            if skip < 0 {
+                return Err(invalid());
+            }
+            Ok(SearchFrom::Rank { below, skip })
         }
+        "b" => Ok(SearchFrom::Recent { below: value.parse().map_err(|_| invalid())? }),
+        _ => Err(invalid()),
     }
+}
 
-    fn format(self) -> String {
-        match self {
-            Cursor::Offset(offset) => format!("o{offset}"),
-            Cursor::Before(before) => format!("b{before}"),
-        }
+fn format_cursor(from: SearchFrom) -> String {
+    match from {
+        SearchFrom::Rank { below, skip } => format!("r{below}.{skip}"),
+        SearchFrom::Recent { below } => format!("b{below}"),
     }
 }
 
@@ -89,8 +89,8 @@ pub fn words(term: &str) -> Vec<String> {
 }
 
 impl Search {
-    pub fn new(rooms: Arc<Rooms>) -> Search {
-        Search { rooms }
+    pub fn new(rooms: Arc<Rooms>, config: SearchConfig) -> Search {
+        Search { rooms, config }
     }
 
     /// The `room_events` category of `POST /search` for `user` (on `device`).
@@ -106,14 +106,13 @@ impl Search {
         if words.is_empty() {
             return Err(Error::InvalidParam("The search term has no words".to_owned()));
         }
-        let order = match criteria.order_by {
-            Some(OrderBy::Recent) => SearchOrder::Recent,
-            _ => SearchOrder::Rank,
-        };
-        let mut cursor = match next_batch {
-            Some(token) => Cursor::parse(token)?,
-            None if order == SearchOrder::Rank => Cursor::Offset(0),
-            None => Cursor::Before(i64::MAX),
+        // A first page reads below the newest position now, so that later pages of the same
+        // search see the same matches however many arrive meanwhile.
+        let below = self.rooms.streams.position() + 1;
+        let mut cursor = match (next_batch, &criteria.order_by) {
+            (Some(token), _) => parse_cursor(token)?,
+            (None, Some(OrderBy::Recent)) => SearchFrom::Recent { below },
+            (None, _) => SearchFrom::Rank { below, skip: 0 },
         };
         let filter = &criteria.filter;
         let limit = filter.limit.map_or(DEFAULT_LIMIT, |l| (u64::from(l) as usize).clamp(1, MAX_LIMIT));
@@ -153,22 +152,15 @@ impl Search {
         let senders: Option<Vec<String>> =
             filter.senders.as_ref().map(|s| s.iter().map(|u| u.as_str().to_owned()).collect());
         let not_senders: Vec<String> = filter.not_senders.iter().map(|u| u.as_str().to_owned()).collect();
-        let query = |cursor: Cursor, limit: usize| SearchQuery {
+        let query = |from: SearchFrom, limit: usize| SearchQuery {
             words: &words,
             rooms: &rooms,
             types: &types,
             senders: senders.as_deref(),
             not_senders: &not_senders,
-            order,
-            before: match cursor {
-                Cursor::Before(before) => Some(before),
-                Cursor::Offset(_) => None,
-            },
-            offset: match cursor {
-                Cursor::Offset(offset) => offset,
-                Cursor::Before(_) => 0,
-            },
+            from,
             limit: limit as i64,
+            rank_window: self.config.rank_window.max(1) as i64,
         };
 
         let ignored = self.rooms.ignored_users(user).await?;
@@ -180,10 +172,9 @@ impl Search {
             let hits = self.rooms.db.search_events(&query(cursor, want)).await?;
             let exhausted = hits.len() < want;
             let mut ranks = HashMap::new();
-            let mut positions = Vec::new();
+            let positions: Vec<i64> = hits.iter().map(|hit| hit.stream_pos).collect();
             for hit in &hits {
                 ranks.insert(hit.stream_pos, hit.rank);
-                positions.push(hit.stream_pos);
             }
             let mut events = self.rooms.events_from_rows(self.rooms.db.events_at(&positions).await?)?;
             // Within the user's read bound of each room, then by history visibility.
@@ -192,15 +183,13 @@ impl Search {
             let visible_positions: std::collections::HashSet<i64> = visible.iter().map(|e| e.stream_pos).collect();
             let by_pos: HashMap<i64, Arc<StoredEvent>> = visible.into_iter().map(|e| (e.stream_pos, e)).collect();
             // Walk the hits in order: the cursor moves past each one looked at.
-            for pos in positions {
+            for hit in &hits {
                 if found.len() == limit {
                     more = true;
                     break;
                 }
-                cursor = match cursor {
-                    Cursor::Offset(offset) => Cursor::Offset(offset + 1),
-                    Cursor::Before(_) => Cursor::Before(pos),
-                };
+                let pos = hit.stream_pos;
+                cursor = hit.next;
                 if visible_positions.contains(&pos)
                     && let Some(event) = by_pos.get(&pos)
                 {
@@ -218,11 +207,12 @@ impl Search {
             }
         }
 
-        let count = self.rooms.db.search_count(&query(Cursor::Offset(0), 0)).await?;
+        let count = self.rooms.db.search_count(&query(cursor, 0), self.config.exact_count_up_to as i64).await?;
         let mut response = ResultRoomEvents::new();
-        response.count = UInt::new(count.max(0) as u64);
+        // An estimate (see `storage::search`) is never less than what this page holds.
+        response.count = UInt::new(count.max(found.len() as i64).max(0) as u64);
         response.highlights = words.clone();
-        response.next_batch = more.then(|| cursor.format());
+        response.next_batch = more.then(|| format_cursor(cursor));
 
         let context = &criteria.event_context;
         let before_limit = (u64::from(context.before_limit) as usize).min(MAX_CONTEXT);
@@ -368,11 +358,16 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_bad_ones_are_refused() {
-        for cursor in [Cursor::Offset(0), Cursor::Offset(30), Cursor::Before(-5), Cursor::Before(1234)] {
-            assert_eq!(Cursor::parse(&cursor.format()).unwrap(), cursor);
+        for cursor in [
+            SearchFrom::Rank { below: 10, skip: 0 },
+            SearchFrom::Rank { below: 7, skip: 30 },
+            SearchFrom::Recent { below: -5 },
+            SearchFrom::Recent { below: 1234 },
+        ] {
+            assert_eq!(parse_cursor(&format_cursor(cursor)).unwrap(), cursor);
         }
-        for bad in ["", "o", "x5", "o-1", "b1.5", "ob"] {
-            assert!(Cursor::parse(bad).is_err(), "{bad}");
+        for bad in ["", "r", "r5", "r5.-1", "r.3", "x5", "o4", "b1.5", "rb"] {
+            assert!(parse_cursor(bad).is_err(), "{bad}");
         }
     }
 }

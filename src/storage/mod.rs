@@ -74,6 +74,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (14, "e2ee", include_str!("../../migrations/sqlite/0014_e2ee.sql")),
     (15, "push", include_str!("../../migrations/sqlite/0015_push.sql")),
     (16, "search", include_str!("../../migrations/sqlite/0016_search.sql")),
+    (17, "search_filters", include_str!("../../migrations/sqlite/0017_search_filters.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "accounts", include_str!("../../migrations/postgres/0001_accounts.sql")),
@@ -94,6 +95,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (14, "e2ee", include_str!("../../migrations/postgres/0014_e2ee.sql")),
     (15, "push", include_str!("../../migrations/postgres/0015_push.sql")),
     (16, "search", include_str!("../../migrations/postgres/0016_search.sql")),
+    (17, "search_filters", include_str!("../../migrations/postgres/0017_search_filters.sql")),
 ];
 
 /// A storage failure, in terms the service layer can act on.

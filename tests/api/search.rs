@@ -294,4 +294,49 @@ backend_tests! {
         assert_eq!(bodies(&search(&server, &alice, json!({"search_term": "köln"}), None).await), ["Grüße aus Köln 🎉"]);
         assert_eq!(bodies(&search(&server, &alice, json!({"search_term": "привет"}), None).await), ["привет мир"]);
     }
+
+    async fn search_ranks_long_histories_in_blocks_and_estimates_counts(backend) {
+        // Blocks of four and counts exact up to four matches, so a handful of messages shows
+        // what a word in a hundred thousand does at the default of two thousand.
+        let server = TestServer::start_with(backend, "[search]\nrank_window = 4\nexact_count_up_to = 4\n").await;
+        let alice = server.register("alice").await;
+        let bob = server.register("bob").await;
+        let elsewhere = server.create_room(&bob, json!({})).await;
+        for n in 0..6 {
+            server.send_text(&bob, &elsewhere, &format!("cake at bob's n{n}")).await;
+        }
+        let room = server.create_room(&alice, json!({})).await;
+        let body = |n: usize| if n % 2 == 1 { format!("cake cake n{n}") } else { format!("cake with several other words n{n}") };
+        for n in 0..10 {
+            server.send_text(&alice, &room, &body(n)).await;
+        }
+
+        // Newest four ranked (the two-cake ones first), then the next four, then the rest;
+        // a page may span blocks, and what arrives while paging does not move the pages.
+        let mut pages = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let page = search(&server, &alice, json!({"search_term": "cake", "filter": {"limit": 3}}), next.as_deref()).await;
+            if pages.is_empty() {
+                // 16 matches in the index; the newest four are all Alice's: 16 × 4/4.
+                assert_eq!(page["count"], 16, "{page}");
+                server.send_text(&alice, &room, "cake cake newest").await;
+            }
+            pages.push(bodies(&page));
+            match page["next_batch"].as_str() {
+                Some(token) => next = Some(token.to_owned()),
+                None => break,
+            }
+            assert!(pages.len() < 10, "pagination ends");
+        }
+        let expected: Vec<Vec<String>> =
+            [vec![9, 7, 8], vec![6, 5, 3], vec![4, 2, 1], vec![0]].iter().map(|page| page.iter().map(|&n| body(n)).collect()).collect();
+        assert_eq!(pages, expected);
+
+        // An estimate never says less than what the page holds: Bob's six are older than the
+        // newest four matches, none of which he may see.
+        let found = search(&server, &bob, json!({"search_term": "cake", "order_by": "recent"}), None).await;
+        assert_eq!(bodies(&found).len(), 6, "{found}");
+        assert_eq!(found["count"], 6, "{found}");
+    }
 }
