@@ -381,7 +381,7 @@ pub struct SearchConfig {
 
 impl Default for SearchConfig {
     fn default() -> Self {
-        SearchConfig { rank_window: 2000, exact_count_up_to: 2000 }
+        SearchConfig { rank_window: 1000, exact_count_up_to: 1000 }
     }
 }
 

@@ -297,7 +297,7 @@ backend_tests! {
 
     async fn search_ranks_long_histories_in_blocks_and_estimates_counts(backend) {
         // Blocks of four and counts exact up to four matches, so a handful of messages shows
-        // what a word in a hundred thousand does at the default of two thousand.
+        // what a word in a hundred thousand does at the default of a thousand.
         let server = TestServer::start_with(backend, "[search]\nrank_window = 4\nexact_count_up_to = 4\n").await;
         let alice = server.register("alice").await;
         let bob = server.register("bob").await;
