@@ -246,7 +246,9 @@ where
 {
     let token = access_token(&parts.headers, parts.uri.query())?;
     let ClientIp(ip) = ClientIp::from_request_parts(parts, state).await.unwrap_or(ClientIp(None));
-    Arc::<Users>::from_ref(state).authenticate(&token, ip).await
+    // Boxed: the lookup's state would otherwise sit inside every authenticated handler's
+    // future for the whole request (a parked `/sync` among them).
+    Box::pin(Arc::<Users>::from_ref(state).authenticate(&token, ip)).await
 }
 
 /// A caller with a valid access token for a full (non-guest) account.

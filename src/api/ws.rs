@@ -365,7 +365,7 @@ impl Connection {
             let mut early_close = None;
             match header_token {
                 Some(Some(token)) => {
-                    if let Err(close) = self.authenticate(&outbound, token, None, close_tx.clone()).await {
+                    if let Err(close) = Box::pin(self.authenticate(&outbound, token, None, close_tx.clone())).await {
                         early_close = Some(close);
                     }
                 }
@@ -443,7 +443,9 @@ impl Connection {
                             return Some(Close { code: 1009, reason: "frame too large" });
                         }
                         Message::Text(text) => {
-                            if let Some(close) = self.handle_text(text.as_str(), outbound, close_tx.clone()).await {
+                            // Boxed: the ops' states would otherwise be part of this loop's
+                            // future, which every idle socket keeps for its whole life.
+                            if let Some(close) = Box::pin(self.handle_text(text.as_str(), outbound, close_tx.clone())).await {
                                 return Some(close);
                             }
                         }
@@ -463,7 +465,7 @@ impl Connection {
                     outbound.control(Outbound::Ping).await;
                 }
                 _ = session_check.tick(), if self.authed.is_some() => {
-                    if let Some(close) = self.check_session(outbound).await {
+                    if let Some(close) = Box::pin(self.check_session(outbound)).await {
                         return Some(close);
                     }
                 }

@@ -299,7 +299,9 @@ impl Sync {
         let key = (request.user_id.clone(), request.device_id.clone());
         if let Some(since) = request.since {
             let confirmed = self.take_unconfirmed(&request.user_id, &request.device_id, since);
-            self.acknowledge(&request.user_id, &request.device_id, since, &confirmed).await?;
+            // Boxed, as is every step of `long_poll` that is not the wait: a future is as big
+            // as its biggest state, and a parked long-poll should hold only what it waits with.
+            Box::pin(self.acknowledge(&request.user_id, &request.device_id, since, &confirmed)).await?;
         }
         let response = self.long_poll(request, timeout).await?;
         if !response.delivered.is_empty() {
@@ -314,22 +316,25 @@ impl Sync {
         let mut woken = self.streams.notifier.subscribe(&request.user_id);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let response = self.changes(request).await?;
-            if !response.is_empty()
-                || request.since.is_none()
-                || request.full_state
-                || tokio::time::Instant::now() >= deadline
-                || self.streams.is_shutting_down()
+            // The response is built in its own box and, when empty, dropped before the wait:
+            // while parked, this future holds the notifier's receiver and the deadline only.
             {
-                return Ok(response);
-            }
-            tokio::select! {
-                changed = woken.changed() => {
-                    if changed.is_err() {
-                        return Ok(response);
-                    }
+                let response = Box::pin(self.changes(request)).await?;
+                if !response.is_empty()
+                    || request.since.is_none()
+                    || request.full_state
+                    || tokio::time::Instant::now() >= deadline
+                    || self.streams.is_shutting_down()
+                {
+                    return Ok(response);
                 }
-                () = tokio::time::sleep_until(deadline) => {}
+            }
+            let closed = tokio::select! {
+                changed = woken.changed() => changed.is_err(),
+                () = tokio::time::sleep_until(deadline) => false,
+            };
+            if closed {
+                return Box::pin(self.changes(request)).await;
             }
         }
     }

@@ -32,12 +32,15 @@ pub async fn sync(
     GuestOrUser(authed): GuestOrUser,
     Ruma(req): Ruma<sync_events::v3::Request>,
 ) -> Result<Json<SyncResponse>> {
-    let since = req.since.as_deref().map(StreamToken::parse).transpose()?;
-    let definition = match &req.filter {
+    // The request is taken apart (its filter moved, not copied) before the long-poll: what a
+    // parked `/sync` keeps is the `SyncRequest` alone.
+    let sync_events::v3::Request { filter: requested, since, full_state, set_presence, timeout, .. } = req;
+    let since = since.as_deref().map(StreamToken::parse).transpose()?;
+    let definition = match requested {
         None => FilterDefinition::default(),
-        Some(sync_events::v3::Filter::FilterDefinition(definition)) => definition.clone(),
+        Some(sync_events::v3::Filter::FilterDefinition(definition)) => definition,
         Some(sync_events::v3::Filter::FilterId(id)) => {
-            filter::resolve_sync_filter(&rooms.db, &authed.user_id, id).await?
+            Box::pin(filter::resolve_sync_filter(&rooms.db, &authed.user_id, &id)).await?
         }
         Some(_) => return Err(Error::InvalidParam("unsupported filter".to_owned())),
     };
@@ -47,10 +50,10 @@ pub async fn sync(
         device_id: authed.device_id.to_string(),
         since,
         filter: definition,
-        full_state: req.full_state,
+        full_state,
     };
-    let _presence = sync.presence().sync_started(&authed.user_id, req.set_presence.as_str());
-    let timeout = req.timeout.unwrap_or_default().min(MAX_TIMEOUT);
+    let _presence = sync.presence().sync_started(&authed.user_id, set_presence.as_str());
+    let timeout = timeout.unwrap_or_default().min(MAX_TIMEOUT);
     let response = sync.wait(&request, timeout).await?;
     Ok(Json(response))
 }
