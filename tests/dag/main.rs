@@ -14,6 +14,7 @@
 #[path = "../api/harness.rs"]
 mod api_harness;
 mod harness;
+mod idle;
 mod join;
 mod receipt;
 mod transactions;
