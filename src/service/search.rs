@@ -171,16 +171,11 @@ impl Search {
             let want = limit - found.len() + 1;
             let hits = self.rooms.db.search_events(&query(cursor, want)).await?;
             let exhausted = hits.len() < want;
-            let mut ranks = HashMap::new();
             let positions: Vec<i64> = hits.iter().map(|hit| hit.stream_pos).collect();
-            for hit in &hits {
-                ranks.insert(hit.stream_pos, hit.rank);
-            }
             let mut events = self.rooms.events_from_rows(self.rooms.db.events_at(&positions).await?)?;
             // Within the user's read bound of each room, then by history visibility.
             events.retain(|e| access.get(&e.pdu.room_id).is_some_and(|a| e.stream_pos <= a.upto));
             let visible = self.rooms.filter_visible(user, events, &ignored).await?;
-            let visible_positions: std::collections::HashSet<i64> = visible.iter().map(|e| e.stream_pos).collect();
             let by_pos: HashMap<i64, Arc<StoredEvent>> = visible.into_iter().map(|e| (e.stream_pos, e)).collect();
             // Walk the hits in order: the cursor moves past each one looked at.
             for hit in &hits {
@@ -188,12 +183,9 @@ impl Search {
                     more = true;
                     break;
                 }
-                let pos = hit.stream_pos;
                 cursor = hit.next;
-                if visible_positions.contains(&pos)
-                    && let Some(event) = by_pos.get(&pos)
-                {
-                    found.push((event.clone(), ranks[&pos]));
+                if let Some(event) = by_pos.get(&hit.stream_pos) {
+                    found.push((event.clone(), hit.rank));
                 }
             }
             if more || exhausted {

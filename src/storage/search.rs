@@ -128,7 +128,6 @@ impl Db {
                 loop {
                     let block = self.search_rank_block(q, below, skip, q.limit - hits.len() as i64).await?;
                     let Some(&(_, _, size, lowest)) = block.first() else { break };
-                    let returned = block.len() as i64;
                     for (i, (stream_pos, rank, _, _)) in block.into_iter().enumerate() {
                         let taken = skip + i as i64 + 1;
                         let next = if taken == size && size == q.rank_window {
@@ -138,7 +137,9 @@ impl Db {
                         };
                         hits.push(SearchHit { stream_pos, rank, next });
                     }
-                    if hits.len() as i64 >= q.limit || skip + returned < size || size < q.rank_window {
+                    // A page that is not full used up its block: go on below it unless that
+                    // was the last (short) block.
+                    if hits.len() as i64 >= q.limit || size < q.rank_window {
                         break;
                     }
                     (below, skip) = (lowest, 0);
